@@ -1,0 +1,25 @@
+"""Lens statistics over the vocabulary without materialising ``[rows, V]`` logits.
+
+``lens_stats`` dispatches between the vocab-chunked torch path (any device) and the fused Triton
+kernel (CUDA); ``lens_stats_naive`` is the float64 oracle both are tested against. Importing this
+package never imports Triton or touches CUDA.
+"""
+
+from codelens.kernels.dispatch import LensImpl, lens_stats, resolve_impl
+from codelens.kernels.head import FinalNorm, Head, NormKind
+from codelens.kernels.lens_torch import lens_stats_torch
+from codelens.kernels.naive import lens_stats_naive
+from codelens.kernels.stats import LensRequest, LensStats
+
+__all__ = [
+    "FinalNorm",
+    "Head",
+    "LensImpl",
+    "LensRequest",
+    "LensStats",
+    "NormKind",
+    "lens_stats",
+    "lens_stats_naive",
+    "lens_stats_torch",
+    "resolve_impl",
+]

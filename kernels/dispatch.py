@@ -1,0 +1,81 @@
+"""Choose the lens implementation: ``auto | torch | triton``.
+
+``auto`` runs the fused Triton kernel on a CUDA device and the vocab-chunked torch path elsewhere.
+An explicit ``triton`` never falls back: where Triton cannot run it raises with the reason and the
+fix. On a CPU it runs only under ``TRITON_INTERPRET=1`` (slowly; for tests). Nothing here imports
+Triton or touches CUDA at import time.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from codelens.kernels.head import Head
+from codelens.kernels.lens_torch import lens_stats_torch
+from codelens.kernels.stats import LensRequest, LensStats
+
+
+class LensImpl(str, enum.Enum):
+    """Which lens implementation runs."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    TRITON = "triton"
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernel cannot run on ``device`` (None when it can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "the 'triton' package is not installed (pip install 'code-llm-lens[triton]')"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpret:
+        return None
+    return (
+        f"Triton needs a CUDA device, got {device.type!r}; use impl 'torch' or 'auto' here, or set "
+        "TRITON_INTERPRET=1 to run the kernel in Triton's (slow) CPU interpreter"
+    )
+
+
+def resolve_impl(impl: LensImpl | str, device: torch.device | str) -> LensImpl:
+    """The implementation that will run for ``impl`` on ``device`` (never AUTO)."""
+    impl = LensImpl(impl)
+    device = torch.device(device)
+    if impl is LensImpl.AUTO:
+        usable = device.type == "cuda" and triton_unavailable_reason(device) is None
+        return LensImpl.TRITON if usable else LensImpl.TORCH
+    if impl is LensImpl.TRITON:
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"lens.impl 'triton' cannot run: {reason}")
+    return impl
+
+
+def lens_stats(
+    hidden: Tensor,
+    head: Head,
+    targets: Tensor,
+    request: LensRequest,
+    final_hidden: Tensor | None = None,
+    *,
+    impl: LensImpl | str = LensImpl.AUTO,
+    budget_bytes: int | None = None,
+) -> tuple[LensStats, LensImpl]:
+    """Lens statistics of ``hidden [L, T, d]`` through ``head``; see ``lens_stats_torch`` for args.
+
+    Returns:
+        The statistics and the implementation that computed them.
+    """
+    chosen = resolve_impl(impl, hidden.device)
+    if chosen is LensImpl.TRITON:
+        from codelens.kernels.lens_triton import lens_stats_triton  # imports triton lazily
+
+        return lens_stats_triton(hidden, head, targets, request, final_hidden), chosen
+    extra = {} if budget_bytes is None else {"budget_bytes": budget_bytes}
+    return lens_stats_torch(hidden, head, targets, request, final_hidden, **extra), chosen

@@ -1,0 +1,243 @@
+"""Vocab-chunked lens statistics in plain torch: the fallback on any device and the kernel's reference.
+
+The ``[rows, V]`` logits never exist at once: rows are taken in blocks of ``T_b`` tokens (all lens
+layers of those tokens together, so each token's final-layer row sits beside its other layers), and
+the vocabulary in chunks of ``V_c``; working memory is ``O(L * T_b * V_c)``, set by a byte budget,
+independent of the vocabulary size and of the number of rows.
+
+Per row, one online pass over the vocabulary keeps (with ``m`` the running max of the logits ``z``)::
+
+    s = sum e^{z-m}                      lse      = m + log s
+    t = sum e^{z-m} (z-m)                entropy  = log s - t / s
+    u = sum e^{zq-mq} (zq - z)           kl_final = u / sq + lse - lse_q      (KL(q || p))
+    c_j = #{v : z_v > z_tj}              rank_j   = c_j (the target itself excluded)
+    g_s = sum_{v in S_s} e^{z-m}         set_s    = log g_s - log s
+
+and a running top-k of packed int64 keys ``(order-preserving int32 of z) << 32 | (2^31-1 - id)``,
+whose descending order is (value desc, id asc): exact and deterministic tie-breaking for free.
+Each chunk computes ``exp(z - m)`` once; all of the sums above reuse it.
+
+The target's logit used for the *rank* threshold is precomputed with a gathered dot product; the
+target's *log-prob* uses the logit of the chunk that holds it (the same arithmetic as ``lse``, so
+``logprob <= 0`` always), and the target never counts itself even where the two differ by a rounding
+step. Ranks are therefore exact except against other entries within a rounding step of the target.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from codelens.kernels.head import Head
+from codelens.kernels.stats import LensRequest, LensStats, check_inputs
+
+_LOW31 = 0x7FFFFFFF
+DEFAULT_VOCAB_CHUNK = 8192
+DEFAULT_BUDGET_BYTES = 256 << 20
+# Bytes per (row, vocab entry) of live temporaries in one chunk step: z, e (fp32), packed keys
+# (int64) and a comparison mask, plus slack for the matmul output.
+_BYTES_PER_LOGIT = 24
+
+
+def pack_keys(z: Tensor, first_id: int) -> Tensor:
+    """Pack fp32 values ``z [..., n]`` with ids ``first_id + arange(n)`` into sortable int64 keys."""
+    bits = (z + 0.0).contiguous().view(torch.int32)  # +0.0 folds -0.0 into +0.0
+    key = torch.where(bits < 0, bits ^ _LOW31, bits).to(torch.int64)
+    ids = torch.arange(first_id, first_id + z.shape[-1], device=z.device, dtype=torch.int64)
+    return (key << 32) | (_LOW31 - ids)
+
+
+def unpack_keys(packed: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of ``pack_keys``: (fp32 values, int64 ids)."""
+    key = (packed >> 32).to(torch.int32)
+    values = torch.where(key < 0, key ^ _LOW31, key).view(torch.float32)
+    ids = _LOW31 - (packed & 0xFFFFFFFF)
+    return values, ids
+
+
+def _rescale(alpha_base: Tensor, m_old: Tensor, m_new: Tensor) -> Tensor:
+    """``exp(m_old - m_new)``, 0 where nothing was accumulated yet (``m_old = -inf``)."""
+    return torch.where(torch.isneginf(m_old), torch.zeros_like(alpha_base), torch.exp(m_old - m_new))
+
+
+def lens_stats_torch(
+    hidden: Tensor,
+    head: Head,
+    targets: Tensor,
+    request: LensRequest,
+    final_hidden: Tensor | None = None,
+    *,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> LensStats:
+    """Lens statistics with working memory bounded by ``budget_bytes``.
+
+    Args:
+        hidden: ``[L, T, d]`` residual rows, any float dtype, on any device.
+        head: the model's read-out path (same device as ``hidden``).
+        targets: ``[T, 1 + A]`` int; column 0 the next token, column j the token ``lookahead[j-1]``
+            positions ahead; -1 where there is none.
+        request: what to compute.
+        final_hidden: ``[T, d]`` the final layer's rows, needed for ``kl_final``. When it is the
+            same storage as ``hidden[-1]`` its logits are reused instead of recomputed.
+        vocab_chunk: vocabulary entries per step.
+        budget_bytes: bound on the step temporaries; sets the token block size.
+
+    Returns:
+        LensStats on ``hidden``'s device.
+    """
+    check_inputs(hidden, targets, final_hidden, request, head.vocab_size, head.d_model)
+    n_layers, n_tokens, _ = hidden.shape
+    n_vocab = head.vocab_size
+    device = hidden.device
+    vocab_chunk = max(1, min(vocab_chunk, n_vocab))
+    rows_per_step = max(1, budget_bytes // (vocab_chunk * _BYTES_PER_LOGIT))
+    token_block = max(1, rows_per_step // (n_layers + 1))
+
+    final_is_last = (
+        final_hidden is not None
+        and final_hidden.data_ptr() == hidden[-1].data_ptr()
+        and final_hidden.stride() == hidden[-1].stride()
+    )
+    finite = torch.isfinite(hidden).all(-1)  # [L, T]
+    n_cols = targets.shape[1]
+    out = {
+        "lse": torch.empty(n_layers, n_tokens, device=device),
+        "entropy": torch.empty(n_layers, n_tokens, device=device),
+        "kl": torch.empty(n_layers, n_tokens, device=device),
+        "lp": torch.empty(n_layers, n_tokens, n_cols, device=device),
+        "rank": torch.empty(n_layers, n_tokens, n_cols, dtype=torch.int32, device=device),
+        "topk_ids": torch.empty(n_layers, n_tokens, request.k, dtype=torch.int32, device=device),
+        "topk_lp": torch.empty(n_layers, n_tokens, request.k, device=device),
+        "sets": torch.empty(n_layers, n_tokens, len(request.token_sets), device=device),
+    }
+    for t0 in range(0, n_tokens, token_block):
+        block = slice(t0, min(n_tokens, t0 + token_block))
+        _token_block(
+            hidden[:, block],
+            finite[:, block],
+            final_hidden[block] if request.kl_final else None,
+            final_is_last,
+            targets[block].long(),
+            head,
+            request,
+            vocab_chunk,
+            {name: tensor[:, block] for name, tensor in out.items()},
+        )
+
+    bad = ~finite
+    for name in ("lse", "entropy", "kl", "lp", "topk_lp", "sets"):
+        out[name][bad] = torch.nan
+    for name in ("rank", "topk_ids"):
+        out[name][bad] = -1
+    return LensStats(
+        lse=out["lse"],
+        entropy=out["entropy"] if request.entropy else None,
+        kl_final=out["kl"] if request.kl_final else None,
+        target_logprob=out["lp"][..., 0],
+        target_rank=out["rank"][..., 0],
+        topk_ids=out["topk_ids"],
+        topk_logprobs=out["topk_lp"],
+        ahead_logprob=out["lp"][..., 1:],
+        ahead_rank=out["rank"][..., 1:],
+        set_logmass=out["sets"],
+        finite=finite,
+    )
+
+
+def _token_block(
+    hidden: Tensor,
+    finite: Tensor,
+    final_hidden: Tensor | None,
+    final_is_last: bool,
+    targets: Tensor,
+    head: Head,
+    request: LensRequest,
+    vocab_chunk: int,
+    out: dict[str, Tensor],
+) -> None:
+    """All statistics for one block of tokens (all layers), written into the ``out`` views."""
+    n_layers, n_tok, _ = hidden.shape
+    n_vocab = head.vocab_size
+    fp32 = torch.float32
+    # Rows with a NaN/inf are zeroed so they cannot poison shared reductions; they are masked out
+    # of the results by the caller.
+    x = torch.where(finite[..., None], head.norm.apply(hidden), 0.0)  # [L, Tb, d]
+    xq = None
+    if final_hidden is not None and not final_is_last:
+        xq = head.norm.apply(final_hidden)
+        xq = torch.where(torch.isfinite(xq).all(-1, keepdim=True), xq, 0.0)  # [Tb, d]
+
+    # Thresholds for the ranks: each target's logit by a gathered dot product.
+    has_target = targets >= 0  # [Tb, C]
+    tgt = targets.clamp_min(0)
+    w_t = head.unembed[tgt].to(fp32)  # [Tb, C, d]
+    b_t = head.unembed_bias[tgt] if head.unembed_bias is not None else None
+    z_thresh = head.postprocess(torch.einsum("ltd,tcd->ltc", x, w_t), b_t)  # [L, Tb, C]
+
+    neg_inf = torch.full((n_layers, n_tok), -torch.inf, device=x.device)
+    m, s, t = neg_inf.clone(), torch.zeros_like(neg_inf), torch.zeros_like(neg_inf)
+    mq = torch.full((n_tok,), -torch.inf, device=x.device)
+    sq = torch.zeros(n_tok, device=x.device)
+    u = torch.zeros_like(neg_inf)
+    counts = torch.zeros(n_layers, n_tok, targets.shape[1], dtype=torch.int64, device=x.device)
+    z_target = torch.full_like(z_thresh, torch.nan)
+    set_sums = torch.zeros(n_layers, n_tok, len(request.token_sets), device=x.device)
+    top = torch.empty(n_layers, n_tok, 0, dtype=torch.int64, device=x.device)
+
+    for v0 in range(0, n_vocab, vocab_chunk):
+        v1 = min(n_vocab, v0 + vocab_chunk)
+        w = head.unembed[v0:v1].to(fp32)  # [Vc, d]; a view when the head is fp32
+        b = head.unembed_bias[v0:v1] if head.unembed_bias is not None else None
+        z = head.postprocess(x @ w.T, b)  # [L, Tb, Vc]
+
+        m_new = torch.maximum(m, z.amax(-1))
+        alpha = _rescale(s, m, m_new)
+        e = torch.exp(z - m_new[..., None])
+        shift = torch.where(s > 0, s * (m - m_new), 0.0)
+        t = (t + shift) * alpha + (e * (z - m_new[..., None])).sum(-1)
+        s = s * alpha + e.sum(-1)
+        for j, (_, ids) in enumerate(request.token_sets):
+            local = ids[(ids >= v0) & (ids < v1)] - v0
+            set_sums[..., j] = set_sums[..., j] * alpha + e[..., local].sum(-1)
+        m = m_new
+
+        if request.kl_final:
+            zq = z[-1] if final_is_last else head.postprocess(xq @ w.T, b)  # [Tb, Vc]
+            mq_new = torch.maximum(mq, zq.amax(-1))
+            alpha_q = _rescale(sq, mq, mq_new)
+            eq = torch.exp(zq - mq_new[:, None])
+            u = u * alpha_q + (eq * (zq - z)).sum(-1)
+            sq = sq * alpha_q + eq.sum(-1)
+            mq = mq_new
+
+        for c in range(targets.shape[1]):
+            counts[..., c] += (z > z_thresh[..., c : c + 1]).sum(-1)
+            inside = has_target[:, c] & (targets[:, c] >= v0) & (targets[:, c] < v1)
+            if inside.any():
+                local = (targets[:, c] - v0).clamp(0, v1 - v0 - 1)
+                gathered = z.gather(-1, local.view(1, -1, 1).expand(n_layers, -1, 1))[..., 0]
+                z_target[..., c] = torch.where(inside, gathered, z_target[..., c])
+
+        keys = pack_keys(z, v0).topk(min(request.k, v1 - v0), -1).values
+        top = torch.cat([top, keys], -1).topk(min(request.k, top.shape[-1] + keys.shape[-1]), -1).values
+
+    log_s = torch.log(s)
+    lse = m + log_s
+    out["lse"].copy_(lse)
+    out["entropy"].copy_(log_s - t / s)
+    if request.kl_final:
+        lse_q = mq + torch.log(sq)
+        kl = (u / sq + lse - lse_q).clamp_min(0.0)
+        if final_is_last:
+            kl[-1] = 0.0
+        out["kl"].copy_(kl)
+    # The target never counts itself, even where its in-chunk logit rounds above the threshold.
+    counts -= (z_target > z_thresh).long()
+    out["lp"].copy_(torch.where(has_target, z_target - lse[..., None], torch.nan))
+    out["rank"].copy_(torch.where(has_target, counts, -1).int())
+    values, ids = unpack_keys(top)
+    out["topk_ids"].copy_(ids.int())
+    out["topk_lp"].copy_(values - lse[..., None])
+    if request.token_sets:
+        out["sets"].copy_(torch.log(set_sums) - log_s[..., None])

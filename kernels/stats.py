@@ -1,0 +1,119 @@
+"""What every lens implementation takes and returns.
+
+Shapes: ``L`` lens layers (rows of the captured residual stream), ``T`` tokens, ``d`` model width,
+``V`` vocabulary rows, ``k`` top-k, ``A`` look-ahead offsets, ``S`` token sets.
+
+Per (layer l, token i) with ``p = softmax(z_l[i])``, ``q = softmax(z_final[i])`` and target ``t``:
+
+* ``lse = logsumexp(z)``
+* ``entropy = -sum p log p`` (nats)
+* ``target_logprob = z[t] - lse`` (NaN without a target)
+* ``target_rank = #{v : z[v] > z[t]}`` (0 = top-1; -1 without a target)
+* ``kl_final = KL(q || p) = sum q (log q - log p)`` (0 at the final layer)
+* ``topk_ids / topk_logprobs``: the k largest, descending, ties broken by the smaller id
+* ``ahead_logprob / ahead_rank``: as target, for the tokens ``o`` positions ahead
+* ``set_logmass[s] = log sum_{v in S_s} p(v)`` (-inf for a set with no ids)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LensRequest:
+    """Which statistics to compute.
+
+    Attributes:
+        k: number of top entries per row (>= 1).
+        entropy: compute the entropy.
+        kl_final: compute KL(final || layer); needs the final layer's residual rows.
+        token_sets: ``(name, ids)`` pairs; ``ids`` is a 1-D int64 tensor of vocabulary ids.
+    """
+
+    k: int
+    entropy: bool = True
+    kl_final: bool = True
+    token_sets: tuple[tuple[str, Tensor], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+
+
+@dataclass
+class LensStats:
+    """Per-row lens statistics. Float tensors are fp32, integer tensors int32.
+
+    Attributes:
+        lse: ``[L, T]``.
+        entropy: ``[L, T]`` or None when not requested.
+        kl_final: ``[L, T]`` or None when not requested.
+        target_logprob: ``[L, T]``.
+        target_rank: ``[L, T]``.
+        topk_ids: ``[L, T, k]``.
+        topk_logprobs: ``[L, T, k]``.
+        ahead_logprob: ``[L, T, A]``.
+        ahead_rank: ``[L, T, A]``.
+        set_logmass: ``[L, T, S]``.
+        finite: ``[L, T]`` bool; False where the residual row had a NaN/inf (fp16 overflow). Such
+            rows carry NaN statistics, rank -1 and top-k ids -1 instead of silent garbage.
+    """
+
+    lse: Tensor
+    entropy: Tensor | None
+    kl_final: Tensor | None
+    target_logprob: Tensor
+    target_rank: Tensor
+    topk_ids: Tensor
+    topk_logprobs: Tensor
+    ahead_logprob: Tensor
+    ahead_rank: Tensor
+    set_logmass: Tensor
+    finite: Tensor
+
+    def to(self, device: torch.device | str) -> LensStats:
+        """Move every tensor to ``device``."""
+        return LensStats(
+            **{
+                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
+                for f in fields(self)
+            }
+        )
+
+
+def check_inputs(
+    hidden: Tensor,
+    targets: Tensor,
+    final_hidden: Tensor | None,
+    request: LensRequest,
+    vocab_size: int,
+    d_model: int,
+) -> None:
+    """Validate the common arguments of every lens implementation (raises ValueError)."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [L, T, d], got shape {tuple(hidden.shape)}")
+    n_layers, n_tokens, d = hidden.shape
+    if d != d_model:
+        raise ValueError(f"hidden width {d} does not match the head's d_model {d_model}")
+    if targets.dim() != 2 or targets.shape[0] != n_tokens:
+        raise ValueError(f"targets must be [T={n_tokens}, 1 + A], got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.numel() and (targets.max() >= vocab_size or targets.min() < -1):
+        raise ValueError(f"targets must be in [-1, {vocab_size}), got {targets.min()}..{targets.max()}")
+    if request.k > vocab_size:
+        raise ValueError(f"k={request.k} is larger than the vocabulary ({vocab_size} rows)")
+    if request.kl_final:
+        if final_hidden is None:
+            raise ValueError("kl_final needs final_hidden, the final layer's residual rows [T, d]")
+        if final_hidden.shape != (n_tokens, d):
+            raise ValueError(f"final_hidden must be [{n_tokens}, {d}], got {tuple(final_hidden.shape)}")
+    for name, ids in request.token_sets:
+        if ids.dim() != 1:
+            raise ValueError(f"token set {name!r} must be a 1-D id tensor")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"token set {name!r} has ids outside [0, {vocab_size})")

@@ -1,0 +1,97 @@
+"""Capture the residual stream with hooks on the decoder blocks.
+
+Layer 0 is the input of the first block (the embedding output after any embedding scaling: Gemma's
+``sqrt(d)``, Granite's ``embedding_multiplier``), layer ``l`` the output of block ``l``, layer ``L``
+the last block's output *before* the final norm. HF's ``output_hidden_states`` is not used: its
+last entry is already normalised, and it keeps every layer alive at once.
+
+Hooks copy each selected layer into one preallocated ``[n_selected, B * S, d]`` buffer as the forward
+pass runs, so the model's own activations can be freed layer by layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def _first_tensor(value: Any) -> Tensor:
+    """Block outputs are a tensor (transformers >= 5) or a tuple whose first entry is one."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
+        return value[0]
+    raise TypeError(f"cannot find the hidden states in a block output of type {type(value)}")
+
+
+class ResidualCapture:
+    """Context manager that records selected residual-stream layers during forward passes.
+
+    Args:
+        blocks: the model's decoder blocks, in order (``L`` of them).
+        layers: layer indices in ``0..L`` to record, in the order they are stored.
+
+    Usage::
+
+        cap = ResidualCapture(blocks, layers=[0, 6, 12])
+        with cap.recording(batch_size, seq_len, d, dtype, device) as buf:  # [3, B * S, d]
+            model(input_ids, attention_mask=mask)
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], layers: Sequence[int]) -> None:
+        n_blocks = len(blocks)
+        bad = [layer for layer in layers if not 0 <= layer <= n_blocks]
+        if bad:
+            raise ValueError(f"layer indices {bad} are out of range: this model has layers 0..{n_blocks}")
+        self.blocks = list(blocks)
+        self.layers = list(layers)
+        self._buffer: Tensor | None = None
+
+    def recording(
+        self, batch: int, seq: int, d_model: int, dtype: torch.dtype, device: torch.device | str
+    ) -> _Recording:
+        """Allocate the ``[n_selected, batch * seq, d]`` buffer and hook the blocks while in use."""
+        buffer = torch.empty(len(self.layers), batch * seq, d_model, dtype=dtype, device=device)
+        return _Recording(self, buffer)
+
+    def _store(self, slot: int, hidden: Tensor) -> None:
+        assert self._buffer is not None
+        self._buffer[slot].view(hidden.shape).copy_(hidden)
+
+    def _hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        handles = []
+        for slot, layer in enumerate(self.layers):
+            if layer == 0:
+
+                def pre_hook(module, args, kwargs, slot=slot):
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    self._store(slot, hidden)
+
+                handles.append(self.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+            else:
+
+                def post_hook(module, args, output, slot=slot):
+                    self._store(slot, _first_tensor(output))
+
+                handles.append(self.blocks[layer - 1].register_forward_hook(post_hook))
+        return handles
+
+
+class _Recording:
+    def __init__(self, capture: ResidualCapture, buffer: Tensor) -> None:
+        self.capture = capture
+        self.buffer = buffer
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> Tensor:
+        self.capture._buffer = self.buffer
+        self.handles = self.capture._hooks()
+        return self.buffer
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.capture._buffer = None

@@ -1,0 +1,282 @@
+"""Run the lens over a shard: batched forward passes with capture, lens statistics, Arrow rows.
+
+``LensRunner`` is device- and executor-agnostic: the local executor and Ray actors both hold one
+(inside the worker) and call ``run_shard`` with a planned ``Shard`` of ``WindowTask``s.
+
+Per batch of windows (right-padded to the longest, at most ``batch_tokens`` ids):
+
+    ids [B, S] --forward + hooks--> residual [n_captured, B*S, d]
+        --keep the emitted positions--> hidden [n_captured, T, d]
+        --lens_stats--> per-row statistics --> rows for the selected layers
+
+The final layer L is always captured (it is the reference for ``kl_final`` and for the top-1
+agreement aggregate) even when ``lens.layers`` leaves it out of the written rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from codelens.engine.capture import ResidualCapture
+from codelens.engine.errors import SpecError
+from codelens.engine.output import lens_schema
+from codelens.engine.schemas import JobSpec
+from codelens.engine.summary import layer_partial
+from codelens.engine.windows import Shard
+from codelens.kernels import LensImpl, LensRequest, LensStats, lens_stats, resolve_impl
+
+
+@dataclass(frozen=True)
+class WindowTask:
+    """One model input and the document coordinates of the rows it emits.
+
+    Attributes:
+        doc: document index.
+        input_ids: what the model sees (BOS, carried context, new tokens).
+        first_pos: document position of the first emitted token.
+        targets: ``[n_emit, 1 + A]`` int32: next token, then the look-ahead tokens; -1 past the end.
+    """
+
+    doc: int
+    input_ids: tuple[int, ...]
+    first_pos: int
+    targets: np.ndarray
+
+    @property
+    def n_emit(self) -> int:
+        """Number of rows (tokens) this window emits: the last ``n_emit`` input ids."""
+        return self.targets.shape[0]
+
+
+def resolve_layers(spec_layers: str | Sequence[int], n_blocks: int) -> list[int]:
+    """Layer indices to write, validated against the model (raises SpecError)."""
+    if spec_layers == "all":
+        return list(range(n_blocks + 1))
+    bad = [layer for layer in spec_layers if layer > n_blocks]
+    if bad:
+        raise SpecError(
+            f"lens.layers: index {bad[0]} is out of range: this model has layers 0..{n_blocks} "
+            f"(0 = embeddings, {n_blocks} = last block); use 'all' or indices in that range"
+        )
+    return list(spec_layers)
+
+
+def resolve_token_sets(
+    token_sets: dict[str, list[str | int]], tokenizer, vocab_size: int
+) -> tuple[tuple[str, Tensor], ...]:
+    """Token-set entries to ids: a string counts the first token of its encoding (no specials)."""
+    resolved = []
+    for name, entries in token_sets.items():
+        ids: list[int] = []
+        for entry in entries:
+            if isinstance(entry, int):
+                if not 0 <= entry < vocab_size:
+                    raise SpecError(
+                        f"lens.token_sets.{name}: id {entry} is outside the vocabulary [0, {vocab_size})"
+                    )
+                ids.append(entry)
+            else:
+                encoded = tokenizer.encode(entry, add_special_tokens=False)
+                if not encoded:
+                    raise SpecError(f"lens.token_sets.{name}: {entry!r} encodes to no tokens")
+                ids.append(encoded[0])
+        resolved.append((name, torch.tensor(sorted(set(ids)), dtype=torch.long)))
+    return tuple(resolved)
+
+
+class LensRunner:
+    """Runs shards of a job through one loaded model.
+
+    Args:
+        spec: the validated job.
+        model: the HF causal LM (eval mode, on its device).
+        tokenizer: its tokenizer (for token sets and padding).
+        blocks: the decoder blocks (from model surgery).
+        head: the model's read-out path (from model surgery).
+    """
+
+    def __init__(self, spec: JobSpec, model, tokenizer, blocks, head) -> None:
+        self.spec = spec
+        self.model = model
+        self.head = head
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        n_blocks = len(blocks)
+        self.n_blocks = n_blocks
+        self.layers = resolve_layers(spec.lens.layers, n_blocks)
+        self.captured = sorted(set(self.layers) | {n_blocks})
+        self.capture = ResidualCapture(blocks, self.captured)
+        if spec.lens.k > head.vocab_size:
+            raise SpecError(
+                f"lens.k={spec.lens.k} is larger than the vocabulary ({head.vocab_size} rows); "
+                f"choose k <= {head.vocab_size}"
+            )
+        token_sets = resolve_token_sets(spec.lens.token_sets, tokenizer, head.vocab_size)
+        self.token_set_ids = {name: ids.tolist() for name, ids in token_sets}
+        self.request = LensRequest(
+            k=spec.lens.k,
+            entropy=spec.lens.entropy,
+            kl_final=spec.lens.kl_final,
+            token_sets=tuple((name, ids.to(self.device)) for name, ids in token_sets),
+        )
+        self.impl = resolve_impl(LensImpl(spec.lens.impl), self.device)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.set_names = [name for name, _ in token_sets]
+        self.schema = lens_schema(
+            spec.lens.k,
+            len(spec.lens.lookahead),
+            self.set_names,
+            entropy=spec.lens.entropy,
+            kl_final=spec.lens.kl_final,
+        )
+
+    # -- batching -------------------------------------------------------------------------------
+
+    def batches(self, windows: Sequence[WindowTask]) -> list[list[WindowTask]]:
+        """Group consecutive windows so that ``len(batch) * longest <= batch_tokens``."""
+        budget = self.spec.execution.batch_tokens
+        out: list[list[WindowTask]] = []
+        current: list[WindowTask] = []
+        longest = 0
+        for w in windows:
+            new_longest = max(longest, len(w.input_ids))
+            if current and (len(current) + 1) * new_longest > budget:
+                out.append(current)
+                current, new_longest = [], len(w.input_ids)
+            current.append(w)
+            longest = new_longest
+        if current:
+            out.append(current)
+        return out
+
+    @torch.inference_mode()
+    def forward_batch(self, batch: Sequence[WindowTask]) -> Tensor:
+        """Residual rows of the emitted tokens: ``[n_captured, T, d]`` (T = emitted tokens)."""
+        n, seq = len(batch), max(len(w.input_ids) for w in batch)
+        ids = torch.full((n, seq), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, seq), dtype=torch.long)
+        keep = []
+        for b, w in enumerate(batch):
+            length = len(w.input_ids)
+            ids[b, :length] = torch.tensor(w.input_ids)
+            mask[b, :length] = 1
+            keep.append(torch.arange(b * seq + length - w.n_emit, b * seq + length))
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        d = self.head.d_model
+        with self.capture.recording(n, seq, d, self.dtype, self.device) as buffer:
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        return buffer[:, torch.cat(keep).to(self.device)]
+
+    # -- shards ---------------------------------------------------------------------------------
+
+    def run_shard(self, task: Shard) -> tuple[pa.Table, dict[str, dict]]:
+        """Rows (layer-major, then document order) and per-layer partial aggregates of a shard."""
+        columns: dict[str, list[np.ndarray]] = {}
+        partial_inputs: list[tuple[LensStats, Tensor, Tensor]] = []
+        for batch in self.batches(task.windows):
+            hidden = self.forward_batch(batch)
+            targets = torch.from_numpy(np.concatenate([w.targets for w in batch])).long()
+            stats, _ = lens_stats(
+                hidden, self.head, targets.to(self.device), self.request, hidden[-1], impl=self.impl
+            )
+            stats = stats.to("cpu")
+            tokens = self._token_ids(batch)
+            self._append_columns(columns, batch, stats, tokens, targets)
+            partial_inputs.append((stats, targets, tokens))
+        table = self._to_table(columns)
+        return table, self._partials(partial_inputs)
+
+    def _token_ids(self, batch: Sequence[WindowTask]) -> Tensor:
+        return torch.tensor([i for w in batch for i in w.input_ids[len(w.input_ids) - w.n_emit :]])
+
+    def _append_columns(
+        self,
+        columns: dict[str, list[np.ndarray]],
+        batch: Sequence[WindowTask],
+        stats: LensStats,
+        tokens: Tensor,
+        targets: Tensor,
+    ) -> None:
+        """Add this batch's rows for the selected layers as ``[n_layers, T, ...]`` arrays."""
+        slots = [self.captured.index(layer) for layer in self.layers]
+        n_tok = tokens.shape[0]
+        doc = np.concatenate([np.full(w.n_emit, w.doc, np.int32) for w in batch])
+        pos = np.concatenate([np.arange(w.first_pos, w.first_pos + w.n_emit, dtype=np.int32) for w in batch])
+        n_sel = len(slots)
+
+        def add(name: str, value: np.ndarray) -> None:
+            columns.setdefault(name, []).append(value)
+
+        add("doc", np.broadcast_to(doc, (n_sel, n_tok)))
+        add("pos", np.broadcast_to(pos, (n_sel, n_tok)))
+        add("layer", np.broadcast_to(np.array(self.layers, np.int16)[:, None], (n_sel, n_tok)))
+        add("token_id", np.broadcast_to(tokens.numpy().astype(np.int32), (n_sel, n_tok)))
+        add("target_id", np.broadcast_to(targets[:, 0].numpy().astype(np.int32), (n_sel, n_tok)))
+        add("lse", stats.lse[slots].numpy())
+        if stats.entropy is not None:
+            add("entropy", stats.entropy[slots].numpy())
+        add("target_logprob", stats.target_logprob[slots].numpy())
+        add("target_rank", stats.target_rank[slots].numpy())
+        if stats.kl_final is not None:
+            add("kl_final", stats.kl_final[slots].numpy())
+        add("topk_ids", stats.topk_ids[slots].numpy())
+        add("topk_logprobs", stats.topk_logprobs[slots].numpy())
+        if self.spec.lens.lookahead:
+            add("ahead_logprob", stats.ahead_logprob[slots].numpy())
+            add("ahead_rank", stats.ahead_rank[slots].numpy())
+        for j, name in enumerate(self.set_names):
+            add(f"set_{name}", stats.set_logmass[slots, :, j].numpy())
+        add("residual_finite", stats.finite[slots].numpy())
+
+    def _to_table(self, columns: dict[str, list[np.ndarray]]) -> pa.Table:
+        """Concatenate batches along tokens, then flatten layer-major into Arrow arrays."""
+        arrays = []
+        for field in self.schema:
+            # [n_layers, T_total, ...] -> rows ordered by layer, then document order
+            data = np.concatenate(columns[field.name], axis=1) if columns else np.empty((0, 0))
+            if pa.types.is_fixed_size_list(field.type):
+                width = field.type.list_size
+                flat = np.ascontiguousarray(data).reshape(-1)
+                values = pa.array(flat, type=field.type.value_type)
+                arrays.append(pa.FixedSizeListArray.from_arrays(values, width))
+            else:
+                arrays.append(pa.array(np.ascontiguousarray(data).reshape(-1), type=field.type))
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def _partials(self, inputs: list[tuple[LensStats, Tensor, Tensor]]) -> dict[str, dict]:
+        """Per-layer partial aggregates of the shard (for summary.json)."""
+        def cat(get) -> Tensor:
+            return torch.cat([get(s) for s, _, _ in inputs], dim=1)
+
+        lp, rank = cat(lambda s: s.target_logprob), cat(lambda s: s.target_rank)
+        top1, finite = cat(lambda s: s.topk_ids[..., 0]), cat(lambda s: s.finite)
+        ent = cat(lambda s: s.entropy) if self.request.entropy else None
+        kl = cat(lambda s: s.kl_final) if self.request.kl_final else None
+        a_lp, a_rank = cat(lambda s: s.ahead_logprob), cat(lambda s: s.ahead_rank)
+        sets = cat(lambda s: s.set_logmass)
+        target_id = torch.cat([t[:, 0] for _, t, _ in inputs])
+        final_top1 = top1[-1]
+        out = {}
+        for layer in self.layers:
+            i = self.captured.index(layer)
+            out[str(layer)] = layer_partial(
+                target_logprob=lp[i],
+                target_rank=rank[i],
+                top1=top1[i],
+                final_top1=final_top1,
+                target_id=target_id,
+                finite=finite[i],
+                entropy=None if ent is None else ent[i],
+                kl_final=None if kl is None else kl[i],
+                ahead_logprob=a_lp[i],
+                ahead_rank=a_rank[i],
+                set_logmass=sets[i],
+                set_names=self.set_names,
+            )
+        return out

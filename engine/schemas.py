@@ -1,0 +1,259 @@
+"""The job spec: what a run computes, from which model and corpus, and where it writes.
+
+Frozen pydantic models that reject unknown keys, with a doc string on every field (they become the
+JSON Schema's descriptions: ``codelens schema``). A spec is loaded from YAML or JSON, with
+``--set a.b=value`` overrides; any problem is reported as a ``SpecError`` naming the field path, the
+bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from codelens.engine.errors import SpecError
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelSpec(_Strict):
+    """Which model to read, and how."""
+
+    path: Path
+    """Local model directory: config.json, *.safetensors weights and tokenizer files. Nothing is
+    downloaded."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations dtype. 'auto': float32 on a CPU, the checkpoint's dtype on a GPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' uses a CUDA GPU when there is one, else the CPU."""
+    allow_pickle: bool = False
+    """Allow loading pickle checkpoints (pytorch_model.bin). Pickles can run code: off by default."""
+    trust_remote_code: bool = False
+    """Allow the model directory's own Python code (config auto_map). Off by default."""
+
+
+class CorpusSpec(_Strict):
+    """Where the documents come from."""
+
+    kind: Literal["files", "jsonl", "parquet"] = "files"
+    """'files': each path is a glob of source files; 'jsonl'/'parquet': records with a text field."""
+    paths: Annotated[list[str], Field(min_length=1)]
+    """Globs (recursive '**' allowed), relative to the current directory."""
+    text_field: str = "content"
+    """JSONL/Parquet field holding the document text."""
+    id_field: str = "path"
+    """JSONL/Parquet field naming the document (its 'source' in docs.parquet)."""
+    language_field: str | None = None
+    """Optional JSONL/Parquet field with the programming language; files use their extension."""
+    max_doc_bytes: Annotated[int, Field(gt=0)] = 8 << 20
+    """Documents larger than this are skipped (listed in docs.parquet as 'too large')."""
+
+
+class TokensSpec(_Strict):
+    """How documents become model inputs."""
+
+    window: Annotated[int, Field(ge=8)] = 1024
+    """Most tokens one forward pass sees (including an added BOS)."""
+    overlap: Annotated[int, Field(ge=0)] = 128
+    """Tokens of preceding context carried into each window after a document's first."""
+    add_bos: bool = True
+    """Start every window with the tokenizer's BOS token (context only: it is not a row)."""
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> TokensSpec:
+        room = self.window - (1 if self.add_bos else 0)
+        if self.overlap >= room:
+            raise ValueError(
+                f"overlap ({self.overlap}) must be smaller than window minus BOS ({room}), so each "
+                "window emits new tokens"
+            )
+        return self
+
+
+class LensSpec(_Strict):
+    """What to compute per (token, layer)."""
+
+    layers: Literal["all"] | list[Annotated[int, Field(ge=0)]] = "all"
+    """'all' (0..L), or layer indices: 0 is the embedding output, l the output of block l."""
+    k: Annotated[int, Field(ge=1, le=1024)] = 10
+    """Top-k entries stored per row."""
+    lookahead: list[Annotated[int, Field(ge=2)]] = [2, 3]
+    """Offsets o >= 2: log-prob and rank of the token at i + o under each layer's lens."""
+    kl_final: bool = True
+    """Store KL(final || layer) in nats."""
+    entropy: bool = True
+    """Store the entropy of each layer's lens distribution in nats."""
+    token_sets: dict[str, list[str | int]] = {}
+    """Named token sets: log of the probability mass on the set per row (column set_<name>). A
+    string counts the first token of its encoding without special tokens; an int is a token id."""
+    impl: Literal["auto", "torch", "triton"] = "auto"
+    """'auto': the fused Triton kernel on a CUDA GPU, the vocab-chunked torch path elsewhere."""
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_unique(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("layers must name at least one layer, or be 'all'")
+            if len(set(v)) != len(v):
+                raise ValueError(f"layers must not repeat an index: {v}")
+            return sorted(v)
+        return v
+
+    @field_validator("lookahead")
+    @classmethod
+    def _lookahead_unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"lookahead offsets must not repeat: {v}")
+        return v
+
+    @field_validator("token_sets")
+    @classmethod
+    def _set_names(cls, v: dict[str, list[str | int]]) -> dict[str, list[str | int]]:
+        for name, entries in v.items():
+            if not name.isidentifier():
+                raise ValueError(
+                    f"token set name {name!r} must be an identifier (letters, digits, '_'), since "
+                    f"it becomes the column set_{name}"
+                )
+            if not entries:
+                raise ValueError(f"token set {name!r} is empty")
+        return v
+
+
+class OutputSpec(_Strict):
+    """Where and how results are written."""
+
+    dir: Path = Path("runs/job")
+    """Run directory (created). Rerunning the same job there resumes; a different job is refused."""
+    shard_tokens: Annotated[int, Field(ge=1)] = 65536
+    """Tokens per shard: the unit of work, of commit (one Parquet part file) and of resume."""
+
+
+class ExecutionSpec(_Strict):
+    """Where the work runs."""
+
+    backend: Literal["local", "ray"] = "local"
+    """'local': in this process, no Ray. 'ray': one actor per GPU on a Ray cluster."""
+    workers: Annotated[int, Field(ge=1)] = 1
+    """Ray actors to start (one per GPU on GPU machines)."""
+    batch_tokens: Annotated[int, Field(ge=8)] = 8192
+    """Most tokens (windows x padded length) in one forward pass."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster; without it a local cluster starts and stops with the job."""
+
+
+class JobSpec(_Strict):
+    """A logit-lens job (schema_version 1)."""
+
+    schema_version: Literal[1] = 1
+    """Version of this schema."""
+    name: str = "job"
+    """Free-form job name, recorded in job.json."""
+    model: ModelSpec
+    corpus: CorpusSpec
+    tokens: TokensSpec = TokensSpec()
+    lens: LensSpec = LensSpec()
+    output: OutputSpec = OutputSpec()
+    execution: ExecutionSpec = ExecutionSpec()
+
+    @model_validator(mode="after")
+    def _window_fits_batch(self) -> JobSpec:
+        if self.execution.batch_tokens < self.tokens.window:
+            raise ValueError(
+                f"execution.batch_tokens ({self.execution.batch_tokens}) must be at least "
+                f"tokens.window ({self.tokens.window}): one window must fit in a batch"
+            )
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of everything that determines the rows (not where or how fast they are computed)."""
+        relevant = self.model_dump(mode="json", include={"model", "corpus", "tokens", "lens"})
+        relevant["model"].pop("device", None)
+        relevant["output"] = {"shard_tokens": self.output.shard_tokens}
+        text = json.dumps(relevant, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `codelens schema` lists the allowed keys)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        value = e.get("input")
+        shown = "" if e["type"] == "missing" else f" (got {value!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "invalid job spec:\n" + "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``a.b=value`` strings; values are YAML (``3``, ``true``, ``[1, 2]``, ``text``)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set lens.k=5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise SpecError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the raw spec ``data`` with ``--set`` overrides applied."""
+    data = json.loads(json.dumps(data, default=str))
+    for path, value in parse_overrides(overrides):
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {'.'.join(path)}: {part!r} is not a section of the spec")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_spec_data(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON job file into a dict (raises SpecError)."""
+    if not path.is_file():
+        raise SpecError(f"job spec {path} does not exist (write one; `codelens schema` shows the fields)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SpecError(f"job spec {path} is not valid YAML/JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"job spec {path} must be a mapping of sections (model:, corpus:, ...)")
+    return data
+
+
+def validate_spec(data: dict[str, Any]) -> JobSpec:
+    """Validate raw spec data (raises SpecError with one line per problem)."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_error(e)) from None
+
+
+def load_spec(path: Path, overrides: list[str] | None = None) -> JobSpec:
+    """Load, override and validate a job spec file."""
+    return validate_spec(apply_overrides(load_spec_data(path), overrides or []))
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of JobSpec."""
+    return JobSpec.model_json_schema()

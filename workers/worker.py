@@ -1,0 +1,92 @@
+"""The worker lifecycle shared by every executor: load once, run shards, shut down.
+
+A plain class (vLLM's ``WorkerBase`` shape): the local executor calls it in-process, the Ray backend
+wraps it in an actor. It owns the model for its whole life, so the model is loaded (and
+self-checked) once per worker, not per shard.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from codelens.engine.loading import LoadedModel, load_model
+from codelens.engine.runner import LensRunner
+from codelens.engine.windows import Shard
+from codelens.engine.schemas import JobSpec
+
+
+@dataclass
+class ShardResult:
+    """What a worker returns for one shard."""
+
+    index: int
+    table: pa.Table
+    partials: dict[str, dict[str, Any]]
+    n_tokens: int
+    seconds: float
+
+
+class LensWorker:
+    """Loads the job's model once and computes shards.
+
+    Args:
+        spec: the validated job.
+    """
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self.loaded: LoadedModel | None = None
+        self.runner: LensRunner | None = None
+
+    def load(self) -> dict[str, Any]:
+        """Load the model (with the last-layer self-check) and prepare the runner.
+
+        Returns:
+            What was resolved: family, device, dtype, lens implementation, self-check error.
+        """
+        m = self.spec.model
+        self.loaded = load_model(
+            m.path,
+            dtype=m.dtype,
+            device=m.device,
+            allow_pickle=m.allow_pickle,
+            trust_remote_code=m.trust_remote_code,
+        )
+        parts = self.loaded.parts
+        self.runner = LensRunner(self.spec, self.loaded.model, self.loaded.tokenizer, parts.blocks, parts.head)
+        return {
+            "family": self.loaded.family,
+            "model_class": type(self.loaded.model).__name__,
+            "device": str(self.loaded.device),
+            "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "impl": self.runner.impl.value,
+            "n_blocks": self.runner.n_blocks,
+            "layers": self.runner.layers,
+            "vocab_rows": parts.head.vocab_size,
+            "tokenizer_vocab": len(self.loaded.tokenizer),
+            "d_model": parts.head.d_model,
+            "token_sets": self.runner.token_set_ids,
+            "self_check_max_abs_err": self.loaded.self_check_max_abs_err,
+        }
+
+    def run_shard(self, task: Shard) -> ShardResult:
+        """Compute one shard's rows and partial aggregates."""
+        if self.runner is None:
+            raise RuntimeError("LensWorker.run_shard called before load()")
+        start = time.perf_counter()
+        table, partials = self.runner.run_shard(task)
+        return ShardResult(task.index, table, partials, task.n_tokens, time.perf_counter() - start)
+
+    def shutdown(self) -> None:
+        """Release the model and any device memory."""
+        self.runner = None
+        self.loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -19,7 +19,7 @@ from codelens.engine.corpus import read_corpus
 from codelens.engine.output import DOCS_SCHEMA
 from codelens.engine.runner import WindowTask
 from codelens.engine.schemas import JobSpec
-from codelens.engine.windows import Shard, make_windows, plan_shards, targets_for, tokenize_documents
+from codelens.engine.windows import Shard, make_windows, plan_shards, target_columns, tokenize_documents
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,9 @@ def _window_tasks(spec: JobSpec, tokenizer: Any, docs_sink: list | None) -> Iter
         for w in make_windows(
             document.doc, ids, window=spec.tokens.window, overlap=spec.tokens.overlap, bos_id=bos_id
         ):
-            targets = np.asarray(targets_for(ids, w.first_pos, w.n_emit, offsets), dtype=np.int32)
-            yield WindowTask(w.doc, tuple(w.input_ids), w.first_pos, targets.reshape(w.n_emit, 1 + len(offsets)))
+            # [1 + A, n_emit] -> [n_emit, 1 + A]; one list per offset is far faster than per row.
+            columns = np.asarray(target_columns(ids, w.first_pos, w.n_emit, offsets), dtype=np.int32)
+            yield WindowTask(w.doc, tuple(w.input_ids), w.first_pos, np.ascontiguousarray(columns.T))
 
 
 def iter_shards(spec: JobSpec, tokenizer: Any) -> Iterator[Shard]:

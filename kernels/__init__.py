@@ -8,7 +8,7 @@ package never imports Triton or touches CUDA.
 from codelens.kernels.dispatch import LensImpl, lens_stats, resolve_impl
 from codelens.kernels.head import FinalNorm, Head, NormKind
 from codelens.kernels.lens_torch import lens_stats_torch
-from codelens.kernels.naive import lens_stats_naive
+from codelens.kernels.naive import lens_stats_from_logits, lens_stats_naive
 from codelens.kernels.stats import LensRequest, LensStats
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "LensStats",
     "NormKind",
     "lens_stats",
+    "lens_stats_from_logits",
     "lens_stats_naive",
     "lens_stats_torch",
     "resolve_impl",

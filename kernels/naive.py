@@ -35,15 +35,34 @@ def lens_stats_naive(
     """
     check_inputs(hidden, targets, final_hidden, request, head.vocab_size, head.d_model)
     f64 = torch.float64
-    finite = torch.isfinite(hidden).all(-1)  # [L, T]
     z = head.logits(hidden.to(f64), f64)  # [L, T, V]
+    z_final = head.logits(final_hidden.to(f64), f64) if request.kl_final else None
+    stats = lens_stats_from_logits(z, targets, request, z_final)
+    stats.finite = torch.isfinite(hidden).all(-1)
+    return stats
+
+
+def lens_stats_from_logits(
+    z: Tensor, targets: Tensor, request: LensRequest, z_final: Tensor | None = None
+) -> LensStats:
+    """Lens statistics of given logits ``z [L, T, V]`` (computed in float64).
+
+    Args:
+        z: lens logits, already post-processed.
+        targets: ``[T, 1 + A]`` as in ``lens_stats_naive``.
+        request: what to compute.
+        z_final: ``[T, V]`` the final layer's logits (for ``kl_final``).
+    """
+    f64 = torch.float64
+    z = z.to(f64)
+    finite = torch.isfinite(z).all(-1)  # [L, T]
     logp = torch.log_softmax(z, -1)
     lse = torch.logsumexp(z, -1)
     entropy = -(logp.exp() * logp).sum(-1)
 
     kl = None
     if request.kl_final:
-        logq = torch.log_softmax(head.logits(final_hidden.to(f64), f64), -1)  # [T, V]
+        logq = torch.log_softmax(z_final.to(f64), -1)  # [T, V]
         kl = (logq.exp() * (logq - logp)).sum(-1).clamp_min(0.0)
 
     tgt = targets.long()

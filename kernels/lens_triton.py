@@ -1,0 +1,879 @@
+"""Fused Triton lens kernel: final norm -> unembedding -> every per-row statistic, no ``[rows, V]``.
+
+Same contract as ``lens_stats_torch`` (see ``codelens.kernels.stats`` for the definitions). Per row
+``r`` (a (layer, token) pair) with logits ``z = post(norm(h_r) @ W_U^T + b_U)``:
+``lse``, ``entropy``, target/look-ahead log-probs and ranks, ``kl_final = KL(q || p)`` against the
+token's final-layer row, top-k (ties to the smaller id) and token-set log-masses.
+
+Design (three launches, all deterministic)
+------------------------------------------
+1. **Norm pre-pass** (``_norm_stage_kernel``, memory-bound, O(rows * d)). Gathers the residual rows
+   into *slot* order (below), computes the final norm in fp32 (LayerNorm or RMSNorm, Gemma's
+   ``1 + w``, eps), zeroes rows with a NaN/inf (flagged, masked at the end like the torch path),
+   rounds the normalised rows to the **operand dtype** and writes them to a staging buffer
+   ``[R_pad, d]``. It also computes each row's rank thresholds ``z~[r, c]`` (the target's logit)
+   by a dot product of the *staged* row with ``W_U[t]``, post-processed exactly like the tiles.
+   A separate pre-pass rather than folding the norm into the GEMM: the A tile is re-read once per
+   vocabulary tile, so normalising inside the K loop repeats the work ~V/BLOCK_N times; folding the
+   norm into W (``z = rstd * (x W'^T - mu c) + b``) changes the op order away from the model's.
+2. **Main kernel** (``_lens_main_kernel``), grid ``(row blocks x vocabulary chunks)`` rasterised
+   in groups of ``GROUP_M`` row blocks (row block fastest) so that concurrently running programs
+   share W tiles and A blocks in L2. Each program owns ``BLOCK_M`` rows and a chunk of
+   ``chunk_tiles * BLOCK_N`` vocabulary entries; per ``[BLOCK_M, BLOCK_N]`` tile it runs the K loop
+   (``tl.dot``, fp32 accumulator), post-processes (bias, scale, soft-cap) and updates running
+   per-row state in registers with **one exp per logit** (``e = exp(z - m)``) reused by every sum:
+
+   ====================  ==========================================  ===============================
+   state                 update per tile                             final (after the merge)
+   ====================  ==========================================  ===============================
+   ``m``                 running max                                 ``lse = m + log s``
+   ``s``                 ``s*alpha + sum e``
+   ``t``                 ``(t + s(m-m'))*alpha + sum e(z-m')``       ``entropy = log s - t/s``
+   ``u``                 ``u*alpha_q + sum eq (zq - z)``             ``kl = u/sq + lse - lse_q``
+   ``cnt[c]``            ``+= #{z > z~[c]}``                         rank (minus the target itself)
+   ``zt[c]``             ``z`` at ``t_c`` when it is in the tile      ``logprob = zt - lse``
+   ``g[s]``              ``g*alpha + sum_{v in S_s} e``              ``log g - log s``
+   top-k                 gated argmax insertion (below)              ``value - lse``
+   ====================  ==========================================  ===============================
+
+   and writes one partial record per (row, chunk) - no locks, no order-dependent atomics.
+3. **Merge** (plain torch, O(rows * chunks * (k + C + S))): fixed-order reductions over the chunk
+   axis (``M = max m_s``, ``s = sum s_s e^{m_s - M}``, ...), the target's logit taken from the chunk
+   that holds it, and a ``torch.topk`` over packed int64 keys of the chunks' candidates. Fixed-shape
+   torch reductions are run-to-run deterministic, so the whole pipeline is bitwise reproducible.
+
+**KL without a [T, V] buffer.** Rows are laid out in *slots*: a row block of ``BLOCK_M`` slots is
+``TB`` tokens x ``LB`` layer slots (``LB`` a power of two, layer slot fastest), and the last layer
+slot of every token holds that token's **final-layer row**. The final row's logits ``zq`` are then
+part of the same accumulator tile: a reshape to ``[TB, LB, BLOCK_N]`` and a masked sum over the
+layer axis extract them, and ``u += sum eq (zq - z)`` is accumulated online with the final slot's
+own running max. Cost: the final row is recomputed once per layer group (``LB - 1`` layers share
+one), i.e. ``G * LB`` slots per token for ``L'`` non-final layers, ``G = ceil(L' / (LB - 1))``;
+``LB`` is chosen to minimise ``G * LB`` (29 rows -> 32 slots, 13 -> 16, 33 -> 40). The
+alternatives cost more: a ``[T, V]`` fp32 buffer of ``log q`` adds ``rows * V * 4`` bytes of reads
+(comparable to the GEMM time at ``d <= 1536``); a separate final-row accumulator needs ``tl.dot``'s
+M >= 16 rows, i.e. >= 12.5 % extra MMA at ``BLOCK_M = 128``; recomputing ``zq`` for every row
+doubles the MMA. When ``final_hidden`` is ``hidden[-1]`` (same storage), the last layer *is* the
+final slot: its ``u`` is exactly 0 and its ``lse_q`` its own ``lse``, so ``kl_final`` is exactly 0
+there. Without ``kl_final`` the layout is plain: ``LB = 1``, one layer per row block.
+
+**Streaming top-k** (notes §10.3). Per row a ``[KP]`` state (``KP = next_pow2(k)``) of values and
+ids, initialised to ``NEG_BIG = -1e30`` (padded vocabulary columns carry ``NEG_BIG`` too, so they
+never enter it). A tile's candidates are ``z > min(state)`` and ``z >= tau_g[r]``; while any row
+has one, the row's leftmost maximum replaces the state's minimum (among equal minima the larger
+id). Scanning ids in ascending order with a strict ``>`` keeps (value desc, id asc) within a chunk;
+the merge's packed keys ``(order-preserving int32 of z) << 32 | (2^31 - 1 - id)`` keep it across
+chunks. ``tau_g`` is a per-row lower bound of the global k-th value, shared across chunks through
+``tl.atomic_max`` of each full local state's minimum: it only prunes candidates that cannot reach
+the final top-k (``>=`` keeps equal values, which can win on a smaller id), so the merged answer is
+independent of the schedule even though the partial lists are not. No ``tl.topk``/``tl.sort``
+anywhere (seconds per call in the interpreter; a bitonic network per tile on the GPU).
+
+**Ranks** follow the torch path: ``z~`` from the pre-pass (staged operands, fp32 dot) is the
+threshold; the target's own in-tile logit is excluded if it rounds above ``z~``; the log-prob uses
+the in-tile logit, so ``logprob <= 0``. Ranks are exact except against entries within a rounding
+step of the target.
+
+Numerics and precision modes
+----------------------------
+``precision="model"`` (default): the normalised rows are rounded to ``W_U``'s dtype and the MMA
+runs on bf16/fp16 tensor cores (fp32 accumulation), like the model's own ``lm_head``; for an fp32
+``W_U`` the dot honours ``torch.get_float32_matmul_precision()`` (``highest`` -> IEEE fp32, else
+TF32). ``precision="fp32"``: fp32 staging, W tiles upcast, IEEE fp32 dot - the torch path's accuracy
+at a large speed cost. Soft-cap uses ``c * (1 - e) / (1 + e)`` with ``e = exp(-2|z|/c)`` (no
+libdevice in the interpreter; absolute error ~1e-7 * c). Under ``TRITON_INTERPRET=1`` every loaded
+tile is cast to fp32 right after ``tl.load`` (the interpreter's bf16 arithmetic is wrong), which
+computes the same products as a bf16 MMA (they are exact in fp32); only the summation order differs.
+
+Measured max |error| against the float64 oracle (``tests/test_lens_triton.py`` shapes: d = 48,
+V = 301, 3-4 layers; interpreter, triton 3.9.0, numpy 2.4.6), Triton (torch path in brackets):
+
+======  =========================  ==========================  ===========================
+stat    fp32 (W fp32)              fp16 (W fp16)               bf16 (W bf16)
+======  =========================  ==========================  ===========================
+lse     2.9e-6 (1.9e-6)            4.6e-3 (1.9e-6)             3.3e-2 (1.9e-6)
+entropy 2.4e-6 (1.9e-6)            4.1e-3 (1.4e-6)             3.6e-2 (1.4e-6)
+kl      1.2e-6 (1.0e-6)            1.7e-3 (4.8e-7)             1.3e-2 (6.0e-7)
+logprob 1.9e-6 (1.9e-6)            5.8e-3 (1.9e-6)             4.9e-2 (1.9e-6)
+topk lp 1.9e-6 (1.9e-6)            4.4e-3 (1.9e-6)             3.6e-2 (1.9e-6)
+sets    1.9e-6 (1.9e-6)            4.9e-3 (1.9e-6)             4.3e-2 (1.4e-6)
+======  =========================  ==========================  ===========================
+
+The fp16/bf16 errors are the rounding of the normalised rows to the operand dtype (the model's own
+``lm_head`` rounds the same way); ``precision="fp32"`` brings them to the fp32 column.
+
+Block sizes
+-----------
+GPU defaults (``LensTritonConfig``): ``BLOCK_M = 128`` rows (two wgmma M64 warpgroups with 8 warps;
+row reductions stay inside a quad of threads), ``BLOCK_N = 128`` vocabulary columns, ``BLOCK_K =
+64``, 3 stages (A+B = 96 KB of shared memory, leaving room for the layout conversion of the KL
+reshape), ``GROUP_M = 16`` row blocks per raster group, vocabulary chunks of 4096 (S = V / 4096
+partial records per row), at most 32768 slots per launch (bounds the partials to ~0.2 GB at
+V = 152k, k = 10). Starting points from notes §10.2, untuned on a GPU. Under the interpreter the
+launcher picks few large tiles (``BLOCK_K = next_pow2(d)`` up to 128, ``BLOCK_N = 256``,
+``BLOCK_M = 32``): the interpreter costs ~ms per tile op regardless of the tile size.
+Pointer offsets are int64 wherever ``rows * d``, ``V * d`` or ``rows * chunks * k`` can exceed 2^31.
+
+This module imports Triton at import time; ``codelens.kernels`` imports it lazily (dispatch), so
+importing the package never needs Triton and nothing here touches CUDA before a call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from codelens.kernels.head import Head, NormKind
+from codelens.kernels.lens_torch import unpack_keys
+from codelens.kernels.stats import LensRequest, LensStats, check_inputs
+
+# Sentinel for "no value": below every real logit, above -inf so that exp(NEG_BIG - m) = 0 and
+# 0 * (NEG_BIG - m) = 0 (no 0 * inf NaNs for padded vocabulary columns or empty state).
+NEG_BIG = tl.constexpr(-1.0e30)
+_LOW31 = 0x7FFFFFFF
+_KIND_PAD, _KIND_HIDDEN, _KIND_FINAL = 0, 1, 2
+_PRECISIONS = ("model", "fp32")
+
+
+@dataclass(frozen=True)
+class LensTritonConfig:
+    """Launch parameters of the fused lens kernel (see the module docstring for the defaults).
+
+    Attributes:
+        block_m: rows (slots) per program; a power of two >= 16.
+        block_n: vocabulary columns per tile; a power of two >= 16.
+        block_k: reduction step over d; a power of two >= 16.
+        group_m: row blocks per raster group (L2 reuse of W tiles).
+        vocab_chunk: vocabulary entries per program (rounded up to whole tiles).
+        max_slots: slots per launch; bounds the staging buffer and the partial records.
+        num_warps: warps per program of the main kernel.
+        num_stages: software-pipelining stages of the main kernel's K loop.
+    """
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 16
+    vocab_chunk: int = 4096
+    max_slots: int = 32768
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        for name in ("group_m", "vocab_chunk", "max_slots", "num_warps", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def default_config(d_model: int, interpret: bool | None = None) -> LensTritonConfig:
+    """Block sizes for ``d_model``: the GPU defaults, or few large tiles under the interpreter."""
+    if interpret is None:
+        interpret = interpreting()
+    if not interpret:
+        return LensTritonConfig()
+    return LensTritonConfig(
+        block_m=32,
+        block_n=256,
+        block_k=min(128, max(16, triton.next_power_of_2(d_model))),
+        group_m=4,
+        vocab_chunk=512,
+        max_slots=4096,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _postprocess(z, bias, logit_scale, softcap, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr):
+    """``post(z) = c * tanh(scale * (z + b) / c)``, the terms switched by the constexpr flags."""
+    if HAS_BIAS:
+        z = z + bias
+    if HAS_SCALE:
+        z = z * logit_scale
+    if HAS_SOFTCAP:
+        # tanh(|y|) = (1 - e) / (1 + e), e = exp(-2|y|) in (0, 1]: no overflow for any y.
+        y = z / softcap
+        e = tl.exp(-2.0 * tl.abs(y))
+        th = (1.0 - e) / (1.0 + e)
+        z = tl.where(y < 0, -th, th) * softcap
+    return z
+
+
+@triton.jit
+def _norm_stage_kernel(
+    h_ptr, f_ptr,  # hidden [L, T, d] and final_hidden [T, d] (any float dtype, any strides)
+    src_off_ptr,  # [R_pad] int64 element offset of each slot's row in its source
+    src_kind_ptr,  # [R_pad] int8: 0 padding, 1 row of hidden, 2 row of final_hidden
+    h_stride_d, f_stride_d,
+    nw_ptr, nb_ptr, w_offset, eps,  # norm weight [d], norm bias [d], weight offset, epsilon
+    x_ptr,  # out [R_pad, d] normalised rows in the operand dtype
+    finite_ptr,  # out [R_pad] int8: 1 where the source row is all finite
+    tgt_ptr,  # [R_pad, CP] int32 target ids per slot (-1 none)
+    thr_ptr,  # out [R_pad, CP] fp32 rank thresholds z~ (+inf without a target)
+    w_ptr, stride_wv, b_ptr, logit_scale, softcap,  # W_U [V, d], b_U [V], post-processing
+    R_pad, D,
+    C: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_LAYER: tl.constexpr, HAS_NW: tl.constexpr, HAS_NB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """Norm + staging + rank thresholds for ``BLOCK_R`` slots (one ``[BLOCK_R, d]`` tile).
+
+    ``x_hat = (x - mean) / sqrt(var + eps) * (w + offset) + b`` (LayerNorm) or
+    ``x / sqrt(mean(x^2) + eps) * (w + offset)`` (RMSNorm), fp32, then rounded to the operand
+    dtype; ``z~[r, c] = post(x_hat_r . W_U[t_rc] + b_U[t_rc])`` from the rounded row.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R_pad
+    cols = tl.arange(0, BLOCK_D)
+    dmask = cols < D
+    kind = tl.load(src_kind_ptr + rows, mask=rmask, other=0)
+    off = tl.load(src_off_ptr + rows, mask=rmask, other=0)
+    from_h = (kind == 1)[:, None] & dmask[None, :]
+    from_f = (kind == 2)[:, None] & dmask[None, :]
+    # Exactly one of the two loads is live per row; the other contributes an exact 0.
+    x = tl.load(h_ptr + off[:, None] + cols[None, :].to(tl.int64) * h_stride_d, mask=from_h,
+                other=0.0).to(tl.float32)
+    x += tl.load(f_ptr + off[:, None] + cols[None, :].to(tl.int64) * f_stride_d, mask=from_f,
+                 other=0.0).to(tl.float32)
+    ok = tl.abs(x) <= 3.4028234663852886e38  # False for inf and NaN
+    finite = tl.sum(tl.where(ok, 0, 1), 1) == 0
+    x = tl.where(finite[:, None], x, 0.0)
+
+    if IS_LAYER:
+        mean = tl.sum(x, 1) / D
+        x = tl.where(dmask[None, :], x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
+    x = x * rstd[:, None]
+    if HAS_NW:
+        x = x * (tl.load(nw_ptr + cols, mask=dmask, other=0.0).to(tl.float32) + w_offset)[None, :]
+    if HAS_NB:
+        x = x + tl.load(nb_ptr + cols, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    # Rows with a NaN/inf become exact zeros (as in the torch path): finite garbage statistics,
+    # masked to NaN by the launcher, and a harmless KL reference for the token's other layers.
+    x = tl.where(finite[:, None] & dmask[None, :], x, 0.0)
+    xs = x.to(x_ptr.dtype.element_ty)
+    tl.store(x_ptr + rows[:, None] * D + cols[None, :], xs, mask=rmask[:, None] & dmask[None, :])
+    tl.store(finite_ptr + rows, finite.to(tl.int8), mask=rmask)
+
+    xs32 = xs.to(tl.float32)
+    for c in tl.static_range(C):
+        t = tl.load(tgt_ptr + rows * CP + c, mask=rmask, other=-1)
+        has = t >= 0
+        t64 = tl.maximum(t, 0).to(tl.int64)
+        wt = tl.load(w_ptr + t64[:, None] * stride_wv + cols[None, :],
+                     mask=has[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + t64, mask=has, other=0.0).to(tl.float32)
+        zt = _postprocess(tl.sum(xs32 * wt, 1), bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE,
+                          HAS_SOFTCAP)
+        tl.store(thr_ptr + rows * CP + c, tl.where(has, zt, float("inf")), mask=rmask)
+
+
+@triton.jit(do_not_specialize=["n_chunks"])
+def _lens_main_kernel(
+    x_ptr,  # [R_pad, D] staged normalised rows (operand dtype), slot order
+    w_ptr, stride_wv,  # W_U [V, D], row stride (unit stride along D)
+    b_ptr,  # b_U [V] (read only with HAS_BIAS)
+    setm_ptr,  # [NS, V] int8 token-set membership
+    tgt_ptr, thr_ptr,  # [R_pad, CP] int32 target ids, fp32 rank thresholds
+    tau_ptr,  # [R_pad] fp32 shared lower bound of each row's k-th largest logit
+    pf_ptr,  # out [4, S, R_pad] fp32: m, s, t, u per (row, chunk)
+    pzt_ptr, pcnt_ptr,  # out [S, R_pad, CP] fp32 in-chunk target logits, int32 counts z > z~
+    pset_ptr,  # out [S, R_pad, NSP] fp32 set sums (relative to the chunk's m)
+    ptv_ptr, pti_ptr,  # out [S, R_pad, KP] fp32 values, int32 ids of the chunk's top-KP
+    R_pad, V, D, n_chunks, chunk_tiles, n_row_blocks,
+    logit_scale, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    KP: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr,
+    LB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ENTROPY: tl.constexpr, KL: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One (row block, vocabulary chunk): streaming statistics over the chunk's tiles."""
+    # Grouped raster: GROUP_M row blocks x all chunks per group, row block fastest, so programs
+    # running at the same time walk the same W tiles (and reuse each A block across chunks).
+    pid = tl.program_id(0)
+    per_group = GROUP_M * n_chunks
+    group = pid // per_group
+    first_rb = group * GROUP_M
+    gsize = tl.minimum(n_row_blocks - first_rb, GROUP_M)
+    local = pid - group * per_group
+    rb = first_rb + local % gsize
+    ch = local // gsize
+
+    rows = rb.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    cidx = tl.arange(0, CP)
+    sidx = tl.arange(0, NSP)
+    tile0 = ch * chunk_tiles
+    n_it = tl.minimum(chunk_tiles, tl.cdiv(V, BLOCK_N) - tile0)
+
+    m = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    t_acc = tl.zeros([BLOCK_M], tl.float32)
+    u = tl.zeros([BLOCK_M], tl.float32)
+    zt = tl.zeros([BLOCK_M, CP], tl.float32)
+    cnt = tl.zeros([BLOCK_M, CP], tl.int32)
+    gs = tl.zeros([BLOCK_M, NSP], tl.float32)
+    tv = tl.full([BLOCK_M, KP], NEG_BIG, tl.float32)
+    # Distinct negative ids for empty slots keep "the minimum with the largest id" unique.
+    ti = tl.zeros([BLOCK_M, KP], tl.int32) + (-1 - tl.arange(0, KP))[None, :]
+    tau_loc = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+
+    for it in range(0, n_it):
+        v0 = (tile0 + it) * BLOCK_N
+        cols = v0 + tl.arange(0, BLOCK_N)
+        cmask = cols < V
+        cols64 = cols.to(tl.int64)
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(x_ptr + rows[:, None] * D + (k0 + kk)[None, :])
+                w = tl.load(w_ptr + cols64[:, None] * stride_wv + (k0 + kk)[None, :],
+                            mask=cmask[:, None], other=0.0)
+            else:
+                kmask = (k0 + kk) < D
+                a = tl.load(x_ptr + rows[:, None] * D + (k0 + kk)[None, :], mask=kmask[None, :],
+                            other=0.0)
+                w = tl.load(w_ptr + cols64[:, None] * stride_wv + (k0 + kk)[None, :],
+                            mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        z = _postprocess(acc, bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
+        z = tl.where(cmask[None, :], z, NEG_BIG)
+
+        # Online softmax statistics; m starts at NEG_BIG (finite), so alpha = 0 on the first tile
+        # and s * (m - m_new) = 0 without a guard.
+        m_new = tl.maximum(m, tl.max(z, 1))
+        alpha = tl.exp(m - m_new)
+        dz = z - m_new[:, None]
+        e = tl.exp(dz)
+        if ENTROPY:
+            t_acc = (t_acc + s * (m - m_new)) * alpha + tl.sum(e * dz, 1)
+        s = s * alpha + tl.sum(e, 1)
+
+        if NS > 0:
+            gs = gs * alpha[:, None]
+            for j in tl.static_range(NS):
+                inset = tl.load(setm_ptr + j * V + cols64, mask=cmask, other=0) != 0
+                g_j = tl.sum(tl.where(inset[None, :], e, 0.0), 1)
+                gs += tl.where(sidx[None, :] == j, g_j[:, None], 0.0)
+
+        for c in tl.static_range(C):
+            tc = tl.load(tgt_ptr + rows * CP + c)
+            thc = tl.load(thr_ptr + rows * CP + c)
+            zt_c = tl.sum(tl.where(cols[None, :] == tc[:, None], z, 0.0), 1)
+            gt_c = tl.sum((z > thc[:, None]).to(tl.int32), 1)
+            sel = cidx[None, :] == c
+            zt += tl.where(sel, zt_c[:, None], 0.0)
+            cnt += tl.where(sel, gt_c[:, None], 0)
+
+        if KL:
+            # Slot (j, i) = row j * LB + i; slot LB - 1 of token j is its final-layer row.
+            TB: tl.constexpr = BLOCK_M // LB
+            fsel = tl.arange(0, LB) == LB - 1
+            z3 = tl.reshape(z, [TB, LB, BLOCK_N])
+            zq = tl.sum(tl.where(fsel[None, :, None], z3, 0.0), 1)  # [TB, BLOCK_N]
+            mq_old = tl.sum(tl.where(fsel[None, :], tl.reshape(m, [TB, LB]), 0.0), 1)
+            mq_new = tl.sum(tl.where(fsel[None, :], tl.reshape(m_new, [TB, LB]), 0.0), 1)
+            eq = tl.exp(zq - mq_new[:, None])  # = the final slot's own e
+            du = tl.sum(eq[:, None, :] * (zq[:, None, :] - z3), 2)  # [TB, LB]
+            u3 = tl.reshape(u, [TB, LB]) * tl.exp(mq_old - mq_new)[:, None] + du
+            u = tl.reshape(u3, [BLOCK_M])
+        m = m_new
+
+        # Gated top-k insertion: candidates must beat the local k-th value and reach the shared
+        # lower bound; each round inserts every row's leftmost maximum in place of its minimum.
+        tau_g = tl.load(tau_ptr + rows)
+        cand = (z > tau_loc[:, None]) & (z >= tau_g[:, None])
+        n_cand = tl.sum(cand.to(tl.int32))
+        while n_cand > 0:
+            mx, ix = tl.max(tl.where(cand, z, float("-inf")), 1, return_indices=True,
+                            return_indices_tie_break_left=True)
+            gid = v0 + ix
+            vmin = tl.min(tv, 1)
+            at_min = tv == vmin[:, None]
+            evict = tl.max(tl.where(at_min, ti, -2147483647), 1)
+            slot = at_min & (ti == evict[:, None]) & (mx > NEG_BIG)[:, None]
+            tv = tl.where(slot, mx[:, None], tv)
+            ti = tl.where(slot, gid[:, None], ti)
+            tau_loc = tl.min(tv, 1)
+            cand = cand & (cols[None, :] != gid[:, None]) & (z > tau_loc[:, None])
+            n_cand = tl.sum(cand.to(tl.int32))
+        # A full local state's minimum is a lower bound of the row's global k-th value.
+        tl.atomic_max(tau_ptr + rows, tau_loc, mask=tau_loc > tau_g)
+
+    base = ch.to(tl.int64) * R_pad + rows
+    plane = n_chunks.to(tl.int64) * R_pad
+    tl.store(pf_ptr + base, m)
+    tl.store(pf_ptr + plane + base, s)
+    tl.store(pf_ptr + 2 * plane + base, t_acc)
+    tl.store(pf_ptr + 3 * plane + base, u)
+    tl.store(pzt_ptr + base[:, None] * CP + cidx[None, :], zt)
+    tl.store(pcnt_ptr + base[:, None] * CP + cidx[None, :], cnt)
+    tl.store(pset_ptr + base[:, None] * NSP + sidx[None, :], gs)
+    kidx = tl.arange(0, KP)
+    tl.store(ptv_ptr + base[:, None] * KP + kidx[None, :], tv)
+    tl.store(pti_ptr + base[:, None] * KP + kidx[None, :], ti)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side: slot layout, launches, merge
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How (layer, token) rows map to slots.
+
+    A row block is ``tb`` tokens x ``lb`` layer slots (layer slot fastest); ``groups`` row blocks
+    per token block cover the non-final layers ``nonfinal``, ``per_group`` of them per block. With
+    ``kl`` the last layer slot of each token is its final-layer row (``final_shared``: the row
+    ``hidden[-1]``, else ``final_hidden``).
+    """
+
+    lb: int
+    tb: int
+    groups: int
+    per_group: int
+    nonfinal: tuple[int, ...]
+    kl: bool
+    final_shared: bool
+
+
+def _plan_layout(n_layers: int, block_m: int, kl: bool, final_shared: bool) -> _Layout:
+    """Choose ``lb`` (layer slots per token and row block) minimising slots per token."""
+    if not kl:
+        return _Layout(1, block_m, n_layers, 1, tuple(range(n_layers)), False, False)
+    nonfinal = tuple(range(n_layers - 1 if final_shared else n_layers))
+    if not nonfinal:
+        return _Layout(1, block_m, 1, 0, nonfinal, True, final_shared)
+    best = None
+    lb = 2
+    while lb <= block_m:
+        groups = -(-len(nonfinal) // (lb - 1))
+        if best is None or groups * lb < best[0]:
+            best = (groups * lb, lb, groups)
+        lb *= 2
+    _, lb, groups = best
+    return _Layout(lb, block_m // lb, groups, lb - 1, nonfinal, True, final_shared)
+
+
+def _pack(values: Tensor, ids: Tensor) -> Tensor:
+    """Sortable int64 keys, descending = (value desc, id asc), as ``lens_torch.pack_keys``."""
+    bits = (values + 0.0).contiguous().view(torch.int32)  # +0.0 folds -0.0 into +0.0
+    key = torch.where(bits < 0, bits ^ _LOW31, bits).to(torch.int64)
+    return (key << 32) | (_LOW31 - ids.to(torch.int64))
+
+
+def _dot_precision(operands_fp32: bool, precision: str) -> str:
+    if not operands_fp32:
+        return "tf32"  # ignored for 16-bit operands; Triton's default
+    if precision == "fp32" or torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _stage_dtype(w_u: Tensor, precision: str) -> torch.dtype:
+    """The MMA operand dtype: ``W_U``'s (``"model"``) or fp32 (``"fp32"``)."""
+    return torch.float32 if precision == "fp32" else w_u.dtype
+
+
+def _post_flags(head: Head) -> dict[str, bool]:
+    return {
+        "HAS_BIAS": head.unembed_bias is not None,
+        "HAS_SCALE": head.logit_scale != 1.0,
+        "HAS_SOFTCAP": head.softcap is not None,
+    }
+
+
+def _stage(
+    hidden: Tensor,
+    f_src: Tensor,
+    src_off: Tensor,
+    kind: Tensor,
+    slot_tgt: Tensor,
+    n_cols: int,
+    head: Head,
+    w_u: Tensor,
+    stage_dtype: torch.dtype,
+    interpret: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the norm pre-pass over ``R`` slots.
+
+    Returns:
+        ``x_stage [R, d]`` (``stage_dtype``), ``finite [R]`` int8 and rank thresholds
+        ``thr [R, CP]`` fp32 (``CP = slot_tgt.shape[1]``).
+    """
+    r_pad, cp = slot_tgt.shape
+    d = head.d_model
+    device = hidden.device
+    x_stage = torch.empty(r_pad, d, dtype=stage_dtype, device=device)
+    slot_finite = torch.empty(r_pad, dtype=torch.int8, device=device)
+    thr = torch.empty(r_pad, cp, dtype=torch.float32, device=device)
+    norm = head.norm
+    bias = head.unembed_bias
+    softcap = head.softcap if head.softcap is not None else 1.0
+    dummy = w_u  # never read: the matching constexpr flag prunes the load
+    block_d = triton.next_power_of_2(d)
+    # Interpreter: one program for many rows (per-op cost, not per-element); GPU: ~4k elements
+    # per program keeps the [BLOCK_R, BLOCK_D] fp32 tile in registers.
+    block_r = 128 if interpret else max(1, min(16, 4096 // block_d))
+    _norm_stage_kernel[(triton.cdiv(r_pad, block_r),)](
+        hidden, f_src, src_off, kind, hidden.stride(-1), f_src.stride(-1),
+        norm.weight if norm.weight is not None else dummy,
+        norm.bias if norm.bias is not None else dummy,
+        float(norm.weight_offset), float(norm.eps),
+        x_stage, slot_finite, slot_tgt, thr,
+        w_u, w_u.stride(0), bias if bias is not None else dummy,
+        float(head.logit_scale), float(softcap),
+        r_pad, d,
+        C=n_cols, CP=cp, BLOCK_R=block_r, BLOCK_D=block_d,
+        IS_LAYER=norm.kind is NormKind.LAYER, HAS_NW=norm.weight is not None,
+        HAS_NB=norm.bias is not None, **_post_flags(head),
+        num_warps=4 if block_d <= 2048 else 8,
+    )
+    return x_stage, slot_finite, thr
+
+
+def normalized_rows(rows: Tensor, head: Head, precision: str = "model") -> Tensor:
+    """The normalised rows exactly as the kernel's MMA sees them (for tests and probes).
+
+    Args:
+        rows: ``[N, d]`` residual rows (fp32, bf16 or fp16).
+        head: the read-out path whose final norm is applied.
+        precision: ``"model"`` (rounded to ``W_U``'s dtype) or ``"fp32"``.
+
+    Returns:
+        ``[N, d]`` in the operand dtype; rows with a NaN/inf are zeros.
+    """
+    if rows.dim() != 2 or rows.shape[1] != head.d_model:
+        raise ValueError(f"rows must be [N, {head.d_model}], got {tuple(rows.shape)}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    n = rows.shape[0]
+    device = rows.device
+    kind = torch.full((n,), _KIND_HIDDEN, dtype=torch.int8, device=device)
+    src_off = torch.arange(n, device=device, dtype=torch.int64) * rows.stride(0)
+    no_targets = torch.full((n, 1), -1, dtype=torch.int32, device=device)
+    w_u = head.unembed
+    x_stage, _, _ = _stage(rows, rows, src_off, kind, no_targets, 0, head, w_u,
+                           _stage_dtype(w_u, precision), interpreting())
+    return x_stage
+
+
+def lens_stats_triton(
+    hidden: Tensor,
+    head: Head,
+    targets: Tensor,
+    request: LensRequest,
+    final_hidden: Tensor | None = None,
+    *,
+    config: LensTritonConfig | None = None,
+    precision: str = "model",
+) -> LensStats:
+    """Lens statistics from the fused Triton kernel; same contract as ``lens_stats_torch``.
+
+    Args:
+        hidden: ``[L, T, d]`` residual rows (fp32, bf16 or fp16), on a CUDA device (or the CPU
+            under ``TRITON_INTERPRET=1``).
+        head: the model's read-out path, on ``hidden``'s device; ``W_U [V, d]`` fp32/bf16/fp16.
+        targets: ``[T, 1 + A]`` int; column 0 the next token, column j the token ``lookahead[j-1]``
+            positions ahead; -1 where there is none.
+        request: what to compute.
+        final_hidden: ``[T, d]`` the final layer's rows, needed for ``kl_final``. When it is the
+            same storage as ``hidden[-1]`` the last layer serves as the reference and its
+            ``kl_final`` is exactly 0.
+        config: block sizes and launch limits; ``default_config(d)`` when None.
+        precision: ``"model"`` (operands in ``W_U``'s dtype: tensor cores) or ``"fp32"``.
+
+    Returns:
+        LensStats on ``hidden``'s device (fp32 / int32 / bool), non-finite rows flagged with NaN
+        statistics and -1 ranks and ids.
+    """
+    check_inputs(hidden, targets, final_hidden, request, head.vocab_size, head.d_model)
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    interpret = interpreting()
+    device = hidden.device
+    if device.type != "cuda" and not (device.type == "cpu" and interpret):
+        raise RuntimeError(
+            f"the Triton lens kernel needs a CUDA device, got {device.type!r} (or set "
+            "TRITON_INTERPRET=1 to run it in Triton's CPU interpreter)"
+        )
+    w_u = head.unembed
+    for name, tensor in (("hidden", hidden), ("W_U", w_u)):
+        if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} must be fp32, bf16 or fp16, got {tensor.dtype}")
+    if targets.shape[1] < 1:
+        raise ValueError("targets needs at least the next-token column")
+    if w_u.stride(1) != 1:
+        w_u = w_u.contiguous()
+    cfg = config or default_config(head.d_model, interpret)
+
+    n_layers, n_tokens, d = hidden.shape
+    n_vocab = head.vocab_size
+    k, n_cols, n_sets = request.k, targets.shape[1], len(request.token_sets)
+    f32 = torch.float32
+    out_lse = torch.empty(n_layers, n_tokens, dtype=f32, device=device)
+    out_ent = torch.empty_like(out_lse)
+    out_kl = torch.empty_like(out_lse)
+    out_lp = torch.empty(n_layers, n_tokens, n_cols, dtype=f32, device=device)
+    out_rank = torch.empty(n_layers, n_tokens, n_cols, dtype=torch.int32, device=device)
+    out_ids = torch.empty(n_layers, n_tokens, k, dtype=torch.int32, device=device)
+    out_tlp = torch.empty(n_layers, n_tokens, k, dtype=f32, device=device)
+    out_sets = torch.empty(n_layers, n_tokens, n_sets, dtype=f32, device=device)
+    finite = torch.ones(n_layers, n_tokens, dtype=torch.bool, device=device)
+
+    if n_layers and n_tokens:
+        final_shared = (
+            final_hidden is not None
+            and final_hidden.data_ptr() == hidden[-1].data_ptr()
+            and final_hidden.stride() == hidden[-1].stride()
+        )
+        layout = _plan_layout(n_layers, cfg.block_m, request.kl_final, final_shared)
+        set_mask = torch.zeros(max(n_sets, 1), n_vocab, dtype=torch.int8, device=device)
+        for j, (_, ids) in enumerate(request.token_sets):
+            set_mask[j, ids.to(device=device, dtype=torch.long)] = 1
+        slots_per_token = layout.groups * layout.lb
+        tokens_per_launch = max(1, cfg.max_slots // slots_per_token) // layout.tb * layout.tb
+        tokens_per_launch = max(layout.tb, tokens_per_launch)
+        outs = {
+            "lse": out_lse, "entropy": out_ent, "kl": out_kl, "lp": out_lp, "rank": out_rank,
+            "ids": out_ids, "topk_lp": out_tlp, "sets": out_sets, "finite": finite,
+        }
+        for t0 in range(0, n_tokens, tokens_per_launch):
+            t1 = min(n_tokens, t0 + tokens_per_launch)
+            _launch(hidden, final_hidden, head, w_u, targets, request, layout, cfg, set_mask,
+                    t0, t1, precision, interpret, outs)
+
+    bad = ~finite
+    for tensor in (out_lse, out_ent, out_kl, out_lp, out_tlp, out_sets):
+        tensor[bad] = torch.nan
+    for tensor in (out_rank, out_ids):
+        tensor[bad] = -1
+    return LensStats(
+        lse=out_lse,
+        entropy=out_ent if request.entropy else None,
+        kl_final=out_kl if request.kl_final else None,
+        target_logprob=out_lp[..., 0],
+        target_rank=out_rank[..., 0],
+        topk_ids=out_ids,
+        topk_logprobs=out_tlp,
+        ahead_logprob=out_lp[..., 1:],
+        ahead_rank=out_rank[..., 1:],
+        set_logmass=out_sets,
+        finite=finite,
+    )
+
+
+def _slot_maps(
+    layout: _Layout, n_layers: int, t0: int, t1: int, block_m: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-slot source (layer, token, kind) and per-output-row slot indices for tokens [t0, t1).
+
+    Returns:
+        ``slot_layer [R_pad]`` (-1 for a final slot), ``slot_token [R_pad]`` (absolute, -1 for
+        padding), ``slot_kind [R_pad]`` int8, ``out_slot [L, n]`` (slot of each output row) and
+        ``final_slot [L, n]`` (slot of the row's final-layer reference; unused without KL).
+    """
+    lb, tb, groups, per_group = layout.lb, layout.tb, layout.groups, layout.per_group
+    n = t1 - t0
+    n_tblk = -(-n // tb)
+    n_blocks = n_tblk * groups
+    idx = torch.arange(n_blocks * block_m, device=device)
+    blk, r = idx // block_m, idx % block_m
+    tblk, g = blk // groups, blk % groups
+    j, i = r // lb, r % lb
+    local_tok = tblk * tb + j
+    tok_ok = local_tok < n
+    nonfinal = torch.tensor(layout.nonfinal + (-1,), dtype=torch.long, device=device)
+    pos = g * per_group + i
+    if layout.kl:
+        is_final = i == lb - 1
+        layer_ok = ~is_final & (pos < len(layout.nonfinal))
+    else:
+        is_final = torch.zeros_like(tok_ok)
+        layer_ok = pos < len(layout.nonfinal)
+    layer = torch.where(layer_ok, nonfinal[pos.clamp(max=len(layout.nonfinal))], -1)
+    if layout.kl and layout.final_shared:
+        layer = torch.where(is_final, n_layers - 1, layer)
+        kind = torch.where(is_final | layer_ok, _KIND_HIDDEN, _KIND_PAD)
+    else:
+        kind = torch.where(layer_ok, _KIND_HIDDEN, torch.where(is_final, _KIND_FINAL, _KIND_PAD))
+    kind = torch.where(tok_ok, kind, _KIND_PAD).to(torch.int8)
+    token = torch.where(tok_ok, t0 + local_tok, -1)
+
+    # Output rows: non-final layer at list position p -> group p // per_group, slot p % per_group;
+    # the shared final layer -> the final slot of group 0.
+    out_slot = torch.empty(n_layers, n, dtype=torch.long, device=device)
+    final_slot = torch.zeros(n_layers, n, dtype=torch.long, device=device)
+    loc = torch.arange(n, device=device)
+    tok_base = (loc // tb) * groups
+    j_loc = loc % tb
+    for p, layer_id in enumerate(layout.nonfinal):
+        g_p, i_p = divmod(p, per_group)
+        block_start = ((tok_base + g_p) * tb + j_loc) * lb
+        out_slot[layer_id] = block_start + i_p
+        final_slot[layer_id] = block_start + lb - 1
+    if layout.kl and layout.final_shared:
+        block_start = (tok_base * tb + j_loc) * lb
+        out_slot[n_layers - 1] = block_start + lb - 1
+        final_slot[n_layers - 1] = block_start + lb - 1
+    return layer, token, kind, out_slot, final_slot
+
+
+def _launch(
+    hidden: Tensor,
+    final_hidden: Tensor | None,
+    head: Head,
+    w_u: Tensor,
+    targets: Tensor,
+    request: LensRequest,
+    layout: _Layout,
+    cfg: LensTritonConfig,
+    set_mask: Tensor,
+    t0: int,
+    t1: int,
+    precision: str,
+    interpret: bool,
+    outs: dict[str, Tensor],
+) -> None:
+    """Pre-pass, main kernel and merge for the tokens ``[t0, t1)`` (all layers)."""
+    device = hidden.device
+    n_layers, _, d = hidden.shape
+    n_vocab = head.vocab_size
+    n_cols, n_sets, k = targets.shape[1], len(request.token_sets), request.k
+    cp = triton.next_power_of_2(n_cols)
+    nsp = triton.next_power_of_2(max(n_sets, 1))
+    kp = triton.next_power_of_2(k)
+    bm, bn = cfg.block_m, cfg.block_n
+
+    layer, token, kind, out_slot, final_slot = _slot_maps(layout, n_layers, t0, t1, bm, device)
+    r_pad = kind.shape[0]
+    n_row_blocks = r_pad // bm
+
+    # Element offsets of each slot's source row (int64: L * T * d can exceed 2^31).
+    tok0 = token.clamp_min(0)
+    h_off = layer.clamp_min(0) * hidden.stride(0) + tok0 * hidden.stride(1)
+    f_src = final_hidden if final_hidden is not None else hidden[-1]
+    f_off = tok0 * f_src.stride(0)
+    src_off = torch.where(kind == _KIND_FINAL, f_off, h_off).to(torch.int64)
+    slot_tgt = torch.full((r_pad, cp), -1, dtype=torch.int32, device=device)
+    slot_tgt[:, :n_cols] = torch.where(
+        (kind != _KIND_PAD)[:, None], targets.to(device)[tok0].int(), -1
+    )
+
+    stage_dtype = _stage_dtype(w_u, precision)
+    x_stage, slot_finite, thr = _stage(
+        hidden, f_src, src_off, kind, slot_tgt, n_cols, head, w_u, stage_dtype, interpret
+    )
+    bias = head.unembed_bias
+    softcap = head.softcap if head.softcap is not None else 1.0
+    flags = _post_flags(head)
+    dummy = w_u  # never read: the matching constexpr flag prunes the load
+
+    n_tiles = triton.cdiv(n_vocab, bn)
+    chunk_tiles = max(1, min(n_tiles, triton.cdiv(cfg.vocab_chunk, bn)))
+    n_chunks = triton.cdiv(n_tiles, chunk_tiles)
+    chunk_cols = chunk_tiles * bn
+    pf = torch.empty(4, n_chunks, r_pad, dtype=torch.float32, device=device)
+    pzt = torch.empty(n_chunks, r_pad, cp, dtype=torch.float32, device=device)
+    pcnt = torch.empty(n_chunks, r_pad, cp, dtype=torch.int32, device=device)
+    pset = torch.empty(n_chunks, r_pad, nsp, dtype=torch.float32, device=device)
+    ptv = torch.empty(n_chunks, r_pad, kp, dtype=torch.float32, device=device)
+    pti = torch.empty(n_chunks, r_pad, kp, dtype=torch.int32, device=device)
+    tau = torch.full((r_pad,), NEG_BIG.value, dtype=torch.float32, device=device)
+    upcast = interpret or stage_dtype == torch.float32 or w_u.dtype != stage_dtype
+    block_k = min(cfg.block_k, max(16, triton.next_power_of_2(d)))
+    _lens_main_kernel[(n_row_blocks * n_chunks,)](
+        x_stage, w_u, w_u.stride(0), bias if bias is not None else dummy, set_mask,
+        slot_tgt, thr, tau, pf, pzt, pcnt, pset, ptv, pti,
+        r_pad, n_vocab, d, n_chunks, chunk_tiles, n_row_blocks,
+        float(head.logit_scale), float(softcap),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+        KP=kp, C=n_cols, CP=cp, NS=n_sets, NSP=nsp, LB=layout.lb, **flags,
+        ENTROPY=request.entropy, KL=layout.kl, UPCAST=upcast, EVEN_K=d % block_k == 0,
+        DOT_PRECISION=_dot_precision(upcast or stage_dtype == torch.float32, precision),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    # ---- merge over chunks (fixed order), evaluated at the output rows' slots ------------------
+    sl = out_slot.reshape(-1)
+    pm, ps, pt, pu = pf.unbind(0)  # [S, R_pad] each
+    big_m = pm.max(0).values  # [R_pad]
+    wgt = torch.exp(pm - big_m)  # [S, R_pad]
+    s = (ps * wgt).sum(0)
+    log_s = torch.log(s)
+    lse = big_m + log_s
+    shape = out_slot.shape
+    block = slice(t0, t1)
+    outs["lse"][:, block] = lse[sl].view(shape)
+    outs["finite"][:, block] = (slot_finite[sl] != 0).view(shape)
+    if request.entropy:
+        t_sum = (wgt * (pt + ps * (pm - big_m))).sum(0)
+        outs["entropy"][:, block] = (log_s - t_sum / s)[sl].view(shape)
+    if request.kl_final:
+        fl = final_slot.reshape(-1)
+        u = (pu[:, sl] * torch.exp(pm[:, fl] - big_m[fl])).sum(0)
+        kl = (u / s[fl] + lse[sl] - lse[fl]).clamp_min(0.0)
+        outs["kl"][:, block] = kl.view(shape)
+
+    tgt = slot_tgt[sl, :n_cols].long()  # [N, C]
+    has = tgt >= 0
+    chunk_of = (tgt.clamp_min(0) // chunk_cols)  # the chunk that holds each target
+    z_t = pzt[chunk_of, sl[:, None], torch.arange(n_cols, device=device)]  # [N, C]
+    thr_o = thr[sl, :n_cols]
+    counts = pcnt[:, sl, :n_cols].sum(0, dtype=torch.int64) - (z_t > thr_o).long()
+    lp = torch.where(has, z_t - lse[sl, None], torch.nan)
+    outs["lp"][:, block] = lp.view(*shape, n_cols)
+    outs["rank"][:, block] = torch.where(has, counts, -1).int().view(*shape, n_cols)
+
+    if n_sets:
+        g = (pset[:, sl, :n_sets] * wgt[:, sl, None]).sum(0)
+        outs["sets"][:, block] = (torch.log(g) - log_s[sl, None]).view(*shape, n_sets)
+
+    ids = pti[:, sl].permute(1, 0, 2).reshape(sl.numel(), -1)  # [N, S * KP]
+    keys = _pack(ptv[:, sl].permute(1, 0, 2).reshape(sl.numel(), -1), ids)
+    # Empty state entries (negative ids) must never be chosen: the union holds >= k real ones.
+    keys = torch.where(ids >= 0, keys, torch.iinfo(torch.int64).min)
+    values, top_ids = unpack_keys(keys.topk(k, -1).values)
+    outs["ids"][:, block] = top_ids.int().view(*shape, k)
+    outs["topk_lp"][:, block] = (values - lse[sl, None]).view(*shape, k)
+
+
+__all__ = [
+    "LensTritonConfig",
+    "default_config",
+    "interpreting",
+    "lens_stats_triton",
+    "normalized_rows",
+]

@@ -123,11 +123,16 @@ class RunDir:
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def prepare(self, fingerprint: str, job_name: str, *, overwrite: bool) -> None:
-        """Create the directory; refuse one holding a different job unless ``overwrite``.
+    def prepare(self, fingerprint: str, job_name: str, *, overwrite: bool) -> bool:
+        """Create the directory and check what it holds. Nothing existing is removed here.
+
+        Returns:
+            True when a different job's results are there and ``overwrite`` allows replacing
+            them: the caller clears them (``clear``) only once the new job has planned and loaded,
+            so a new job that fails early loses nothing already written.
 
         Raises:
-            RunDirError: not writable, or a different job's results are there.
+            RunDirError: not writable, or a different job's results are there without ``overwrite``.
         """
         try:
             self.lens_dir.mkdir(parents=True, exist_ok=True)
@@ -139,17 +144,15 @@ class RunDir:
                 "output.dir (e.g. --set output.dir=/tmp/run) or fix its permissions"
             ) from None
         existing = self.read_job()
-        if existing is None:
-            return
-        if existing.get("fingerprint") == fingerprint:
-            return
+        if existing is None or existing.get("fingerprint") == fingerprint:
+            return False
         if not overwrite:
             raise RunDirError(
                 f"{self.path} holds results of a different job ({existing.get('name')!r}, fingerprint "
                 f"{existing.get('fingerprint')} != {fingerprint}); rerun with --overwrite to replace "
                 "them, or choose another output.dir"
             )
-        self.clear()
+        return True
 
     def clear(self) -> None:
         """Remove every result file of a previous job (keeps the directory)."""
@@ -202,8 +205,11 @@ class RunDir:
             tmp.unlink(missing_ok=True)
         _fsync_dir(self.lens_dir)
         line = json.dumps({"shard": shard, "file": f"lens/{final.name}", **entry}, default=str)
-        with open(self.manifest_file, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        with open(self.manifest_file, "ab+") as f:
+            # A crash mid-append leaves a torn last line without its newline: start a new line,
+            # or this entry would be glued onto the torn one and be lost with it.
+            torn = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+            f.write((b"\n" if torn else b"") + line.encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
 

@@ -59,7 +59,9 @@ def test_different_job_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(RunDirError, match="different job.*--overwrite"):
         rd.prepare("bbb", "second", overwrite=False)
     assert rd.part_path(0).exists(), "a refused job must not touch the existing results"
-    rd.prepare("bbb", "second", overwrite=True)
+    assert rd.prepare("bbb", "second", overwrite=True) is True
+    assert rd.part_path(0).exists(), "prepare never deletes: the caller clears once the job loaded"
+    rd.clear()
     assert not rd.job_file.exists() and rd.committed() == {}
 
 

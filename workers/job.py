@@ -92,10 +92,14 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, show_progress: bool | Non
     """
     started = time.perf_counter()
     run_dir = RunDir(spec.output.dir)
-    run_dir.prepare(spec.fingerprint(), spec.name, overwrite=overwrite)
-    tokenizer = load_tokenizer(spec.model.path, trust_remote_code=spec.model.trust_remote_code)
+    stale = run_dir.prepare(spec.fingerprint(), spec.name, overwrite=overwrite)
+    tokenizer = load_tokenizer(
+        spec.model.path,
+        allow_pickle=spec.model.allow_pickle,
+        trust_remote_code=spec.model.trust_remote_code,
+    )
     plan = plan_corpus(spec, tokenizer)
-    committed = run_dir.committed()
+    committed = {} if stale else run_dir.committed()
     pending = [i for i in range(len(plan.shard_tokens)) if i not in committed]
     docs_status: dict[str, int] = {}
     for status in plan.docs.column("status").to_pylist():
@@ -104,17 +108,20 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, show_progress: bool | Non
 
     if not pending and run_dir.summary_file.exists():
         return JobOutcome(run_dir.path, "nothing to do")
-    if not run_dir.docs_file.exists():
-        run_dir.write_docs(plan.docs)
 
     executor = make_executor(spec)
     resolved: dict[str, Any] = {}
     try:
         if pending:
             resolved = executor.start()
-            _write_job(run_dir, spec, resolved, plan.n_tokens, len(plan.shard_tokens))
         else:
             resolved = (run_dir.read_job() or {}).get("resolved", {})
+        if stale:
+            run_dir.clear()  # only now: the new job has planned and loaded its model
+        if not run_dir.docs_file.exists():
+            run_dir.write_docs(plan.docs)
+        if pending:
+            _write_job(run_dir, spec, resolved, plan.n_tokens, len(plan.shard_tokens))
 
         def commit(result: ShardResult) -> None:
             run_dir.commit_shard(

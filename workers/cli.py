@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Corpus-scale logit lens for code LLMs: per-token, per-layer statistics as Parquet.",
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 
@@ -145,6 +145,11 @@ def demo(
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress bar and status file report progress; transformers' per-file bars
+    # ("Loading weights", "Writing model shards") would only interleave with it.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     app()
 
 

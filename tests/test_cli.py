@@ -1,0 +1,108 @@
+"""The ``codelens`` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from codelens.workers.cli import app
+
+runner = CliRunner()
+
+
+def write_job(tmp_path: Path, model_dir: Path, **lens) -> Path:
+    corpus = tmp_path / "src"
+    corpus.mkdir(exist_ok=True)
+    (corpus / "m.py").write_text("def f(x):\n    return x + 1\n\nprint(f(2))\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(model_dir)},
+                "corpus": {"paths": [str(corpus / "*.py")]},
+                "tokens": {"window": 64, "overlap": 8},
+                "lens": {"k": 3, **lens},
+                "output": {"dir": str(tmp_path / "run")},
+                "execution": {"batch_tokens": 128},
+            }
+        )
+    )
+    return job
+
+
+def test_console_script_runs_a_job_and_reports_status(tiny_model_dir, tmp_path):
+    job = write_job(tmp_path, tiny_model_dir("llama"))
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run(["codelens", "run", str(job)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "done:" in done.stderr and "lens impl torch" in done.stderr
+    assert "Loading weights" not in done.stderr, "transformers' own bars are silenced"
+    status = subprocess.run(["codelens", "status", str(tmp_path / "run")], capture_output=True, text=True, env=env)
+    assert status.returncode == 0 and "done" in status.stdout and "100.0%" in status.stdout
+    again = subprocess.run(["codelens", "run", str(job)], capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+def test_set_overrides_and_overwrite(tiny_model_dir, tmp_path):
+    job = write_job(tmp_path, tiny_model_dir("llama"))
+    assert runner.invoke(app, ["run", str(job)]).exit_code == 0
+    refused = runner.invoke(app, ["run", str(job), "--set", "lens.k=2"])
+    assert refused.exit_code == 2 and "different job" in refused.output and "--overwrite" in refused.output
+    ok = runner.invoke(app, ["run", str(job), "--set", "lens.k=2", "--overwrite"])
+    assert ok.exit_code == 0, ok.output
+    saved = json.loads((tmp_path / "run" / "job.json").read_text())
+    assert saved["spec"]["lens"]["k"] == 2
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        (["--set", "model.path=/no/such/model"], "does not exist"),
+        (["--set", "corpus.paths=[/no/such/dir/*.py]"], "matches no file"),
+        (["--set", "lens.layers=[0, 99]"], "index 99 is out of range"),
+        (["--set", "lens.k=1000"], "larger than the vocabulary"),
+        (["--set", "lens.kk=3"], "lens.kk: unknown key"),
+        (["--set", "model.dtype=int4"], "model.dtype"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(tiny_model_dir, tmp_path, setting, message):
+    job = write_job(tmp_path, tiny_model_dir("llama"))
+    result = runner.invoke(app, ["run", str(job), *setting])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_status_of_a_missing_run(tmp_path):
+    result = runner.invoke(app, ["status", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "no run directory" in result.output
+
+
+def test_schema_prints_the_json_schema():
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "JobSpec" and "lens" in schema["properties"]
+
+
+@pytest.mark.slow
+def test_demo_runs_the_main_job(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "from codelens.workers.cli import main; main()", "demo", str(tmp_path / "demo"), "--files", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "per-layer lens" in result.stdout
+    summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
+    assert summary["tokens"] > 1000 and len(summary["layers"]) == 5
+    assert (tmp_path / "demo" / "job.yaml").exists() and (tmp_path / "demo" / "model" / "model.safetensors").exists()

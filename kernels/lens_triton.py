@@ -85,34 +85,49 @@ libdevice in the interpreter; absolute error ~1e-7 * c). Under ``TRITON_INTERPRE
 tile is cast to fp32 right after ``tl.load`` (the interpreter's bf16 arithmetic is wrong), which
 computes the same products as a bf16 MMA (they are exact in fp32); only the summation order differs.
 
-Measured max |error| against the float64 oracle (``tests/test_lens_triton.py`` shapes: d = 48,
-V = 301, 3-4 layers; interpreter, triton 3.9.0, numpy 2.4.6), Triton (torch path in brackets):
+Measured max |error| against the float64 oracle ``lens_stats_naive`` (interpreter, triton 3.9.0,
+numpy 2.4.6; four heads - LayerNorm + biases, Gemma RMSNorm ``1 + w`` + soft-cap, Granite scale +
+bias, padded vocabulary - at d = 48, V = 301, 4 layers x 12 tokens, |z| up to ~15), default
+``precision="model"``; the torch path's error in brackets:
 
-======  =========================  ==========================  ===========================
-stat    fp32 (W fp32)              fp16 (W fp16)               bf16 (W bf16)
-======  =========================  ==========================  ===========================
-lse     2.9e-6 (1.9e-6)            4.6e-3 (1.9e-6)             3.3e-2 (1.9e-6)
-entropy 2.4e-6 (1.9e-6)            4.1e-3 (1.4e-6)             3.6e-2 (1.4e-6)
-kl      1.2e-6 (1.0e-6)            1.7e-3 (4.8e-7)             1.3e-2 (6.0e-7)
-logprob 1.9e-6 (1.9e-6)            5.8e-3 (1.9e-6)             4.9e-2 (1.9e-6)
-topk lp 1.9e-6 (1.9e-6)            4.4e-3 (1.9e-6)             3.6e-2 (1.9e-6)
-sets    1.9e-6 (1.9e-6)            4.9e-3 (1.9e-6)             4.3e-2 (1.4e-6)
-======  =========================  ==========================  ===========================
+==============  ===================  ===================  ===================
+statistic       fp32                 fp16                 bf16
+==============  ===================  ===================  ===================
+lse             1.9e-6 (2.9e-6)      2.1e-3 (2.9e-6)      1.5e-2 (2.9e-6)
+entropy         1.9e-6 (1.2e-5)      1.4e-3 (1.1e-5)      1.1e-2 (1.2e-5)
+kl_final        5.7e-6 (1.4e-5)      3.8e-3 (1.2e-5)      2.5e-2 (1.3e-5)
+target_logprob  2.9e-6 (2.9e-6)      2.7e-3 (3.8e-6)      2.3e-2 (2.9e-6)
+ahead_logprob   3.8e-6 (3.8e-6)      3.4e-3 (3.8e-6)      3.0e-2 (3.8e-6)
+topk_logprobs   3.3e-6 (3.3e-6)      2.8e-3 (4.1e-6)      1.9e-2 (3.3e-6)
+set_logmass     2.9e-6 (3.8e-6)      2.7e-3 (3.8e-6)      2.3e-2 (3.8e-6)
+==============  ===================  ===================  ===================
 
-The fp16/bf16 errors are the rounding of the normalised rows to the operand dtype (the model's own
-``lm_head`` rounds the same way); ``precision="fp32"`` brings them to the fp32 column.
+The fp16/bf16 errors are entirely the rounding of the normalised rows to the operand dtype (the
+model's own ``lm_head`` rounds the same way, and rounds its logits too): against the oracle fed
+the kernel's own rounded rows (``normalized_rows``) every statistic is within 5.7e-6 at every
+dtype, and ``precision="fp32"`` brings fp16/bf16 inputs to the fp32 column (<= 5.7e-6).
 
 Block sizes
 -----------
-GPU defaults (``LensTritonConfig``): ``BLOCK_M = 128`` rows (two wgmma M64 warpgroups with 8 warps;
-row reductions stay inside a quad of threads), ``BLOCK_N = 128`` vocabulary columns, ``BLOCK_K =
-64``, 3 stages (A+B = 96 KB of shared memory, leaving room for the layout conversion of the KL
-reshape), ``GROUP_M = 16`` row blocks per raster group, vocabulary chunks of 4096 (S = V / 4096
-partial records per row), at most 32768 slots per launch (bounds the partials to ~0.2 GB at
-V = 152k, k = 10). Starting points from notes §10.2, untuned on a GPU. Under the interpreter the
-launcher picks few large tiles (``BLOCK_K = next_pow2(d)`` up to 128, ``BLOCK_N = 256``,
-``BLOCK_M = 32``): the interpreter costs ~ms per tile op regardless of the tile size.
-Pointer offsets are int64 wherever ``rows * d``, ``V * d`` or ``rows * chunks * k`` can exceed 2^31.
+GPU defaults (``LensTritonConfig``, starting points from notes §10.2, not yet tuned on a device):
+``BLOCK_M = 128`` rows (two wgmma M64 warpgroups with 8 warps), ``BLOCK_N = 128`` vocabulary
+columns, ``BLOCK_K = 64``, 3 stages, ``GROUP_M = 16`` row blocks per raster group, vocabulary chunks
+of 4096 (S = V / 4096 partial records per row), at most 32768 slots per launch (partials ~0.2 GB at
+V = 152k, k = 10). Compiled for sm_90 without a device (``benchmarks/bench_kernel.py
+--compile-only``, triton 3.9): 96 KB of shared memory (the K loop is software-pipelined), wgmma
+(HGMMA) for the MMA, 51 spill-store / 38 spill-load instructions (static count, every statistic
+on; ``BLOCK_N = 256`` spills ~470 without epilogue sub-tiling, so it is not the default). Under the
+interpreter ``default_config`` picks few large tiles (``BLOCK_M = 32``, ``BLOCK_N = 256``,
+``BLOCK_K = next_pow2(d)`` up to 128): it costs ~ms per tile op whatever the tile size.
+Pointer offsets are int64 wherever ``rows * d``, ``V * d`` or ``rows * chunks * k`` can exceed
+2^31. Logits are assumed to be > ``NEG_BIG`` (true for any finite model: soft-capped or not,
+|z| is many orders of magnitude smaller).
+
+Testing (``tests/test_lens_triton.py``): Triton's CPU interpreter, 20-35 s on 2 cores with triton
+3.9.0 and numpy 2.4.6 (runtime-bound ``range`` loops work there; numpy >= 2.4 broke them on triton
+3.6, issue #9171). The interpreter cannot show the GPU's tie-breaking of ``tl.max`` indices (it
+always returns the leftmost), races on ``tau_g`` (it runs programs in order, chunks ascending), or
+performance; ``benchmarks/bench_kernel.py --check`` exercises the first two on a device.
 
 This module imports Triton at import time; ``codelens.kernels`` imports it lazily (dispatch), so
 importing the package never needs Triton and nothing here touches CUDA before a call.
@@ -270,7 +285,14 @@ def _norm_stage_kernel(
     # Rows with a NaN/inf become exact zeros (as in the torch path): finite garbage statistics,
     # masked to NaN by the launcher, and a harmless KL reference for the token's other layers.
     x = tl.where(finite[:, None] & dmask[None, :], x, 0.0)
-    xs = x.to(x_ptr.dtype.element_ty)
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand (bit-exact with the GPU's cvt.rn.bf16.f32 for finite x):
+        # the interpreter's fp32 -> bf16 cast truncates, and its RTNE mode drops the carry.
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        xs = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        xs = x.to(x_ptr.dtype.element_ty)
     tl.store(x_ptr + rows[:, None] * D + cols[None, :], xs, mask=rmask[:, None] & dmask[None, :])
     tl.store(finite_ptr + rows, finite.to(tl.int8), mask=rmask)
 
@@ -294,7 +316,7 @@ def _lens_main_kernel(
     x_ptr,  # [R_pad, D] staged normalised rows (operand dtype), slot order
     w_ptr, stride_wv,  # W_U [V, D], row stride (unit stride along D)
     b_ptr,  # b_U [V] (read only with HAS_BIAS)
-    setm_ptr,  # [NS, V] int8 token-set membership
+    setm_ptr,  # [NS, V] fp32 token-set multiplicities (an id listed twice counts twice)
     tgt_ptr, thr_ptr,  # [R_pad, CP] int32 target ids, fp32 rank thresholds
     tau_ptr,  # [R_pad] fp32 shared lower bound of each row's k-th largest logit
     pf_ptr,  # out [4, S, R_pad] fp32: m, s, t, u per (row, chunk)
@@ -383,8 +405,8 @@ def _lens_main_kernel(
         if NS > 0:
             gs = gs * alpha[:, None]
             for j in tl.static_range(NS):
-                inset = tl.load(setm_ptr + j * V + cols64, mask=cmask, other=0) != 0
-                g_j = tl.sum(tl.where(inset[None, :], e, 0.0), 1)
+                mult = tl.load(setm_ptr + j * V + cols64, mask=cmask, other=0.0)
+                g_j = tl.sum(e * mult[None, :], 1)
                 gs += tl.where(sidx[None, :] == j, g_j[:, None], 0.0)
 
         for c in tl.static_range(C):
@@ -564,6 +586,27 @@ def _stage(
     return x_stage, slot_finite, thr
 
 
+def _check_mode(interpret: bool) -> None:
+    """Raise if Triton's functions were decorated in another mode than ``TRITON_INTERPRET`` says.
+
+    Triton picks interpreter or compiler when a function is decorated (at import), so setting the
+    variable after ``triton`` (or this module) was imported leaves compiled-mode functions that
+    fail obscurely in the interpreter, and the reverse.
+    """
+    decorated = {
+        "triton.language": type(tl.sum).__name__ == "InterpretedFunction",
+        __name__: type(_lens_main_kernel).__name__ == "InterpretedFunction",
+    }
+    stale = [module for module, is_interpreted in decorated.items() if is_interpreted != interpret]
+    if stale:
+        raise RuntimeError(
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} but {', '.join(stale)} "
+            f"{'was' if len(stale) == 1 else 'were'} imported "
+            f"{'without' if interpret else 'with'} it: set the variable before anything imports "
+            "triton (torch._dynamo, and so transformers, does)"
+        )
+
+
 def normalized_rows(rows: Tensor, head: Head, precision: str = "model") -> Tensor:
     """The normalised rows exactly as the kernel's MMA sees them (for tests and probes).
 
@@ -579,6 +622,7 @@ def normalized_rows(rows: Tensor, head: Head, precision: str = "model") -> Tenso
         raise ValueError(f"rows must be [N, {head.d_model}], got {tuple(rows.shape)}")
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    _check_mode(interpreting())
     n = rows.shape[0]
     device = rows.device
     kind = torch.full((n,), _KIND_HIDDEN, dtype=torch.int8, device=device)
@@ -623,6 +667,7 @@ def lens_stats_triton(
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
     interpret = interpreting()
+    _check_mode(interpret)
     device = hidden.device
     if device.type != "cuda" and not (device.type == "cpu" and interpret):
         raise RuntimeError(
@@ -630,9 +675,14 @@ def lens_stats_triton(
             "TRITON_INTERPRET=1 to run it in Triton's CPU interpreter)"
         )
     w_u = head.unembed
-    for name, tensor in (("hidden", hidden), ("W_U", w_u)):
+    operands = {"hidden": hidden, "W_U": w_u}
+    if request.kl_final:
+        operands["final_hidden"] = final_hidden
+    for name, tensor in operands.items():
         if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"{name} must be fp32, bf16 or fp16, got {tensor.dtype}")
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device}, hidden on {device}")
     if targets.shape[1] < 1:
         raise ValueError("targets needs at least the next-token column")
     if w_u.stride(1) != 1:
@@ -660,9 +710,12 @@ def lens_stats_triton(
             and final_hidden.stride() == hidden[-1].stride()
         )
         layout = _plan_layout(n_layers, cfg.block_m, request.kl_final, final_shared)
-        set_mask = torch.zeros(max(n_sets, 1), n_vocab, dtype=torch.int8, device=device)
+        # Multiplicities, not membership: like the torch path and the oracle, an id listed twice
+        # counts twice (the engine passes de-duplicated sets).
+        set_mask = torch.zeros(max(n_sets, 1), n_vocab, dtype=torch.float32, device=device)
         for j, (_, ids) in enumerate(request.token_sets):
-            set_mask[j, ids.to(device=device, dtype=torch.long)] = 1
+            ids = ids.to(device=device, dtype=torch.long)
+            set_mask[j].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
         slots_per_token = layout.groups * layout.lb
         tokens_per_launch = max(1, cfg.max_slots // slots_per_token) // layout.tb * layout.tb
         tokens_per_launch = max(layout.tb, tokens_per_launch)

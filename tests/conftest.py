@@ -7,18 +7,31 @@ arguments). Both are shared by the whole session: treat what they return as read
 directory before deleting files from it; never modify a loaded model's weights).
 
 A test argument named ``tiny_family`` is parametrized over every tiny-model family.
+
+``ray_cluster`` starts one local Ray instance for the session (Ray tests only; skipped without Ray).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+import os
+import shutil
 
-import pytest
+# Triton picks interpreter or compiler when a function is decorated, i.e. when triton is first
+# imported (transformers can pull it in through torch._dynamo). Without an NVIDIA GPU the kernel
+# tests run in Triton's CPU interpreter, so the switch is set here, before any import of triton.
+# (auto dispatch still picks the torch path on a CPU: the interpreter is for tests only.)
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from codelens.engine.loading import LoadedModel, load_model
-from codelens.engine.tiny_models import TINY_FAMILIES, build_tiny_model
+import tempfile  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from codelens.engine.loading import LoadedModel, load_model  # noqa: E402
+from codelens.engine.tiny_models import TINY_FAMILIES, build_tiny_model  # noqa: E402
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -63,3 +76,39 @@ def tiny_loaded_model(tiny_model_dir: Callable[..., Path]) -> Callable[..., Load
         return loaded[family, dtype]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray instance for the whole session (2 CPUs, no GPU); yields its GCS address.
+
+    Starting Ray costs several seconds, so every Ray test shares this instance: a ``RayExecutor``
+    finds Ray initialised in the process and attaches to it instead of starting its own, and a
+    ``codelens run`` subprocess joins it through ``execution.ray_address``. Token authentication is
+    switched off (``RAY_AUTH_MODE=disabled``, inherited by subprocess drivers) so that the tests
+    write no token into ``~/.ray``; the temp dir is short because Ray's Unix socket paths must fit
+    in ~107 bytes. Skipped when Ray is not installed.
+    """
+    ray = pytest.importorskip("ray")
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        object_store_memory=150 * 2**20,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,353 @@
+"""Throughput of the fused Triton lens kernel against the bf16 matmul of the same shape.
+
+The lens over ``rows = layers x tokens`` residual rows costs one ``[rows, d] x [d, V]`` product
+(``2 * rows * d * V`` FLOP) plus its epilogue; ``torch.matmul`` of that shape in bf16 (cuBLAS,
+writing the ``[rows, V]`` logits the kernel never materialises) is the bound. Every statistic is
+on: k = 10, two look-ahead columns, ``kl_final``, entropy and one token set. Target (the issue):
+>= 75 % of the matmul's throughput at d >= 3584 and >= 50 % at d = 1536 on an H100/H200.
+
+Usage (on a machine with a CUDA GPU)::
+
+    python benchmarks/bench_kernel.py             # all models, rows 8k..64k
+    python benchmarks/bench_kernel.py --check     # correctness at a production shape first
+    python benchmarks/bench_kernel.py --models qwen7b --rows 32768 --block-n 256 --num-stages 3
+
+Writes ``benchmarks/results/kernel-<device>-<UTC time>.json`` and ``.md`` (device, versions, the
+exact command, the time and one row per shape). Without a CUDA device it prints why and exits 0;
+``--compile-only`` then still compiles the main kernel for sm_90 and reports its shared memory,
+spill instructions and whether it uses wgmma (a static check that needs no GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from codelens.kernels import FinalNorm, Head, LensRequest, NormKind, lens_stats_torch
+
+# d_model, vocabulary rows and lens layers (blocks + the embedding output) of each model.
+MODELS = {
+    "gpt2": ("GPT-2", 768, 50257, 13),
+    "qwen1.5b": ("Qwen2.5-Coder-1.5B", 1536, 151936, 29),
+    "codellama7b": ("CodeLlama-7B", 4096, 32016, 33),
+    "qwen7b": ("Qwen2.5-Coder-7B", 3584, 152064, 29),
+}
+DEFAULT_ROWS = (8192, 16384, 32768, 65536)
+RESULTS = Path(__file__).resolve().parent / "results"
+K, LOOKAHEAD = 10, 2
+
+
+class _IdentityNorm(FinalNorm):
+    """For ``--check``: rows that are already normalised (and rounded) go through unchanged."""
+
+    def apply(self, h: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return h.to(dtype)
+
+
+def make_problem(d: int, V: int, n_layers: int, n_tokens: int, device: str, seed: int = 0):
+    """A bf16 RMSNorm head with bias-free ``W_U`` and residual rows whose norm grows with depth."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w = (torch.randn(V, d, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+    norm_w = (1 + 0.1 * torch.randn(d, generator=gen, device=device)).to(torch.bfloat16)
+    head = Head(FinalNorm(NormKind.RMS, norm_w, None, 1e-6), w)
+    scale = torch.linspace(0.5, 8.0, n_layers, device=device)[:, None, None]
+    hidden = (torch.randn(n_layers, n_tokens, d, generator=gen, device=device) * scale).to(
+        torch.bfloat16
+    )
+    targets = torch.randint(0, V, (n_tokens, 1 + LOOKAHEAD), generator=gen, device=device)
+    for j in range(1 + LOOKAHEAD):
+        targets[n_tokens - 1 - j :, j] = -1
+    token_set = torch.randperm(V, generator=gen, device=device)[:512]
+    request = LensRequest(k=K, entropy=True, kl_final=True, token_sets=(("set", token_set),))
+    return hidden, head, targets, request
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    ok = a.isfinite() & b.isfinite()
+    return (a[ok].double() - b[ok].double()).abs().max().item() if ok.any() else 0.0
+
+
+def check(model: str, n_tokens: int, config, device: str) -> dict:
+    """Kernel vs ``lens_stats_torch`` at a production shape; raises AssertionError on a mismatch.
+
+    Two comparisons: ``precision="fp32"`` against the torch path on the raw rows (same accuracy
+    class: tight), and the default bf16 path against the torch path fed the kernel's own rounded
+    rows through an identity norm (isolates the kernel's arithmetic from the bf16 rounding of the
+    normalised rows, which it shares with the model's own head). Plus bitwise determinism.
+    """
+    from codelens.kernels.lens_triton import lens_stats_triton, normalized_rows
+
+    name, d, V, n_layers = MODELS[model]
+    hidden, head, targets, request = make_problem(d, V, n_layers, n_tokens, device, seed=1)
+    final = hidden[-1]
+    fields = ("lse", "entropy", "kl_final", "target_logprob", "ahead_logprob", "topk_logprobs",
+              "set_logmass")
+    report: dict = {"model": name, "rows": n_layers * n_tokens}
+
+    exact = lens_stats_triton(
+        hidden, head, targets, request, final, config=config, precision="fp32"
+    )
+    ref = lens_stats_torch(hidden, head, targets, request, final)
+    report["fp32_vs_torch"] = {f: _max_err(getattr(exact, f), getattr(ref, f)) for f in fields}
+
+    fast = lens_stats_triton(hidden, head, targets, request, final, config=config)
+    xs = normalized_rows(hidden.reshape(-1, d), head).view(n_layers, n_tokens, d)
+    staged = dataclasses.replace(head, norm=_IdentityNorm(NormKind.RMS, None, None, 0.0))
+    ref_staged = lens_stats_torch(xs, staged, targets, request, xs[-1])
+    report["bf16_vs_staged_torch"] = {f: _max_err(getattr(fast, f), getattr(ref_staged, f))
+                                      for f in fields}
+    report["bf16_vs_raw_torch"] = {f: _max_err(getattr(fast, f), getattr(ref, f)) for f in fields}
+    # Ranks and top-k ids: equal to the staged reference except against entries whose logits lie
+    # within a rounding band of each other (fp32 dot products of length d in another order).
+    band = 1e-4
+    z = staged.logits(xs.float())  # [L, T, V] fp32: 1.7 GB at the default check shape
+    tgt = targets.long()
+    zt = z.gather(-1, tgt.clamp_min(0).expand(n_layers, -1, -1))  # [L, T, 1 + A]
+    n_close = torch.stack([((z - zt[..., c : c + 1]).abs() <= band).sum(-1) - 1
+                           for c in range(tgt.shape[1])], -1)
+    ranks = torch.cat([fast.target_rank[..., None], fast.ahead_rank], -1).long()
+    want = torch.cat([ref_staged.target_rank[..., None], ref_staged.ahead_rank], -1).long()
+    has = (tgt >= 0).expand_as(ranks)
+    report["rank_mismatch_fraction"] = (ranks != want)[has].float().mean().item()
+    report["rank_mismatch_outside_band"] = int(((ranks - want).abs() > n_close)[has].sum())
+    at_got = z.gather(-1, fast.topk_ids.long())
+    at_want = z.gather(-1, ref_staged.topk_ids.long())
+    id_mismatch = fast.topk_ids != ref_staged.topk_ids
+    report["topk_id_mismatch_fraction"] = id_mismatch.float().mean().item()
+    report["topk_value_gap_at_mismatch"] = (at_got - at_want).abs().max().item()
+    del z
+
+    again = lens_stats_triton(hidden, head, targets, request, final, config=config)
+    report["deterministic"] = all(
+        torch.equal(a.view(torch.int32), b.view(torch.int32)) if a.is_floating_point()
+        else torch.equal(a, b)
+        for a, b in ((getattr(fast, f.name), getattr(again, f.name))
+                     for f in dataclasses.fields(fast)) if a is not None
+    )
+    print(json.dumps(report, indent=2))
+    assert report["deterministic"], "two runs differ"
+    assert max(report["fp32_vs_torch"].values()) < 2e-3, "fp32 kernel differs from the torch path"
+    assert max(report["bf16_vs_staged_torch"].values()) < 2e-3, "bf16 kernel arithmetic is off"
+    assert report["rank_mismatch_outside_band"] == 0, "ranks differ beyond rounding ties"
+    assert report["topk_value_gap_at_mismatch"] <= band, "top-k ids differ beyond rounding ties"
+    return report
+
+
+def bench_shape(model: str, rows_target: int, config, warmup: int, rep: int, device: str) -> dict:
+    """Time the kernel and the bf16 matmul bound at one (model, rows) shape."""
+    from triton.testing import do_bench
+
+    from codelens.kernels.lens_triton import lens_stats_triton
+
+    name, d, V, n_layers = MODELS[model]
+    n_tokens = max(1, round(rows_target / n_layers))
+    rows = n_layers * n_tokens
+    flop = 2.0 * rows * d * V
+    hidden, head, targets, request = make_problem(d, V, n_layers, n_tokens, device)
+    final = hidden[-1]
+    result = {"model": name, "d": d, "V": V, "layers": n_layers, "tokens": n_tokens, "rows": rows}
+
+    def lens() -> None:
+        lens_stats_triton(hidden, head, targets, request, final, config=config)
+
+    torch.cuda.reset_peak_memory_stats()
+    ms = do_bench(lens, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    result["kernel_ms"], result["kernel_ms_p20"], result["kernel_ms_p80"] = ms
+    result["kernel_tflops"] = flop / (ms[0] * 1e-3) / 1e12
+    result["kernel_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+
+    x = hidden.reshape(rows, d)
+    w_t = head.unembed.T  # [d, V] view: cuBLAS handles the transposed operand
+    try:
+        logits = torch.empty(rows, V, dtype=torch.bfloat16, device=device)
+
+        def matmul() -> None:
+            torch.matmul(x, w_t, out=logits)
+
+        mm_ms = do_bench(matmul, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        logits = None  # free the [rows, V] logits before the next shape
+        result["matmul_ms"] = mm_ms[0]
+        result["matmul_tflops"] = flop / (mm_ms[0] * 1e-3) / 1e12
+        result["fraction_of_matmul"] = result["kernel_tflops"] / result["matmul_tflops"]
+    except torch.OutOfMemoryError:
+        result["matmul_ms"] = result["matmul_tflops"] = result["fraction_of_matmul"] = None
+    torch.cuda.empty_cache()
+    return result
+
+
+def compile_only(config) -> dict:
+    """Compile the main kernel for sm_90 (no GPU needed): shared memory, wgmma, spill counts.
+
+    Uses Triton's ahead-of-time entry point (``triton.compile`` of an ``ASTSource``) with the
+    divisibility hints the JIT would derive at run time (16-byte aligned pointers, ``d`` and the
+    strides multiples of 16), so the software pipeliner behaves as on the device.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from codelens.kernels import lens_triton as lt
+
+    fn = lt._lens_main_kernel
+    types = {
+        "x_ptr": "*bf16", "w_ptr": "*bf16", "stride_wv": "i32", "b_ptr": "*bf16",
+        "setm_ptr": "*fp32", "tgt_ptr": "*i32", "thr_ptr": "*fp32", "tau_ptr": "*fp32",
+        "pf_ptr": "*fp32", "pzt_ptr": "*fp32", "pcnt_ptr": "*i32", "pset_ptr": "*fp32",
+        "ptv_ptr": "*fp32", "pti_ptr": "*i32", "R_pad": "i32", "V": "i32", "D": "i32",
+        "n_chunks": "i32", "chunk_tiles": "i32", "n_row_blocks": "i32", "logit_scale": "fp32",
+        "softcap": "fp32",
+    }
+    constexprs = {
+        "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+        "GROUP_M": config.group_m, "KP": 16, "C": 1 + LOOKAHEAD, "CP": 4, "NS": 1, "NSP": 1,
+        "LB": 8, "HAS_BIAS": False, "HAS_SCALE": False, "HAS_SOFTCAP": False, "ENTROPY": True,
+        "KL": True, "UPCAST": False, "EVEN_K": True, "DOT_PRECISION": "tf32",
+    }
+    signature = {n: "constexpr" if n in constexprs else types[n] for n in fn.arg_names}
+    aligned = [n for n, t in types.items() if t.startswith("*")] + ["stride_wv", "D", "R_pad"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    start = time.time()
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    ptx = kernel.asm["ptx"]
+    result = {
+        "config": dataclasses.asdict(config),
+        "compile_s": round(time.time() - start, 1),
+        "shared_bytes": kernel.metadata.shared,
+        "wgmma_in_ptx": ptx.count("wgmma.mma_async"),
+        "local_memory_decls": re.findall(r"\.local \.align \d+ \.b8 \S+\[(\d+)\]", ptx),
+    }
+    try:
+        from triton.tools.disasm import get_sass
+
+        sass = get_sass(kernel.asm["cubin"])
+        result.update(hgmma=sass.count("HGMMA"), spill_stores=sass.count("STL"),
+                      spill_loads=sass.count("LDL"))
+    except Exception as exc:  # nvdisasm missing or format change: the PTX facts still stand
+        result["sass"] = f"unavailable: {exc}"
+    return result
+
+
+def _markdown(meta: dict, results: list[dict], checks: list[dict]) -> str:
+    lines = [
+        f"# Fused lens kernel vs bf16 matmul on {meta['device']}",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- time (UTC): {meta['timestamp']}",
+        f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+        f"python {meta['python']}",
+        f"- statistics: k={K}, {LOOKAHEAD} look-ahead columns, kl_final, entropy, one token set",
+        f"- kernel config: `{meta['config']}`",
+        "",
+        "| model | d | V | rows (layers x tokens) | kernel ms | kernel TFLOP/s | matmul ms "
+        "| matmul TFLOP/s | kernel / matmul | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        frac = r["fraction_of_matmul"]
+        frac = "n/a" if frac is None else f"{100 * frac:.1f} %"
+        mm_ms = "OOM" if r["matmul_ms"] is None else f"{r['matmul_ms']:.2f}"
+        mm_tf = "OOM" if r["matmul_tflops"] is None else f"{r['matmul_tflops']:.0f}"
+        lines.append(
+            f"| {r['model']} | {r['d']} | {r['V']} | {r['rows']} ({r['layers']} x {r['tokens']}) "
+            f"| {r['kernel_ms']:.2f} | {r['kernel_tflops']:.0f} | {mm_ms} | {mm_tf} | {frac} "
+            f"| {r['kernel_peak_mem_gb']:.1f} |"
+        )
+    for c in checks:
+        lines += ["", f"Check at {c['model']}, {c['rows']} rows: passed", "```",
+                  json.dumps(c, indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Triton picks interpreter or compiler at import: a benchmark of the interpreter means nothing.
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        import triton
+    except ImportError:
+        print("bench_kernel: triton is not installed (pip install 'code-llm-lens[triton]')")
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--rows", nargs="+", type=int, default=list(DEFAULT_ROWS),
+                        help="target rows (layers x tokens) per shape")
+    parser.add_argument("--check", action="store_true",
+                        help="compare with lens_stats_torch at a production shape before timing")
+    parser.add_argument("--check-tokens", type=int, default=96,
+                        help="tokens of the --check shape (all layers of Qwen2.5-Coder-7B)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile for sm_90 and report shared memory / spills (no GPU needed)")
+    parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    for field in dataclasses.fields(_config_type()):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    config_type = _config_type()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)
+                 if getattr(args, f.name) is not None}
+    config = dataclasses.replace(config_type(), **overrides)
+
+    if args.compile_only:
+        print(json.dumps(compile_only(config), indent=2))
+        return 0
+    if not torch.cuda.is_available():
+        print("bench_kernel: no CUDA device; nothing to time (try --compile-only)")
+        return 0
+
+    device = "cuda"
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "config": dataclasses.asdict(config),
+    }
+    checks = [check("qwen7b", args.check_tokens, config, device)] if args.check else []
+    results = []
+    for model in args.models:
+        for rows in args.rows:
+            r = bench_shape(model, rows, config, args.warmup, args.rep, device)
+            results.append(r)
+            frac = r["fraction_of_matmul"]
+            print(f"{r['model']:>20s} rows={r['rows']:>6d}: kernel {r['kernel_ms']:8.2f} ms "
+                  f"{r['kernel_tflops']:6.0f} TFLOP/s | matmul "
+                  f"{r['matmul_tflops'] or float('nan'):6.0f} TFLOP/s | "
+                  f"{'n/a' if frac is None else f'{100 * frac:.1f} %'}", flush=True)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
+    stem = args.out_dir / f"kernel-{slug}-{meta['timestamp'].replace(':', '')}"
+    stem.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "checks": checks, "results": results}, indent=2) + "\n"
+    )
+    stem.with_suffix(".md").write_text(_markdown(meta, results, checks))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+def _config_type():
+    """``LensTritonConfig`` (imported lazily: importing Triton is only needed past the CLI)."""
+    from codelens.kernels.lens_triton import LensTritonConfig
+
+    return LensTritonConfig
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,477 @@
+"""The fused Triton lens kernel, run in Triton's CPU interpreter, against two float64 oracles.
+
+* The **staged oracle**: ``lens_stats_naive`` on the normalised rows exactly as the kernel's MMA
+  sees them (``normalized_rows``: rounded to ``W_U``'s dtype) through an identity norm. It isolates
+  the kernel's own arithmetic (fp32 accumulation, online merges), so tolerances are tight at every
+  dtype and ranks / top-k ids must be exact away from near-ties.
+* The **model oracle**: ``lens_stats_naive`` on the raw rows. The kernel's error against it must
+  be no worse than twice the torch path's own error plus a per-dtype allowance for rounding the
+  normalised rows to bf16/fp16 (``lens_triton``'s module docstring records the measured values).
+
+Shapes are tiny and awkward on purpose: rows and vocabulary not multiples of the blocks, several
+vocabulary chunks and row blocks, k not a power of two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)", allow_module_level=True)
+
+from codelens.kernels import (
+    FinalNorm,
+    Head,
+    LensImpl,
+    LensRequest,
+    NormKind,
+    lens_stats,
+    lens_stats_naive,
+    lens_stats_torch,
+)
+from codelens.kernels.lens_triton import (
+    LensTritonConfig,
+    _plan_layout,
+    _slot_maps,
+    lens_stats_triton,
+    normalized_rows,
+)
+
+pytestmark = pytest.mark.triton
+
+FLOAT_FIELDS = (
+    "lse",
+    "entropy",
+    "kl_final",
+    "target_logprob",
+    "ahead_logprob",
+    "topk_logprobs",
+    "set_logmass",
+)
+# Max |error| of the kernel's float statistics against the staged oracle (its own arithmetic:
+# fp32 accumulation of exact products, online merges; |z| <= ~15 here; measured <= 6.7e-6).
+TIGHT_ATOL = 3e-5
+# Allowance against the model oracle, on top of 2x the torch path's own error: rounding the
+# normalised rows to the operand dtype (measured maxima over CASES: fp16 2.4e-3, bf16 2.3e-2;
+# fp32 6.7e-6, the torch path's level).
+MODEL_ATOL = {torch.float32: 1e-5, torch.float16: 6e-3, torch.bfloat16: 5e-2}
+# Small blocks and vocabulary chunks: several row blocks, chunks and raster groups at tiny shapes.
+SMALL = LensTritonConfig(block_m=16, block_n=64, block_k=32, group_m=2, vocab_chunk=128)
+
+
+class _StagedNorm(FinalNorm):
+    """Identity "norm": the oracle is fed rows that are already normalised and rounded."""
+
+    def apply(self, h: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return h.to(dtype)
+
+
+def make_head(kind: str, d: int, V: int, dtype: torch.dtype, gen: torch.Generator) -> Head:
+    """A head of one of the supported families, with planted duplicate W rows (exact ties)."""
+    w = torch.randn(V, d, generator=gen) * 0.5
+    w[V // 2] = w[3]  # same logits as id 3, in another tile / vocabulary chunk
+    w[V - 1] = w[7]  # and one in the ragged last tile
+    norm_w = (1 + 0.3 * torch.randn(d, generator=gen)).to(dtype)
+    if kind == "layernorm_bias":
+        norm_b = (0.2 * torch.randn(d, generator=gen)).to(dtype)
+        norm = FinalNorm(NormKind.LAYER, norm_w, norm_b, 1e-5)
+        return Head(norm, w.to(dtype), (0.5 * torch.randn(V, generator=gen)).to(dtype))
+    if kind == "gemma_softcap":
+        gw = (0.3 * torch.randn(d, generator=gen)).to(dtype)
+        norm = FinalNorm(NormKind.RMS, gw, None, 1e-6, weight_offset=1.0)
+        return Head(norm, w.to(dtype), softcap=5.0)
+    if kind == "granite_scale":
+        norm = FinalNorm(NormKind.RMS, norm_w, None, 1e-5)
+        bias = (0.3 * torch.randn(V, generator=gen)).to(dtype)
+        return Head(norm, w.to(dtype), bias, logit_scale=0.4)
+    if kind == "padded_vocab":
+        # Trailing all-zero rows, as in heads padded to a multiple of 64: exact ties at logit 0.
+        w[V - 20 :] = 0.0
+        return Head(FinalNorm(NormKind.RMS, norm_w, None, 1e-6), w.to(dtype))
+    raise ValueError(kind)
+
+
+def make_inputs(L: int, T: int, d: int, V: int, A: int, dtype: torch.dtype, gen: torch.Generator):
+    """Residual rows ``[L, T, d]``, norm growing with depth, and targets ``[T, 1 + A]``."""
+    scale = torch.linspace(1.0, 4.0, L)[:, None, None]
+    hidden = (torch.randn(L, T, d, generator=gen) * scale + 0.5).to(dtype)
+    targets = torch.randint(0, V - 20, (T, 1 + A), generator=gen)  # never a padding row
+    targets[-1] = -1  # the last token has no next token
+    for j in range(1, A + 1):
+        targets[T - 1 - j :, j] = -1  # look-ahead columns run out earlier
+    targets[0, 0] = V // 2  # a target with an exact twin (id 3)
+    return hidden, targets
+
+
+def token_sets(V: int) -> tuple[tuple[str, torch.Tensor], ...]:
+    return (
+        ("python", torch.tensor([1, 4, 9, 9, V // 2, V - 1])),  # 9 listed twice counts twice
+        ("empty", torch.tensor([], dtype=torch.long)),
+        ("one", torch.tensor([3])),
+    )
+
+
+def staged_oracle(hidden, head, targets, request, final_hidden, precision="model"):
+    """``lens_stats_naive`` on the kernel's own normalised, rounded rows."""
+    L, T, d = hidden.shape
+    xs = normalized_rows(hidden.reshape(L * T, d), head, precision).view(L, T, d)
+    xf = None if final_hidden is None else normalized_rows(final_hidden, head, precision)
+    staged = dataclasses.replace(head, norm=_StagedNorm(NormKind.RMS, None, None, 0.0))
+    return lens_stats_naive(xs, staged, targets, request, xf), xs, staged
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    ok = a.isfinite() & b.isfinite()
+    return (a[ok].double() - b[ok].double()).abs().max().item() if ok.any() else 0.0
+
+
+def same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Bitwise equality (NaN payloads included); both None counts as equal."""
+    if a is None or b is None:
+        return a is None and b is None
+    if a.is_floating_point():
+        a, b = a.contiguous().view(torch.int32), b.contiguous().view(torch.int32)
+    return torch.equal(a, b)
+
+
+def assert_same_nonfinite(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN positions differ"
+    assert torch.equal(a.isneginf(), b.isneginf()), f"{name}: -inf positions differ"
+
+
+def assert_tight(got, want, xs, staged_head, targets, finite, atol=TIGHT_ATOL):
+    """Float statistics within ``atol``; ranks and top-k ids exact away from near-ties."""
+    for name in FLOAT_FIELDS:
+        a, b = getattr(got, name), getattr(want, name)
+        if a is None or b is None:
+            assert a is None and b is None, name
+            continue
+        a, b = a[finite], b[finite]
+        assert_same_nonfinite(a, b, name)
+        err = max_err(a, b)
+        assert err <= atol, f"{name}: max error {err:.3g} > {atol:.3g} against the staged oracle"
+
+    z = staged_head.logits(xs.double(), torch.float64)  # [L, T, V]
+    zt = z.gather(-1, targets.clamp_min(0).expand(z.shape[0], -1, -1))  # [L, T, C]
+    # Another logit within a rounding step of the target's, exact ties included: the rank
+    # threshold is the target's logit from the pre-pass dot, which may differ from the tile's by
+    # a rounding step (the torch path's semantics, see lens_torch).
+    close = (z[..., None, :] - zt[..., None]).abs() <= 1e-5 * (1 + zt.abs()[..., None])
+    near_tie = (close.sum(-1) > 1) & (targets >= 0)
+    ranks = torch.cat([got.target_rank[..., None], got.ahead_rank], -1)
+    want_ranks = torch.cat([want.target_rank[..., None], want.ahead_rank], -1)
+    keep = ~near_tie & finite[..., None]
+    assert torch.equal(ranks[keep], want_ranks[keep]), "ranks differ away from near-ties"
+    assert keep.sum() >= 0.6 * finite[..., None].expand_as(keep).sum(), "rank check is vacuous"
+
+    ids, want_ids = got.topk_ids.long(), want.topk_ids.long()
+    logp = torch.log_softmax(z, -1)
+    at_got = logp.gather(-1, ids.clamp_min(0))[finite]
+    at_want = logp.gather(-1, want_ids)[finite]
+    # The returned ids carry the oracle's k largest log-probs, in order; ids may differ only
+    # between entries whose logits are within rounding of each other.
+    assert (at_got - at_want).abs().max() <= atol
+    differ = ids[finite] != want_ids[finite]
+    assert ((at_got - at_want).abs()[differ] <= 1e-5 * (1 + at_want.abs()[differ])).all()
+    assert differ.float().mean() <= 0.02, "too many top-k id mismatches"
+    sorted_ids = ids[finite].sort(-1).values
+    assert (sorted_ids[..., 1:] != sorted_ids[..., :-1]).all(), "duplicate top-k ids"
+
+
+def assert_model_accuracy(got, hidden, head, targets, request, final_hidden, atol):
+    """Kernel error vs the model oracle <= 2x the torch path's error + ``atol``; returns errors."""
+    want = lens_stats_naive(hidden, head, targets, request, final_hidden)
+    ref = lens_stats_torch(hidden, head, targets, request, final_hidden)
+    finite = want.finite
+    assert torch.equal(got.finite, finite)
+    errors = {}
+    for name in FLOAT_FIELDS:
+        a, b, c = getattr(got, name), getattr(want, name), getattr(ref, name)
+        if a is None:
+            assert b is None
+            continue
+        a, b, c = a[finite], b[finite], c[finite]
+        assert_same_nonfinite(a, b, name)
+        err, err_torch = max_err(a, b), max_err(c, b)
+        errors[name] = (err, err_torch)
+        assert err <= 2 * err_torch + atol, f"{name}: {err:.3g} (torch {err_torch:.3g}) > bound"
+    return errors
+
+
+CASES = [
+    # kind, dtype, L, T, d, V, k, A, config
+    ("layernorm_bias", torch.float32, 3, 11, 48, 301, 5, 2, None),
+    ("gemma_softcap", torch.float32, 4, 7, 40, 517, 4, 1, SMALL),
+    ("granite_scale", torch.float16, 3, 9, 48, 301, 1, 2, None),
+    ("padded_vocab", torch.float16, 2, 13, 24, 200, 5, 0, SMALL),
+    ("layernorm_bias", torch.bfloat16, 3, 10, 48, 301, 8, 2, SMALL),
+    ("gemma_softcap", torch.bfloat16, 4, 6, 32, 389, 5, 1, None),
+]
+
+
+@pytest.mark.parametrize(
+    "kind,dtype,L,T,d,V,k,A,config", CASES, ids=[f"{c[0]}-{str(c[1])[6:]}" for c in CASES]
+)
+def test_matches_float64_oracles(kind, dtype, L, T, d, V, k, A, config):
+    gen = torch.Generator().manual_seed(CASES.index((kind, dtype, L, T, d, V, k, A, config)))
+    head = make_head(kind, d, V, dtype, gen)
+    hidden, targets = make_inputs(L, T, d, V, A, dtype, gen)
+    request = LensRequest(k=k, token_sets=token_sets(V))
+    got = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=config)
+
+    want, xs, staged_head = staged_oracle(hidden, head, targets, request, hidden[-1])
+    assert_tight(got, want, xs, staged_head, targets, got.finite)
+    assert_model_accuracy(got, hidden, head, targets, request, hidden[-1], MODEL_ATOL[dtype])
+    assert got.kl_final[-1].abs().max() == 0.0  # the final layer is its own reference
+    assert torch.isneginf(got.set_logmass[..., 1]).all()  # the empty set
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_staged_rows_round_to_nearest_like_torch(dtype):
+    gen = torch.Generator().manual_seed(10)
+    head = make_head("layernorm_bias", 96, 64, dtype, gen)
+    rows = torch.randn(200, 96, generator=gen) * 3
+    got = normalized_rows(rows, head)
+    want = head.norm.apply(rows).to(dtype)  # fp32 norm, then round-to-nearest-even
+    assert got.dtype == dtype
+    # The fp32 norm's summation order may move a value across a rounding boundary, rarely;
+    # truncation instead of rounding would change about half of them.
+    differ = got != want
+    assert differ.float().mean() < 0.01
+    ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(1.0)
+    assert ((got.float() - want.float()).abs()[differ] <= ulp[differ]).all()
+
+
+def test_fp32_precision_mode_reaches_torch_accuracy():
+    gen = torch.Generator().manual_seed(5)
+    head = make_head("layernorm_bias", 48, 301, torch.bfloat16, gen)
+    hidden, targets = make_inputs(3, 9, 48, 301, 2, torch.bfloat16, gen)
+    request = LensRequest(k=5, token_sets=token_sets(301))
+    got = lens_stats_triton(hidden, head, targets, request, hidden[-1], precision="fp32")
+    errors = assert_model_accuracy(got, hidden, head, targets, request, hidden[-1], 1e-5)
+    assert max(err for err, _ in errors.values()) < 1e-4
+
+
+def test_exact_ties_go_to_the_smaller_id_across_chunks():
+    gen = torch.Generator().manual_seed(1)
+    L, T, d, V = 2, 5, 40, 700
+    w = torch.randn(V, d, generator=gen) * 0.3
+    u = torch.randn(d, generator=gen)
+    # A five-way tie for the top: three in the first tile (64 columns), two in later vocabulary
+    # chunks (128 columns each).
+    w[[650, 11, 300, 40, 12]] = u
+    w[[100, 600]] = w[5].clone()
+    head = Head(FinalNorm(NormKind.RMS, None, None, 1e-6), w)
+    hidden = u + 0.3 * torch.randn(L, T, d, generator=gen)
+    targets = torch.full((T, 1), 300)
+    request = LensRequest(k=6, kl_final=False, entropy=False)
+    got = lens_stats_triton(hidden, head, targets, request, config=SMALL)
+    want = lens_stats_naive(hidden, head, targets, request)
+
+    assert (got.topk_ids[..., :5] == torch.tensor([11, 12, 40, 300, 650], dtype=torch.int32)).all()
+    assert torch.equal(got.topk_ids, want.topk_ids)
+    # The four exact twins of the target are not strictly greater; the rank threshold (the
+    # pre-pass dot) may differ from the tiles' logits by a rounding step, so up to 4.
+    assert ((got.target_rank >= 0) & (got.target_rank <= 4)).all()
+    torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs, atol=1e-5, rtol=0)
+    # k = 2: three tied candidates compete for two slots inside one tile.
+    top2 = lens_stats_triton(hidden, head, targets, LensRequest(k=2, kl_final=False), config=SMALL)
+    assert (top2.topk_ids == torch.tensor([11, 12], dtype=torch.int32)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_non_finite_rows_are_flagged(dtype):
+    gen = torch.Generator().manual_seed(2)
+    head = make_head("granite_scale", 32, 257, dtype, gen)
+    hidden, targets = make_inputs(3, 8, 32, 257, 1, dtype, gen)
+    hidden[0, 2, 5] = torch.inf
+    hidden[1, 6, 0] = torch.nan
+    request = LensRequest(k=3, token_sets=token_sets(257))
+    got = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=SMALL)
+
+    bad = torch.zeros(3, 8, dtype=torch.bool)
+    bad[0, 2] = bad[1, 6] = True
+    assert torch.equal(got.finite, ~bad)
+    for name in ("lse", "entropy", "kl_final", "target_logprob"):
+        assert getattr(got, name)[bad].isnan().all(), name
+    for name in ("ahead_logprob", "topk_logprobs", "set_logmass"):
+        assert getattr(got, name)[bad].isnan().all(), name
+    assert (got.target_rank[bad] == -1).all() and (got.ahead_rank[bad] == -1).all()
+    assert (got.topk_ids[bad] == -1).all()
+    ref = lens_stats_torch(hidden, head, targets, request, hidden[-1])
+    good = ~bad
+    for name in ("lse", "kl_final", "entropy"):
+        a, b = getattr(got, name)[good], getattr(ref, name)[good]
+        torch.testing.assert_close(a, b, atol=MODEL_ATOL[dtype], rtol=0, msg=name)
+
+
+def test_final_hidden_shared_or_separate():
+    gen = torch.Generator().manual_seed(3)
+    head = make_head("layernorm_bias", 48, 301, torch.float32, gen)
+    hidden, targets = make_inputs(3, 9, 48, 301, 1, torch.float32, gen)
+    final = torch.randn(9, 48, generator=gen) * 3  # a final layer that is not among the lens rows
+    request = LensRequest(k=4)
+
+    shared = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=SMALL)
+    copied = lens_stats_triton(hidden, head, targets, request, hidden[-1].clone(), config=SMALL)
+    other = lens_stats_triton(hidden, head, targets, request, final, config=SMALL)
+
+    assert (shared.kl_final[-1] == 0).all()
+    assert copied.kl_final[-1].abs().max() < 1e-5  # same values, recomputed as a separate row
+    # Other row-block compositions: equal up to the summation order of the interpreter's matmul.
+    for name in ("lse", "entropy", "target_logprob", "topk_logprobs", "kl_final"):
+        a, b = getattr(shared, name), getattr(copied, name)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0, equal_nan=True, msg=name)
+    assert torch.equal(shared.topk_ids, copied.topk_ids)
+    want, xs, staged_head = staged_oracle(hidden, head, targets, request, final)
+    assert_tight(other, want, xs, staged_head, targets, other.finite)
+    assert (other.kl_final[-1] > 0.1).all()
+
+
+def test_final_layer_only():
+    gen = torch.Generator().manual_seed(4)
+    head = make_head("gemma_softcap", 32, 200, torch.float32, gen)
+    hidden, targets = make_inputs(1, 6, 32, 200, 1, torch.float32, gen)
+    request = LensRequest(k=2, token_sets=token_sets(200))
+    got = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=SMALL)
+    want, xs, staged_head = staged_oracle(hidden, head, targets, request, hidden[-1])
+    assert_tight(got, want, xs, staged_head, targets, got.finite)
+    assert (got.kl_final == 0).all()
+
+
+def test_statistics_switched_off_and_several_launches():
+    gen = torch.Generator().manual_seed(6)
+    head = make_head("layernorm_bias", 24, 150, torch.float16, gen)
+    hidden, targets = make_inputs(3, 21, 24, 150, 1, torch.float16, gen)
+    request = LensRequest(k=3, entropy=False, kl_final=False)
+    one = lens_stats_triton(hidden, head, targets, request, config=SMALL)
+    # 16-slot launches: one token block of one layer per launch.
+    many = lens_stats_triton(hidden, head, targets, request,
+                             config=dataclasses.replace(SMALL, max_slots=16))
+
+    assert one.entropy is None and one.kl_final is None
+    assert one.set_logmass.shape == (3, 21, 0)
+    # Same row blocks and vocabulary chunks, split over launches: the same arithmetic.
+    for field in dataclasses.fields(one):
+        assert same_bits(getattr(one, field.name), getattr(many, field.name)), field.name
+    want, xs, staged_head = staged_oracle(hidden, head, targets, request, None)
+    assert_tight(one, want, xs, staged_head, targets, one.finite)
+
+
+def test_bitwise_deterministic():
+    gen = torch.Generator().manual_seed(7)
+    head = make_head("gemma_softcap", 40, 517, torch.bfloat16, gen)
+    hidden, targets = make_inputs(4, 7, 40, 517, 2, torch.bfloat16, gen)
+    request = LensRequest(k=5, token_sets=token_sets(517))
+    first = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=SMALL)
+    second = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=SMALL)
+    for field in dataclasses.fields(first):
+        assert same_bits(getattr(first, field.name), getattr(second, field.name)), field.name
+
+
+def test_dispatch_runs_the_kernel_under_the_interpreter():
+    gen = torch.Generator().manual_seed(8)
+    head = make_head("granite_scale", 32, 200, torch.float32, gen)
+    hidden, targets = make_inputs(2, 5, 32, 200, 0, torch.float32, gen)
+    request = LensRequest(k=2)
+    got, impl = lens_stats(hidden, head, targets, request, hidden[-1], impl="triton")
+    assert impl is LensImpl.TRITON
+    direct = lens_stats_triton(hidden, head, targets, request, hidden[-1])
+    assert torch.equal(got.lse, direct.lse) and torch.equal(got.topk_ids, direct.topk_ids)
+
+
+@pytest.mark.parametrize(
+    "n_layers,shared,slots_per_token",
+    [(29, True, 32), (13, True, 16), (33, True, 40), (4, False, 8), (1, True, 1), (5, None, 5)],
+)
+def test_slot_layout_covers_every_row_once(n_layers, shared, slots_per_token):
+    kl = shared is not None
+    layout = _plan_layout(n_layers, 128, kl, bool(shared))
+    assert layout.groups * layout.lb == slots_per_token
+    T, t0 = 70, 3
+    layer, token, kind, out_slot, final_slot = _slot_maps(layout, n_layers, t0, t0 + T, 128, "cpu")
+    assert kind.shape[0] % 128 == 0
+    flat = out_slot.flatten()
+    assert flat.unique().numel() == flat.numel()  # one slot per output row
+    tokens = torch.arange(t0, t0 + T).expand(n_layers, T)
+    assert torch.equal(token[out_slot], tokens)
+    if not (kl and shared):
+        assert torch.equal(layer[out_slot], torch.arange(n_layers)[:, None].expand(-1, T))
+        assert (kind[out_slot] == 1).all()
+    if kl:
+        # Every output row's reference is its own token's final-layer row.
+        assert torch.equal(token[final_slot], tokens)
+        want_kind = 1 if shared else 2
+        assert (kind[final_slot] == want_kind).all()
+        if shared:
+            assert (layer[final_slot] == n_layers - 1).all()
+
+
+def test_rejects_bad_arguments():
+    gen = torch.Generator().manual_seed(9)
+    head = make_head("layernorm_bias", 16, 64, torch.float32, gen)
+    hidden, targets = make_inputs(2, 3, 16, 64, 0, torch.float32, gen)
+    request = LensRequest(k=2, kl_final=False)
+    with pytest.raises(ValueError, match="precision"):
+        lens_stats_triton(hidden, head, targets, request, precision="tf32")
+    with pytest.raises(ValueError, match="power of two"):
+        LensTritonConfig(block_m=24)
+    with pytest.raises(ValueError, match="targets"):
+        lens_stats_triton(hidden, head, targets[:2], request)
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        lens_stats_triton(hidden.double(), head, targets, request)
+    with pytest.raises(ValueError, match="rows must be"):
+        normalized_rows(hidden, head)
+
+
+def test_codelens_run_with_impl_triton_matches_the_torch_run(tiny_model_dir, tmp_path):
+    """End to end through the CLI: the same job with impl triton and impl torch."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    import yaml
+    from typer.testing import CliRunner
+
+    from codelens.workers.cli import app
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("def f(x):\n    return x * 2\n\nprint(f(21))\n")
+    runs = {}
+    for impl in ("torch", "triton"):
+        job = tmp_path / f"{impl}.yaml"
+        job.write_text(
+            yaml.safe_dump(
+                {
+                    "model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
+                    "corpus": {"paths": [str(src / "*.py")]},
+                    "tokens": {"window": 64, "overlap": 8},
+                    "lens": {"k": 4, "impl": impl, "token_sets": {"kw": ["def", "return"]}},
+                    "output": {"dir": str(tmp_path / impl)},
+                    "execution": {"batch_tokens": 64},
+                }
+            )
+        )
+        result = CliRunner().invoke(app, ["run", str(job)])
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / impl / "job.json").read_text())["resolved"]["impl"] == impl
+        key = [("layer", "ascending"), ("doc", "ascending"), ("pos", "ascending")]
+        runs[impl] = pq.read_table(tmp_path / impl / "lens").sort_by(key)
+    a, b = runs["torch"], runs["triton"]
+    assert a.schema == b.schema and a.num_rows == b.num_rows > 0
+    for name in a.column_names:
+        x = a.column(name).to_numpy(zero_copy_only=False)
+        y = b.column(name).to_numpy(zero_copy_only=False)
+        if x.dtype == object:
+            x, y = np.stack(x), np.stack(y)
+        if x.dtype.kind == "f":
+            assert np.array_equal(np.isnan(x), np.isnan(y)), name
+            assert np.nanmax(np.abs(x - y)) < 1e-4, name  # fp32 model: both at fp32 accuracy
+        else:
+            assert np.array_equal(x, y), name

@@ -106,3 +106,16 @@ def test_demo_runs_the_main_job(tmp_path):
     summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
     assert summary["tokens"] > 1000 and len(summary["layers"]) == 5
     assert (tmp_path / "demo" / "job.yaml").exists() and (tmp_path / "demo" / "model" / "model.safetensors").exists()
+
+
+def test_bench_reports_lens_forward_and_bound(tiny_model_dir):
+    result = runner.invoke(app, ["bench", "--model", str(tiny_model_dir("gpt2")), "--tokens", "96", "--seq-len", "48"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for piece in ("forward (capture)", "lens (all statistics)", "matmul bound", "[rows, d] x [d, V]", "lens / forward ="):
+        assert piece in text
+
+
+def test_bench_bad_model_dir(tmp_path):
+    result = runner.invoke(app, ["bench", "--model", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "does not exist" in result.output

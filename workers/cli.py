@@ -142,6 +142,112 @@ def demo(
     out.print(table)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (holds summary.json).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write index.html and figures [RUN_DIR/report].")
+    ] = None,
+) -> None:
+    """Write an HTML report (figures and tables) of a finished run to RUN_DIR/report/."""
+    from codelens.engine.report import build_report
+
+    try:
+        index = build_report(run_dir, out)
+    except CodelensError as e:
+        _fail(e)
+    err.print(f"report: {index}", highlight=False)
+
+
+@app.command()
+def plot(
+    model: Annotated[Path, typer.Option(help="Local model directory (as model.path in a job).")],
+    out: Annotated[Path, typer.Option(help="Output file: .png (a figure) or .html (a table).")],
+    text: Annotated[str | None, typer.Option(help="The text to look at.")] = None,
+    file: Annotated[Path | None, typer.Option(help="Read the text from this file.")] = None,
+    lines: Annotated[
+        str | None, typer.Option(help="With --file: only lines A-B (1-based, inclusive).")
+    ] = None,
+    metric: Annotated[
+        str, typer.Option(help="Cell colour: logprob | rank | kl | entropy (of the true next token).")
+    ] = "logprob",
+    bos: Annotated[bool, typer.Option(help="Prepend the BOS token, as jobs do by default.")] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+) -> None:
+    """Per-prompt logit-lens grid: layers x positions, each cell the layer's top-1 next token."""
+    from codelens.engine.loading import load_model
+    from codelens.engine.plotting import METRICS, PlotError, compute_grid, read_lines
+
+    try:
+        if (text is None) == (file is None):
+            raise PlotError("give exactly one of --text STR or --file PATH")
+        if lines is not None and file is None:
+            raise PlotError("--lines needs --file")
+        if metric not in METRICS:
+            raise PlotError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+        kind = out.suffix.lower()
+        if kind not in (".png", ".html"):
+            raise PlotError(f"--out {out}: the file name must end in .png or .html")
+        first_line = 1
+        if file is not None:
+            text, first_line = read_lines(file, lines)
+        assert text is not None
+        loaded = load_model(model, dtype=dtype, device=device)
+        grid = compute_grid(loaded, text, add_bos=bos, first_line=first_line)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if kind == ".png":
+            from codelens.engine.plotting import render_png
+
+            render_png(grid, metric, out)
+        else:
+            from codelens.engine.plotting import render_html
+
+            render_html(grid, metric, out)
+    except CodelensError as e:
+        _fail(e)
+    err.print(f"plot: {out} ({len(grid.token_ids)} tokens x {len(grid.layers)} layers)", highlight=False)
+
+
+@app.command()
+def bench(
+    model: Annotated[Path, typer.Option("--model", help="Local model directory.")],
+    tokens: Annotated[int, typer.Option(help="Tokens to time (random ids).")] = 512,
+    seq_len: Annotated[int, typer.Option(help="Tokens per forward pass.")] = 512,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+) -> None:
+    """What the lens costs per token on your model and device: lens vs forward vs the matmul bound."""
+    from codelens.engine.loading import load_model
+    from codelens.workers.bench import bench_tokens, run_codelens, run_matmul
+
+    try:
+        loaded = load_model(model, dtype=dtype, device=device)
+    except CodelensError as e:
+        _fail(e)
+    ids = bench_tokens(loaded.parts.head.vocab_size, tokens)
+    sequences = [ids[i : i + seq_len] for i in range(0, tokens, seq_len)]
+    run_codelens(loaded, sequences[0][:32])  # warm-up, discarded
+    runs = [run_codelens(loaded, s) for s in sequences]
+    bound = run_matmul(loaded, ids)
+    forward_s = sum(r.forward_s for r in runs)
+    lens_s = sum(r.lens_s for r in runs)
+    n_layers = len(loaded.parts.blocks) + 1
+    table = Table(title=f"lens cost: {loaded.family}, {tokens} tokens x {n_layers} layers, {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}")
+    table.add_column("stage")
+    for col in ("seconds", "per token", "tokens/s"):
+        table.add_column(col, justify="right")
+    for name, secs in (("forward (capture)", forward_s), ("lens (all statistics)", lens_s), ("matmul bound", bound.lens_s)):
+        table.add_row(name, f"{secs:.3f}", f"{1e6 * secs / tokens:,.1f} us", f"{tokens / secs:,.0f}")
+    out.print(table)
+    out.print(
+        f"lens / forward = {lens_s / forward_s:.2f}; the lens runs at {bound.lens_s / lens_s:.0%} of the "
+        f"bare [rows, d] x [d, V] matmul speed; lens working memory {max(r.peak_mem_bytes for r in runs) / 2**20:,.0f} MiB",
+        highlight=False,
+        markup=False,
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

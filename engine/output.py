@@ -32,6 +32,10 @@ from codelens.engine.errors import RunDirError
 
 PART_PATTERN = "part-{:06d}.parquet"
 
+CATEGORY_TYPE = pa.dictionary(pa.int8(), pa.string())
+"""Type of the ``category`` column: every part file uses the same dictionary, ``syntax.CATEGORIES``
+in order, so a category's int8 index is the same in every file."""
+
 
 def lens_schema(
     k: int,
@@ -49,6 +53,12 @@ def lens_schema(
         pa.field("layer", pa.int16(), nullable=False),
         pa.field("token_id", pa.int32(), nullable=False),
         pa.field("target_id", pa.int32(), nullable=False),
+        # Where the token is in its source (codelens.engine.syntax); null only for windows planned
+        # without spans (hand-made WindowTasks).
+        pa.field("line", pa.int32()),
+        pa.field("byte_start", pa.int32()),
+        pa.field("byte_end", pa.int32()),
+        pa.field("category", CATEGORY_TYPE),
         pa.field("lse", pa.float32()),
     ]
     if entropy:

@@ -19,7 +19,14 @@ from codelens.engine.corpus import read_corpus
 from codelens.engine.output import DOCS_SCHEMA
 from codelens.engine.runner import WindowTask
 from codelens.engine.schemas import JobSpec
-from codelens.engine.windows import Shard, make_windows, plan_shards, target_columns, tokenize_documents
+from codelens.engine.syntax import tokenize_with_spans
+from codelens.engine.windows import (
+    Shard,
+    make_windows,
+    plan_shards,
+    target_columns,
+    tokenize_documents,
+)
 
 
 @dataclass(frozen=True)
@@ -60,11 +67,22 @@ def _documents(spec: JobSpec):
     )
 
 
-def _window_tasks(spec: JobSpec, tokenizer: Any, docs_sink: list | None) -> Iterator[WindowTask]:
-    """Windows with their targets, in corpus order; records each document in ``docs_sink``."""
+def _window_tasks(
+    spec: JobSpec, tokenizer: Any, docs_sink: list | None, *, annotate: bool = True
+) -> Iterator[WindowTask]:
+    """Windows with their targets, in corpus order; records each document in ``docs_sink``.
+
+    With ``annotate`` each window also carries its emitted tokens' byte spans, lines and syntax
+    categories (``codelens.engine.syntax``), from the same single tokenizer pass as the ids. The
+    counting pass (``plan_corpus``) needs only the ids and skips that work (and the lexer).
+    """
     bos_id = _bos_id(spec, tokenizer)
     offsets = spec.lens.lookahead
-    for document, ids in tokenize_documents(_documents(spec), tokenizer):
+    if annotate:
+        tokenized = tokenize_with_spans(_documents(spec), tokenizer)
+    else:
+        tokenized = ((d, ids, None) for d, ids in tokenize_documents(_documents(spec), tokenizer))
+    for document, ids, spans in tokenized:
         status = document.status
         if document.ok and not ids:
             status = "empty"  # text that tokenizes to nothing (e.g. only a BOM)
@@ -77,7 +95,14 @@ def _window_tasks(spec: JobSpec, tokenizer: Any, docs_sink: list | None) -> Iter
         ):
             # [1 + A, n_emit] -> [n_emit, 1 + A]; one list per offset is far faster than per row.
             columns = np.asarray(target_columns(ids, w.first_pos, w.n_emit, offsets), dtype=np.int32)
-            yield WindowTask(w.doc, tuple(w.input_ids), w.first_pos, np.ascontiguousarray(columns.T))
+            yield WindowTask(
+                w.doc,
+                tuple(w.input_ids),
+                w.first_pos,
+                np.ascontiguousarray(columns.T),
+                language=document.language,
+                spans=None if spans is None else spans.slice(w.first_pos, w.first_pos + w.n_emit),
+            )
 
 
 def iter_shards(spec: JobSpec, tokenizer: Any) -> Iterator[Shard]:
@@ -89,7 +114,10 @@ def plan_corpus(spec: JobSpec, tokenizer: Any) -> CorpusPlan:
     """Counting pass: docs.parquet content and tokens per shard (windows are not kept)."""
     docs: list[tuple] = []
     shard_tokens = tuple(
-        s.n_tokens for s in plan_shards(_window_tasks(spec, tokenizer, docs), spec.output.shard_tokens)
+        s.n_tokens
+        for s in plan_shards(
+            _window_tasks(spec, tokenizer, docs, annotate=False), spec.output.shard_tokens
+        )
     )
     columns = list(zip(*docs)) if docs else [[] for _ in DOCS_SCHEMA]
     table = pa.Table.from_arrays(

@@ -9,6 +9,12 @@ Per batch of windows (right-padded to the longest, at most ``batch_tokens`` ids)
         --keep the emitted positions--> hidden [n_captured, T, d]
         --lens_stats--> per-row statistics --> rows for the selected layers
 
+Each row also carries where its token is in the source (``line``, ``byte_start``, ``byte_end``,
+syntax ``category``): planned with the window (``WindowTask.spans``, ``codelens.engine.syntax``), so
+a worker never re-tokenizes or re-lexes. The shard's partial aggregates (``codelens.engine.summary``)
+are grouped by those categories and by the documents' languages, and hold each token's convergence
+layer, computed here across the captured layers.
+
 The final layer L is always captured (it is the reference for ``kl_final`` and for the top-1
 agreement aggregate) even when ``lens.layers`` leaves it out of the written rows.
 """
@@ -27,7 +33,15 @@ from codelens.engine.capture import ResidualCapture
 from codelens.engine.errors import SpecError
 from codelens.engine.output import lens_schema
 from codelens.engine.schemas import JobSpec
-from codelens.engine.summary import layer_partial
+from codelens.engine.summary import (
+    CONVERGENCE_KEY,
+    UNKNOWN_LANGUAGE,
+    GroupIds,
+    convergence_layers,
+    convergence_partial,
+    layer_partials,
+)
+from codelens.engine.syntax import CATEGORIES, TokenSpans
 from codelens.engine.windows import Shard
 from codelens.kernels import LensImpl, LensRequest, LensStats, lens_stats, resolve_impl
 
@@ -41,12 +55,17 @@ class WindowTask:
         input_ids: what the model sees (BOS, carried context, new tokens).
         first_pos: document position of the first emitted token.
         targets: ``[n_emit, 1 + A]`` int32: next token, then the look-ahead tokens; -1 past the end.
+        language: the document's language (``Document.language``), or None.
+        spans: byte spans, lines and syntax categories of the emitted tokens (planned with the
+            window); None leaves the ``line``/``byte_*``/``category`` columns null.
     """
 
     doc: int
     input_ids: tuple[int, ...]
     first_pos: int
     targets: np.ndarray
+    language: str | None = None
+    spans: TokenSpans | None = None
 
     @property
     def n_emit(self) -> int:
@@ -176,7 +195,12 @@ class LensRunner:
     # -- shards ---------------------------------------------------------------------------------
 
     def run_shard(self, task: Shard) -> tuple[pa.Table, dict[str, dict]]:
-        """Rows (layer-major, then document order) and per-layer partial aggregates of a shard."""
+        """Rows (layer-major, then document order) and partial aggregates of a shard.
+
+        Returns:
+            The rows, and the partials of ``codelens.engine.summary``: one per written layer
+            (overall, by syntax category, by language) and the convergence-layer histograms.
+        """
         columns: dict[str, list[np.ndarray]] = {}
         partial_inputs: list[tuple[LensStats, Tensor, Tensor]] = []
         for batch in self.batches(task.windows):
@@ -190,7 +214,29 @@ class LensRunner:
             self._append_columns(columns, batch, stats, tokens, targets)
             partial_inputs.append((stats, targets, tokens))
         table = self._to_table(columns)
-        return table, self._partials(partial_inputs)
+        # Batches are runs of consecutive windows, so the shard's token order is window order.
+        return table, self._partials(partial_inputs, self._groups(task.windows))
+
+    @staticmethod
+    def _groups(windows: Sequence[WindowTask]) -> GroupIds:
+        """Each emitted token's syntax category and language, as group ids for the partials."""
+        category = np.concatenate(
+            [
+                np.full(w.n_emit, -1, np.int8) if w.spans is None else w.spans.category
+                for w in windows
+            ]
+            or [np.zeros(0, np.int8)]
+        )
+        languages = sorted({w.language or UNKNOWN_LANGUAGE for w in windows})
+        index = {name: i for i, name in enumerate(languages)}
+        language = np.concatenate(
+            [np.full(w.n_emit, index[w.language or UNKNOWN_LANGUAGE], np.int64) for w in windows]
+            or [np.zeros(0, np.int64)]
+        )
+        return {
+            "category": (torch.from_numpy(category.astype(np.int64)), CATEGORIES),
+            "language": (torch.from_numpy(language), languages),
+        }
 
     def _token_ids(self, batch: Sequence[WindowTask]) -> Tensor:
         return torch.tensor([i for w in batch for i in w.input_ids[len(w.input_ids) - w.n_emit :]])
@@ -218,6 +264,16 @@ class LensRunner:
         add("layer", np.broadcast_to(np.array(self.layers, np.int16)[:, None], (n_sel, n_tok)))
         add("token_id", np.broadcast_to(tokens.numpy().astype(np.int32), (n_sel, n_tok)))
         add("target_id", np.broadcast_to(targets[:, 0].numpy().astype(np.int32), (n_sel, n_tok)))
+        # -1 marks a token planned without spans; _to_table turns it into a null.
+        for name in ("line", "byte_start", "byte_end", "category"):
+            dtype = np.int8 if name == "category" else np.int32
+            value = np.concatenate(
+                [
+                    np.full(w.n_emit, -1, dtype) if w.spans is None else getattr(w.spans, name)
+                    for w in batch
+                ]
+            )
+            add(name, np.broadcast_to(value.astype(dtype), (n_sel, n_tok)))
         add("lse", stats.lse[slots].numpy())
         if stats.entropy is not None:
             add("entropy", stats.entropy[slots].numpy())
@@ -240,7 +296,15 @@ class LensRunner:
         for field in self.schema:
             # [n_layers, T_total, ...] -> rows ordered by layer, then document order
             data = np.concatenate(columns[field.name], axis=1) if columns else np.empty((0, 0))
-            if pa.types.is_fixed_size_list(field.type):
+            if pa.types.is_dictionary(field.type):
+                codes = np.ascontiguousarray(data).reshape(-1)
+                indices = pa.array(codes, type=field.type.index_type, mask=codes < 0)
+                names = pa.array(CATEGORIES, pa.string())
+                arrays.append(pa.DictionaryArray.from_arrays(indices, names))
+            elif field.name in ("line", "byte_start", "byte_end"):
+                flat = np.ascontiguousarray(data).reshape(-1)
+                arrays.append(pa.array(flat, type=field.type, mask=flat < 0))
+            elif pa.types.is_fixed_size_list(field.type):
                 width = field.type.list_size
                 flat = np.ascontiguousarray(data).reshape(-1)
                 values = pa.array(flat, type=field.type.value_type)
@@ -249,8 +313,12 @@ class LensRunner:
                 arrays.append(pa.array(np.ascontiguousarray(data).reshape(-1), type=field.type))
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
-    def _partials(self, inputs: list[tuple[LensStats, Tensor, Tensor]]) -> dict[str, dict]:
-        """Per-layer partial aggregates of the shard (for summary.json)."""
+    def _partials(
+        self, inputs: list[tuple[LensStats, Tensor, Tensor]], groups: GroupIds
+    ) -> dict[str, dict]:
+        """Partial aggregates of the shard (for summary.json): per written layer, overall and by
+        group, and the histograms of the tokens' convergence layers over the captured layers."""
+
         def cat(get) -> Tensor:
             return torch.cat([get(s) for s, _, _ in inputs], dim=1)
 
@@ -261,22 +329,23 @@ class LensRunner:
         a_lp, a_rank = cat(lambda s: s.ahead_logprob), cat(lambda s: s.ahead_rank)
         sets = cat(lambda s: s.set_logmass)
         target_id = torch.cat([t[:, 0] for _, t, _ in inputs])
-        final_top1 = top1[-1]
-        out = {}
-        for layer in self.layers:
-            i = self.captured.index(layer)
-            out[str(layer)] = layer_partial(
-                target_logprob=lp[i],
-                target_rank=rank[i],
-                top1=top1[i],
-                final_top1=final_top1,
-                target_id=target_id,
-                finite=finite[i],
-                entropy=None if ent is None else ent[i],
-                kl_final=None if kl is None else kl[i],
-                ahead_logprob=a_lp[i],
-                ahead_rank=a_rank[i],
-                set_logmass=sets[i],
-                set_names=self.set_names,
-            )
+        slots = [self.captured.index(layer) for layer in self.layers]
+        out: dict[str, dict] = layer_partials(
+            layers=self.layers,
+            target_logprob=lp[slots],
+            target_rank=rank[slots],
+            top1=top1[slots],
+            final_top1=top1[-1],
+            target_id=target_id,
+            finite=finite[slots],
+            entropy=None if ent is None else ent[slots],
+            kl_final=None if kl is None else kl[slots],
+            ahead_logprob=a_lp[slots],
+            ahead_rank=a_rank[slots],
+            set_logmass=sets[slots],
+            set_names=self.set_names,
+            groups=groups,
+        )
+        conv = convergence_layers(top1, finite, self.captured)
+        out[CONVERGENCE_KEY] = convergence_partial(conv, self.captured, groups)
         return out

@@ -144,7 +144,7 @@ def demo(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (holds summary.json).")],
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with summary.json).")],
     out: Annotated[
         Path | None, typer.Option(help="Where to write index.html and figures [RUN_DIR/report].")
     ] = None,
@@ -169,9 +169,11 @@ def plot(
         str | None, typer.Option(help="With --file: only lines A-B (1-based, inclusive).")
     ] = None,
     metric: Annotated[
-        str, typer.Option(help="Cell colour: logprob | rank | kl | entropy (of the true next token).")
+        str, typer.Option(help="Cell colour: logprob | rank (of the next token) | kl | entropy.")
     ] = "logprob",
-    bos: Annotated[bool, typer.Option(help="Prepend the BOS token, as jobs do by default.")] = True,
+    bos: Annotated[
+        bool, typer.Option(help="Prepend the BOS token, as jobs do by default.")
+    ] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
 ) -> None:
@@ -206,7 +208,8 @@ def plot(
             render_html(grid, metric, out)
     except CodelensError as e:
         _fail(e)
-    err.print(f"plot: {out} ({len(grid.token_ids)} tokens x {len(grid.layers)} layers)", highlight=False)
+    shape = f"{len(grid.token_ids)} tokens x {len(grid.layers)} layers"
+    err.print(f"plot: {out} ({shape})", highlight=False)
 
 
 @app.command()

@@ -66,9 +66,17 @@ def make_executor(spec: JobSpec):
 
 
 def write_summary(run_dir: RunDir, spec: JobSpec, docs_status: dict[str, int], resolved: dict[str, Any]) -> dict:
-    """Merge every committed shard's partials into summary.json."""
+    """Merge every committed shard's partials, in shard order, into summary.json.
+
+    Merging in shard order (not commit order) fixes the float summation order, so executors that
+    commit shards in different orders (local, Ray) write identical numbers.
+    """
     entries = run_dir.committed()
     merged = merge_partials(entry["partials"] for entry in sorted(entries.values(), key=lambda e: e["shard"]))
+    try:
+        pygments_version: str | None = importlib.metadata.version("pygments")
+    except importlib.metadata.PackageNotFoundError:
+        pygments_version = None
     summary = {
         "name": spec.name,
         "model_family": resolved.get("family"),
@@ -76,6 +84,11 @@ def write_summary(run_dir: RunDir, spec: JobSpec, docs_status: dict[str, int], r
         "shards": len(entries),
         "tokens": sum(entry["n_tokens"] for entry in entries.values()),
         "docs_by_status": docs_status,
+        "lookahead_offsets": list(spec.lens.lookahead),
+        "token_sets": list(spec.lens.token_sets),
+        # Categories come from Pygments' lexers: another version may classify some tokens
+        # differently, so the version is part of what these numbers mean.
+        "syntax": {"pygments": pygments_version},
         **finalize(merged, spec.lens.lookahead),
     }
     write_json_atomic(run_dir.summary_file, summary)

@@ -1,0 +1,634 @@
+"""``codelens report RUN_DIR``: one HTML page with figures and tables from a run's summary.json.
+
+The page (``RUN_DIR/report/index.html``) and its PNG figures are built from ``summary.json`` (the
+merged per-shard aggregates), ``job.json`` and ``docs.parquet`` only, never from the row files, so
+it takes a second whatever the corpus size. Every figure has a title, labelled axes and a short
+explanation written for someone who has not read the code.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (``Figure`` + ``savefig``), never
+through ``pyplot``, so building a report touches no global backend state and needs no display.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from codelens.engine.errors import RunDirError
+
+__all__ = ["CATEGORY_COLORS", "build_report"]
+
+# One fixed colour per syntax category (matplotlib's tab10, which has exactly ten), so a category
+# has the same colour in every figure of every report.
+CATEGORY_COLORS: dict[str, str] = {
+    "keyword": "#1f77b4",
+    "name": "#ff7f0e",
+    "builtin": "#2ca02c",
+    "string": "#d62728",
+    "number": "#9467bd",
+    "comment": "#8c564b",
+    "operator": "#e377c2",
+    "punctuation": "#7f7f7f",
+    "whitespace": "#bcbd22",
+    "other": "#17becf",
+}
+MIN_GROUP_SHARE = 0.002
+"""Categories and languages with fewer than this share of the tokens are left out of the curves
+(their means are noise); the tables still list them."""
+DPI = 110
+
+
+@dataclass(frozen=True)
+class Section:
+    """One block of the page: a heading, an explanation and a figure or a table (HTML)."""
+
+    anchor: str
+    title: str
+    explanation: str
+    image: str | None = None
+    alt: str = ""
+    table_html: str = ""
+
+
+def _load(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    summary_file = run_dir / "summary.json"
+    if not summary_file.exists():
+        what = "is not a directory" if not run_dir.is_dir() else "has no summary.json"
+        raise RunDirError(
+            f"{run_dir} {what}: a report needs a finished run. Run the job first "
+            "(codelens run JOB.yaml) and point codelens report at its output.dir."
+        )
+    summary = json.loads(summary_file.read_text())
+    if not summary.get("layers"):
+        raise RunDirError(f"{summary_file} lists no layers: the run wrote no rows to report on.")
+    job_file = run_dir / "job.json"
+    job = json.loads(job_file.read_text()) if job_file.exists() else {}
+    docs: dict[str, int] = dict(summary.get("docs_by_status") or {})
+    return summary, job, docs
+
+
+# -- figures --------------------------------------------------------------------------------------
+
+
+def _figure(n_rows: int, n_cols: int, width: float, height: float):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig, path: Path) -> str:
+    fig.savefig(path, dpi=DPI, format="png")  # Agg, the default canvas for PNG
+    return path.name
+
+
+def _layer_axis(ax, layers: Sequence[int]) -> None:
+    ax.set_xlabel("layer (0 = embeddings, last = final block)")
+    step = max(1, math.ceil(len(layers) / 16))  # at most ~16 ticks, even for 80-layer models
+    ax.set_xticks(list(layers)[::step])
+    ax.set_xlim(min(layers) - 0.3, max(layers) + 0.3)
+    ax.grid(True, alpha=0.3)
+
+
+def _nan(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+PANELS: tuple[tuple[str, str, str], ...] = (
+    ("mean_target_logprob", "mean log-prob of the true next token", "nats (higher is better)"),
+    ("top1_accuracy", "top-1 accuracy (lens top-1 = true next token)", "fraction of tokens"),
+    ("mean_kl_final", "KL divergence to the final layer", "nats (0 at the last layer)"),
+    ("mean_entropy", "entropy of the lens distribution", "nats"),
+)
+
+
+def _curves_figure(
+    path: Path,
+    layers: Sequence[int],
+    series: dict[str, list[dict[str, Any]]],
+    colors: dict[str, str] | None,
+    title: str,
+    legend_title: str,
+) -> str:
+    """2 x 2 panels (PANELS), one line per series; ``series[name]`` is a per-layer list of stats."""
+    fig, axes = _figure(2, 2, 12, 8)
+    fig.suptitle(title, fontsize=13)
+    for ax, (key, label, unit) in zip(axes.flat, PANELS, strict=True):
+        for name, per_layer in series.items():
+            ys = [_nan(s.get(key)) if s else math.nan for s in per_layer]
+            color = colors.get(name) if colors else None
+            ax.plot(layers, ys, marker="o", markersize=3, label=name, color=color)
+        ax.set_title(label, fontsize=11)
+        ax.set_ylabel(unit)
+        _layer_axis(ax, layers)
+    if len(series) > 1:
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center", fontsize=9, title=legend_title)
+    return _save(fig, path)
+
+
+def _overall_figure(path: Path, summary: dict[str, Any]) -> str:
+    rows = summary["layers"]
+    layers = [r["layer"] for r in rows]
+    fig, axes = _figure(2, 2, 12, 8)
+    fig.suptitle("What each layer predicts, over the whole corpus", fontsize=13)
+    extra = {
+        "top1_accuracy": [
+            ("top10_accuracy", "top-10 accuracy", "--"),
+            ("top1_agreement_final", "top-1 = final layer's top-1", ":"),
+        ]
+    }
+    for ax, (key, label, unit) in zip(axes.flat, PANELS, strict=True):
+        main = "top-1 accuracy" if key == "top1_accuracy" else None
+        ax.plot(layers, [_nan(r.get(key)) for r in rows], marker="o", color="#1f77b4", label=main)
+        for other, name, style in extra.get(key, []):
+            ax.plot(layers, [_nan(r.get(other)) for r in rows], style, marker=".", label=name)
+        if key in extra:
+            ax.legend(fontsize=9)
+        ax.set_title(label, fontsize=11)
+        ax.set_ylabel(unit)
+        _layer_axis(ax, layers)
+    return _save(fig, path)
+
+
+def _rank_figure(path: Path, summary: dict[str, Any]) -> str:
+    rows = summary["layers"]
+    layers = [r["layer"] for r in rows]
+    fig, axes = _figure(1, 1, 10, 4.8)
+    ax = axes[0, 0]
+
+    def q(name: str) -> list[float]:
+        # Ranks start at 0; the plot shows rank + 1 so that rank 0 fits a log axis.
+        return [_nan(r["target_rank_quantiles"].get(name)) + 1 for r in rows]
+
+    ax.fill_between(
+        layers, q("p10"), q("p90"), alpha=0.15, color="#1f77b4", label="10th-90th percentile"
+    )
+    ax.fill_between(
+        layers, q("p25"), q("p75"), alpha=0.3, color="#1f77b4", label="25th-75th percentile"
+    )
+    ax.plot(layers, q("p50"), marker="o", color="#1f77b4", label="median")
+    ax.set_yscale("log", base=2)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_ylabel("rank of the true next token + 1 (log scale; 1 = top-1)")
+    ax.set_title("Where the true next token ranks in each layer's lens distribution", fontsize=12)
+    _layer_axis(ax, layers)
+    ax.legend(fontsize=9)
+    return _save(fig, path)
+
+
+def _convergence_figure(path: Path, conv: dict[str, Any], shown: list[str]) -> str:
+    import numpy as np
+
+    layers = conv["layers"]
+    overall = conv["overall"]
+    n_panels = 2 if shown else 1
+    fig, axes = _figure(1, n_panels, 7 * n_panels, max(4.5, 0.45 * len(shown) + 2))
+    ax = axes[0, 0]
+    fractions = [_nan(f) for f in overall["fraction"]]
+    ax.bar(layers, fractions, color="#1f77b4")
+    for x, f in zip(layers, fractions, strict=True):
+        if not math.isnan(f):
+            ax.text(x, f, f"{100 * f:.1f}%", ha="center", va="bottom", fontsize=8)
+    ax.set_title(f"All tokens ({overall['tokens']:,})", fontsize=11)
+    ax.set_xlabel("convergence layer")
+    ax.set_ylabel("fraction of tokens")
+    ax.set_xticks(layers[:: max(1, math.ceil(len(layers) / 16))])
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(
+        "Convergence layer: from which layer on the final prediction stays on top", fontsize=13
+    )
+    if not shown:
+        return _save(fig, path)
+
+    ax = axes[0, 1]
+    by_cat = conv["by_category"]
+    grid = np.array([[_nan(f) for f in by_cat[c]["fraction"]] for c in shown])
+    image = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([f"{c} (mean {by_cat[c]['mean_layer']:.1f})" for c in shown], fontsize=9)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([str(layer) for layer in layers], fontsize=8)
+    if len(layers) <= 24:  # beyond that the numbers no longer fit their cells
+        for i, j in np.ndindex(grid.shape):
+            v = grid[i, j]
+            if not math.isnan(v) and v >= 0.005:
+                color = "white" if v > 0.55 else "black"
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=9, color=color)
+    ax.set_xlabel("convergence layer")
+    ax.set_title("By syntax category (% of the category's tokens)", fontsize=11)
+    fig.colorbar(image, ax=ax, label="fraction of the category's tokens", shrink=0.8)
+    return _save(fig, path)
+
+
+def _token_set_figure(path: Path, summary: dict[str, Any]) -> str:
+    rows = summary["layers"]
+    layers = [r["layer"] for r in rows]
+    names = sorted({name for r in rows for name in r.get("token_set_mean_mass", {})})
+    fig, axes = _figure(1, 1, 10, 4.8)
+    ax = axes[0, 0]
+    for name in names:
+        ax.plot(
+            layers, [_nan(r["token_set_mean_mass"].get(name)) for r in rows], marker="o", label=name
+        )
+    ax.set_yscale("log")
+    ax.set_ylabel("mean probability mass on the set (log scale)")
+    ax.set_title("Token-set mass per layer (the 'detour' measure)", fontsize=12)
+    _layer_axis(ax, layers)
+    ax.legend(title="token set", fontsize=9)
+    return _save(fig, path)
+
+
+def _lookahead_figure(path: Path, summary: dict[str, Any]) -> str:
+    rows = summary["layers"]
+    layers = [r["layer"] for r in rows]
+    offsets = [a["offset"] for a in rows[0]["lookahead"]]
+    fig, axes = _figure(1, 2, 13, 4.8)
+    for ax, key, label, unit in (
+        (
+            axes[0, 0],
+            "top1_accuracy",
+            "top-1 accuracy of the token o positions ahead",
+            "fraction of tokens",
+        ),
+        (axes[0, 1], "mean_logprob", "mean log-prob of the token o positions ahead", "nats"),
+    ):
+        own = "top1_accuracy" if key == "top1_accuracy" else "mean_target_logprob"
+        ax.plot(layers, [_nan(r.get(own)) for r in rows], marker="o", label="o = 1 (next token)")
+        for a, off in enumerate(offsets):
+            ax.plot(
+                layers,
+                [_nan(r["lookahead"][a].get(key)) for r in rows],
+                marker="o",
+                label=f"o = {off}",
+            )
+        ax.set_title(label, fontsize=11)
+        ax.set_ylabel(unit)
+        _layer_axis(ax, layers)
+        ax.legend(fontsize=9)
+    fig.suptitle("Look-ahead: does a layer already encode tokens further ahead?", fontsize=13)
+    return _save(fig, path)
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:.{digits}f}"
+
+
+def _sci(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2g}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{html.escape(c) if isinstance(c, str) else _fmt(c)}</td>" for c in row)
+        + "</tr>"
+        for row in rows
+    )
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return (
+        f'<table class="numbers">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    )
+
+
+def _layer_table(summary: dict[str, Any]) -> str:
+    rows = summary["layers"]
+    offsets = [a["offset"] for a in rows[0]["lookahead"]]
+    sets = sorted(rows[0].get("token_set_mean_mass", {}))
+    header = [
+        "layer",
+        "tokens",
+        "mean log-prob",
+        "median rank (bin from)",
+        "top-1 acc",
+        "top-10 acc",
+        "agrees with final",
+        "KL to final",
+        "entropy",
+        *[f"top-1 acc o={o}" for o in offsets],
+        *[f"mass {s}" for s in sets],
+    ]
+    body = []
+    for r in rows:
+        body.append(
+            [
+                str(r["layer"]),
+                r["count"],
+                r["mean_target_logprob"],
+                r["target_rank_quantiles"]["p50"],
+                r["top1_accuracy"],
+                r["top10_accuracy"],
+                r["top1_agreement_final"],
+                r["mean_kl_final"],
+                r["mean_entropy"],
+                *[a["top1_accuracy"] for a in r["lookahead"]],
+                *[r["token_set_mean_mass"].get(s) for s in sets],
+            ]
+        )
+    return _table(header, body)
+
+
+def _group_table(summary: dict[str, Any], kind: str) -> str:
+    """Per category / language: share, final-layer quality, convergence layer."""
+    final = summary["layers"][-1]
+    groups = final.get(f"by_{kind}", {})
+    conv = (summary.get("convergence") or {}).get(f"by_{kind}", {})
+    total = sum(g["rows"] for g in groups.values()) or 1
+    header = [
+        kind,
+        "tokens",
+        "share",
+        f"top-1 acc (layer {final['layer']})",
+        f"mean log-prob (layer {final['layer']})",
+        "median rank (bin from)",
+        "mean convergence layer",
+        "median convergence layer",
+    ]
+    body = []
+    for name, g in groups.items():
+        c = conv.get(name, {})
+        body.append(
+            [
+                name,
+                g["rows"],
+                f"{100 * g['rows'] / total:.1f}%",
+                g["top1_accuracy"],
+                g["mean_target_logprob"],
+                g["target_rank_quantiles"]["p50"],
+                c.get("mean_layer"),
+                c.get("median_layer"),
+            ]
+        )
+    return _table(header, body)
+
+
+# -- page -----------------------------------------------------------------------------------------
+
+
+def _shown_groups(summary: dict[str, Any], kind: str) -> list[str]:
+    """Groups with at least MIN_GROUP_SHARE of the final layer's rows, in summary order."""
+    groups = summary["layers"][-1].get(f"by_{kind}", {})
+    total = sum(g["rows"] for g in groups.values())
+    return [name for name, g in groups.items() if total and g["rows"] / total >= MIN_GROUP_SHARE]
+
+
+def _per_layer(summary: dict[str, Any], kind: str, name: str) -> list[dict[str, Any]]:
+    return [r.get(f"by_{kind}", {}).get(name, {}) for r in summary["layers"]]
+
+
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write the report of a finished run.
+
+    Args:
+        run_dir: the run directory (holds summary.json).
+        out_dir: where to write ``index.html`` and the PNGs; default ``RUN_DIR/report``.
+
+    Returns:
+        The path of ``index.html``.
+
+    Raises:
+        RunDirError: the directory holds no finished run (no summary.json).
+    """
+    run_dir = Path(run_dir)
+    summary, job, docs = _load(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()  # figures a previous report drew for a statistic this run switched off
+    resolved = job.get("resolved", {})
+    n_blocks = summary.get("n_blocks") or resolved.get("n_blocks")
+    layers = [r["layer"] for r in summary["layers"]]
+    categories = _shown_groups(summary, "category")
+    languages = _shown_groups(summary, "language")
+    first, last = summary["layers"][0], summary["layers"][-1]
+    sections: list[Section] = []
+
+    def add(
+        anchor: str,
+        title: str,
+        explanation: str,
+        draw: Callable[[Path], str] | None,
+        alt: str,
+        table_html: str = "",
+    ) -> None:
+        image = draw(out / f"{anchor}.png") if draw else None
+        sections.append(Section(anchor, title, explanation, image, alt, table_html))
+
+    add(
+        "layers",
+        "Per-layer curves",
+        "Each layer's residual stream is read through the model's own final norm and unembedding "
+        "(the logit lens), giving a next-token distribution per layer. Top left: the mean log-"
+        "probability that distribution gives to the token that actually comes next (higher is "
+        "better). Top right: how often its most likely token is the true next token, how often "
+        "the true token is among its 10 most likely, and how often its top-1 equals the final "
+        "layer's top-1. Bottom: the KL divergence from the final layer's distribution (how far "
+        "the layer still is from the model's output) and the entropy (how spread out it is).",
+        lambda p: _overall_figure(p, summary),
+        "Four line charts over layers: mean log-prob, top-1 accuracy, KL to final, entropy",
+    )
+    if categories:
+        add(
+            "categories",
+            "By syntax category",
+            "The same four curves, split by the syntax category of the token the prediction is "
+            "made at (from Pygments; e.g. 'keyword' rows are predictions made while reading a "
+            "keyword). Categories with less than "
+            f"{100 * MIN_GROUP_SHARE:.1f}% of the tokens are left out of the curves.",
+            lambda p: _curves_figure(
+                p,
+                layers,
+                {c: _per_layer(summary, "category", c) for c in categories},
+                CATEGORY_COLORS,
+                "Per-layer curves by syntax category",
+                "syntax category",
+            ),
+            "Four line charts over layers with one line per syntax category",
+            _group_table(summary, "category"),
+        )
+    if len(languages) > 1:
+        add(
+            "languages",
+            "By language",
+            "The same curves split by the documents' language (from the file extension or the "
+            "corpus' language field).",
+            lambda p: _curves_figure(
+                p,
+                layers,
+                {g: _per_layer(summary, "language", g) for g in languages},
+                None,
+                "Per-layer curves by language",
+                "language",
+            ),
+            "Four line charts over layers with one line per language",
+            _group_table(summary, "language"),
+        )
+    elif languages:
+        sections.append(
+            Section(
+                "languages",
+                "By language",
+                f"Every document of this run is {languages[0]}.",
+                None,
+                "",
+                _group_table(summary, "language"),
+            )
+        )
+    add(
+        "ranks",
+        "Rank of the true next token",
+        "The spread of the true next token's rank in each layer's distribution (0 = it is the most "
+        "likely token). Quantiles come from log2-binned histograms, so each value is the lower "
+        "edge of its bin (exact for ranks 0 and 1).",
+        lambda p: _rank_figure(p, summary),
+        "Median and percentile bands of the target rank over layers, log scale",
+    )
+    conv = summary.get("convergence")
+    if conv and conv["overall"]["tokens"]:
+        conv_categories = [c for c in categories if c in conv.get("by_category", {})]
+        add(
+            "convergence",
+            "Convergence layer",
+            "For each token, the convergence layer is the first layer from which the final "
+            "layer's top-1 prediction is also the top-1 at every later layer: the depth at which "
+            "the model has settled on what it will output (the last layer when only the output "
+            "has it). Left: the share of tokens per convergence layer; right: the same per "
+            "syntax category (each row sums to 100%; the label gives the category's mean).",
+            lambda p: _convergence_figure(p, conv, conv_categories),
+            "Bar chart of convergence layers and a category-by-layer heat map",
+        )
+    if first.get("token_set_mean_mass"):
+        add(
+            "token_sets",
+            "Token sets (detour)",
+            "The mean probability each layer puts on each named token set of the job "
+            "(lens.token_sets). A set of another language's tokens that peaks in the middle "
+            "layers is a detour: the model passes through those tokens before settling on its "
+            "output.",
+            lambda p: _token_set_figure(p, summary),
+            "Line chart of the mean mass per token set over layers, log scale",
+        )
+    if first.get("lookahead"):
+        add(
+            "lookahead",
+            "Look-ahead",
+            "Does a layer already predict tokens further ahead than the next one? Each line is "
+            "the top-1 accuracy (left) and mean log-prob (right) of the token o positions ahead "
+            "(o = 1 is the ordinary next token); a line above chance in early or middle layers "
+            "means those layers encode more than the immediate next token.",
+            lambda p: _lookahead_figure(p, summary),
+            "Line charts of look-ahead accuracy and log-prob per offset over layers",
+        )
+    sections.append(
+        Section(
+            "table",
+            "Numbers per layer",
+            "The figures' numbers (from summary.json). Means of log-prob and accuracy are over "
+            "tokens that have a next token; KL, entropy and masses over all tokens with a finite "
+            "residual.",
+            table_html=_layer_table(summary),
+        )
+    )
+
+    info = [
+        ("run", summary.get("name")),
+        (
+            "model",
+            f"{resolved.get('family', summary.get('model_family'))} · {n_blocks} blocks · "
+            f"{resolved.get('model_class', '')}",
+        ),
+        ("tokens", f"{summary.get('tokens', 0):,} in {summary.get('shards', 0)} shard(s)"),
+        ("documents", ", ".join(f"{k}: {v:,}" for k, v in docs.items()) or "–"),
+        (
+            "lens",
+            f"{resolved.get('impl', '?')} on {resolved.get('device', '?')} "
+            f"({resolved.get('dtype', '?')}), load-time self-check max |lens - logits| "
+            f"{_sci(resolved.get('self_check_max_abs_err'))}",
+        ),
+        (
+            "final layer",
+            f"top-1 accuracy {_fmt(last.get('top1_accuracy'))}, mean log-prob "
+            f"{_fmt(last.get('mean_target_logprob'))}",
+        ),
+        ("syntax", f"Pygments {summary.get('syntax', {}).get('pygments') or '?'}"),
+    ]
+    (out / "index.html").write_text(_page(summary, info, sections), encoding="utf-8")
+    return out / "index.html"
+
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0;
+       color: #1d2430; background: #f6f7f9; }
+main { max-width: 1240px; margin: 0 auto; padding: 24px 32px 64px; }
+h1 { font-size: 26px; margin: 8px 0 4px; }
+h2 { font-size: 20px; margin: 36px 0 6px; border-bottom: 1px solid #d8dce3; padding-bottom: 4px; }
+p.lead { color: #4a5568; margin-top: 0; }
+p.explain { max-width: 980px; line-height: 1.45; color: #2d3748; }
+dl.info { display: grid; grid-template-columns: max-content 1fr; gap: 4px 18px; background: #fff;
+          border: 1px solid #d8dce3; border-radius: 6px; padding: 12px 16px; }
+dl.info dt { font-weight: 600; color: #4a5568; } dl.info dd { margin: 0; }
+nav a { margin-right: 14px; color: #2b6cb0; text-decoration: none; }
+figure { margin: 8px 0; background: #fff; border: 1px solid #d8dce3; border-radius: 6px;
+         padding: 8px; }
+figure img { width: 100%; height: auto; display: block; }
+table.numbers { border-collapse: collapse; background: #fff; font-size: 13px; margin: 8px 0;
+                font-variant-numeric: tabular-nums; }
+table.numbers th, table.numbers td { border: 1px solid #d8dce3; padding: 4px 8px;
+                                     text-align: right; }
+table.numbers th { background: #edf0f5; position: sticky; top: 0; }
+table.numbers td:first-child, table.numbers th:first-child { text-align: left; }
+.scroll { overflow-x: auto; }
+footer { color: #718096; font-size: 12px; margin-top: 40px; }
+"""
+
+
+def _page(summary: dict[str, Any], info: list[tuple[str, Any]], sections: list[Section]) -> str:
+    title = f"Logit-lens report: {summary.get('name') or 'run'}"
+    nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body><main>",
+        f"<h1>{html.escape(title)}</h1>",
+        '<p class="lead">What each layer of the model predicts about the next token of source '
+        "code, read through the model's own output head (the logit lens), aggregated over the "
+        "whole corpus.</p>",
+        '<dl class="info">'
+        + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in info)
+        + "</dl>",
+        f"<nav>{nav}</nav>",
+    ]
+    for s in sections:
+        parts.append(f'<section id="{s.anchor}"><h2>{html.escape(s.title)}</h2>')
+        parts.append(f'<p class="explain">{html.escape(s.explanation)}</p>')
+        if s.image:
+            parts.append(
+                f'<figure><img src="{html.escape(s.image)}" alt="{html.escape(s.alt)}"></figure>'
+            )
+        if s.table_html:
+            parts.append(f'<div class="scroll">{s.table_html}</div>')
+        parts.append("</section>")
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    parts.append(
+        f"<footer>Generated by codelens report at {stamp} from summary.json "
+        f"({html.escape(summary.get('quantile_method', ''))}).</footer></main></body></html>"
+    )
+    return "\n".join(parts)

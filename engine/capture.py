@@ -33,6 +33,10 @@ class ResidualCapture:
     Args:
         blocks: the model's decoder blocks, in order (``L`` of them).
         layers: layer indices in ``0..L`` to record, in the order they are stored.
+        attn_modules: per block, the module whose input is the post-attention residual stream
+            (``model_surgery.attn_residual_modules``); needed only with ``attn_layers``.
+        attn_layers: layers ``1..L`` whose post-attention residual to record (``attn`` site),
+            stored after the ``layers`` slots.
 
     Usage::
 
@@ -41,20 +45,37 @@ class ResidualCapture:
             model(input_ids, attention_mask=mask)
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], layers: Sequence[int]) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        layers: Sequence[int],
+        *,
+        attn_modules: Sequence[nn.Module] | None = None,
+        attn_layers: Sequence[int] = (),
+    ) -> None:
         n_blocks = len(blocks)
         bad = [layer for layer in layers if not 0 <= layer <= n_blocks]
+        bad += [layer for layer in attn_layers if not 1 <= layer <= n_blocks]
         if bad:
             raise ValueError(f"layer indices {bad} are out of range: this model has layers 0..{n_blocks}")
+        if attn_layers and (attn_modules is None or len(attn_modules) != n_blocks):
+            raise ValueError("attn_layers needs one attn module per block")
         self.blocks = list(blocks)
         self.layers = list(layers)
+        self.attn_modules = list(attn_modules or [])
+        self.attn_layers = list(attn_layers)
         self._buffer: Tensor | None = None
+
+    @property
+    def n_slots(self) -> int:
+        """Rows of the buffer: the block layers, then the attn-site layers."""
+        return len(self.layers) + len(self.attn_layers)
 
     def recording(
         self, batch: int, seq: int, d_model: int, dtype: torch.dtype, device: torch.device | str
     ) -> _Recording:
         """Allocate the ``[n_selected, batch * seq, d]`` buffer and hook the blocks while in use."""
-        buffer = torch.empty(len(self.layers), batch * seq, d_model, dtype=dtype, device=device)
+        buffer = torch.empty(self.n_slots, batch * seq, d_model, dtype=dtype, device=device)
         return _Recording(self, buffer)
 
     def _store(self, slot: int, hidden: Tensor) -> None:
@@ -77,6 +98,14 @@ class ResidualCapture:
                     self._store(slot, _first_tensor(output))
 
                 handles.append(self.blocks[layer - 1].register_forward_hook(post_hook))
+        for i, layer in enumerate(self.attn_layers):
+
+            def attn_hook(module, args, kwargs, slot=len(self.layers) + i):
+                hidden = args[0] if args else next(iter(kwargs.values()))
+                self._store(slot, hidden)
+
+            module = self.attn_modules[layer - 1]
+            handles.append(module.register_forward_pre_hook(attn_hook, with_kwargs=True))
         return handles
 
 

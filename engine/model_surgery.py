@@ -48,6 +48,14 @@ class FamilySpec:
             family's forward applies one (its value may still be None: no cap).
         logits_divisor_attr: config field the forward divides the logits by (Granite's
             ``logits_scaling``), if any.
+        attn_residual: name, inside each block, of the module whose *input* is the residual
+            stream right after the attention sublayer (``h_{l-1} + attn_l(...)``, including any
+            post-attention norm or residual multiplier the block applies before the add): the
+            pre-MLP norm. ``lens.sites: [attn]`` captures it with a forward pre-hook. None: the
+            family has no such point (see ``parallel_reason``).
+        parallel_attr: config flag that, when true, makes attention and MLP run in parallel off
+            the same input (GPT-NeoX's ``use_parallel_residual``): no post-attention point then.
+        parallel_reason: why the family (or the flagged config) has no post-attention residual.
     """
 
     family: str
@@ -59,9 +67,20 @@ class FamilySpec:
     weight_offset: float = 0.0
     softcap_attr: str | None = None
     logits_divisor_attr: str | None = None
+    attn_residual: str | None = None
+    parallel_attr: str | None = None
+    parallel_reason: str | None = None
 
 
-def _layernorm(family: str, blocks: str, final_norm: str) -> FamilySpec:
+def _layernorm(
+    family: str,
+    blocks: str,
+    final_norm: str,
+    attn_residual: str | None,
+    *,
+    parallel_attr: str | None = None,
+    parallel_reason: str | None = None,
+) -> FamilySpec:
     return FamilySpec(
         family,
         blocks=blocks,
@@ -69,6 +88,9 @@ def _layernorm(family: str, blocks: str, final_norm: str) -> FamilySpec:
         norm_kind=NormKind.LAYER,
         norm_classes=("LayerNorm",),
         eps_attr="eps",
+        attn_residual=attn_residual,
+        parallel_attr=parallel_attr,
+        parallel_reason=parallel_reason,
     )
 
 
@@ -80,6 +102,7 @@ def _rmsnorm(
     weight_offset: float = 0.0,
     softcap_attr: str | None = None,
     logits_divisor_attr: str | None = None,
+    attn_residual: str = "post_attention_layernorm",
 ) -> FamilySpec:
     # Every Llama-derived family keeps its blocks in model.layers and its norm in model.norm.
     return FamilySpec(
@@ -92,19 +115,39 @@ def _rmsnorm(
         weight_offset=weight_offset,
         softcap_attr=softcap_attr,
         logits_divisor_attr=logits_divisor_attr,
+        attn_residual=attn_residual,
     )
 
+
+_PARALLEL = "its attention and MLP run in parallel off the same block input"
 
 SUPPORTED: dict[str, FamilySpec] = {
     # LayerNorm families: the final norm is a plain torch nn.LayerNorm (eps read from it; the
     # bias may be None for LayerNorm(bias=False) variants).
-    "GPT2LMHeadModel": _layernorm("gpt2", "transformer.h", "transformer.ln_f"),
-    "GPTBigCodeForCausalLM": _layernorm("gpt_bigcode", "transformer.h", "transformer.ln_f"),
-    "GPTNeoXForCausalLM": _layernorm("gpt_neox", "gpt_neox.layers", "gpt_neox.final_layer_norm"),
+    # The post-attention residual (lens.sites: attn) is the input of the pre-MLP norm: ln_2 in
+    # GPT-2/BigCode, post_attention_layernorm in GPT-NeoX (sequential residual only) and the
+    # Llama-shaped families, pre_feedforward_layernorm in Gemma-2 (whose post_attention_layernorm
+    # is applied to the attention output before the add, so it is included).
+    "GPT2LMHeadModel": _layernorm("gpt2", "transformer.h", "transformer.ln_f", "ln_2"),
+    "GPTBigCodeForCausalLM": _layernorm(
+        "gpt_bigcode", "transformer.h", "transformer.ln_f", "ln_2"
+    ),
+    "GPTNeoXForCausalLM": _layernorm(
+        "gpt_neox",
+        "gpt_neox.layers",
+        "gpt_neox.final_layer_norm",
+        "post_attention_layernorm",
+        parallel_attr="use_parallel_residual",
+        parallel_reason=f"use_parallel_residual=True: {_PARALLEL}",
+    ),
     # CodeGen's lm_head carries a bias; it is read from the output embedding, not declared here.
-    "CodeGenForCausalLM": _layernorm("codegen", "transformer.h", "transformer.ln_f"),
+    "CodeGenForCausalLM": _layernorm(
+        "codegen", "transformer.h", "transformer.ln_f", None, parallel_reason=_PARALLEL
+    ),
     # StarCoder2 is Llama-shaped (model.layers, model.norm) but its norm is nn.LayerNorm with bias.
-    "Starcoder2ForCausalLM": _layernorm("starcoder2", "model.layers", "model.norm"),
+    "Starcoder2ForCausalLM": _layernorm(
+        "starcoder2", "model.layers", "model.norm", "post_attention_layernorm"
+    ),
     # RMSNorm families: weight * (x / rms(x)), eps in `variance_epsilon`.
     "LlamaForCausalLM": _rmsnorm("llama", "LlamaRMSNorm"),
     "MistralForCausalLM": _rmsnorm("mistral", "MistralRMSNorm"),
@@ -126,6 +169,7 @@ SUPPORTED: dict[str, FamilySpec] = {
         eps_attr="eps",
         weight_offset=1.0,
         softcap_attr="final_logit_softcapping",
+        attn_residual="pre_feedforward_layernorm",
     ),
 }
 """HF ``*ForCausalLM`` class name -> where its lens parts are. The only architecture table."""
@@ -295,3 +339,35 @@ def model_parts(model: nn.Module) -> ModelParts:
     in_weight = getattr(in_embed, "weight", None)
     tied = isinstance(in_weight, Tensor) and in_weight.data_ptr() == unembed.data_ptr()
     return ModelParts(family=spec.family, blocks=list(blocks), head=head, tied_embeddings=tied)
+
+
+def attn_residual_modules(model: nn.Module) -> list[nn.Module]:
+    """Per block, the module whose input is the residual stream right after attention.
+
+    A forward pre-hook on ``result[l - 1]`` sees ``h_{l-1} + attn_l(...)`` (with the block's own
+    post-attention norm and residual multiplier): the ``attn`` site of layer ``l``.
+
+    Raises:
+        UnsupportedArchitectureError: the family (or this config) runs attention and MLP in
+            parallel, so there is no residual stream between them; or a block lacks the module.
+    """
+    spec = SUPPORTED.get(type(model).__name__)
+    if spec is None:
+        raise _unsupported(model, "this architecture has no model-surgery entry")
+    parallel = spec.parallel_attr is not None and bool(
+        getattr(getattr(model, "config", None), spec.parallel_attr, False)
+    )
+    if spec.attn_residual is None or parallel:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} ({spec.family}) has no residual stream between attention and "
+            f"MLP: {spec.parallel_reason}. lens.sites: [attn] is not defined for it; use "
+            "lens.sites: [block]"
+        )
+    blocks = _submodule(model, spec.blocks, "decoder blocks")
+    out = []
+    for i, block in enumerate(blocks):
+        module = getattr(block, spec.attn_residual, None)
+        if not isinstance(module, nn.Module):
+            raise _unsupported(model, f"block {i} has no '{spec.attn_residual}' module")
+        out.append(module)
+    return out

@@ -37,6 +37,12 @@ CATEGORY_TYPE = pa.dictionary(pa.int8(), pa.string())
 in order, so a category's int8 index is the same in every file."""
 
 
+SITES: tuple[str, ...] = ("block", "attn")
+"""Values of the ``site`` column, in dictionary order."""
+SITE_TYPE = pa.dictionary(pa.int8(), pa.string())
+"""Type of the ``site`` column (dictionary ``SITES`` in every part file)."""
+
+
 def lens_schema(
     k: int,
     n_ahead: int,
@@ -51,6 +57,7 @@ def lens_schema(
         pa.field("doc", pa.int32(), nullable=False),
         pa.field("pos", pa.int32(), nullable=False),
         pa.field("layer", pa.int16(), nullable=False),
+        pa.field("site", SITE_TYPE, nullable=False),
         pa.field("token_id", pa.int32(), nullable=False),
         pa.field("target_id", pa.int32(), nullable=False),
         # Where the token is in its source (codelens.engine.syntax); null only for windows planned

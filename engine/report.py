@@ -65,6 +65,8 @@ def _load(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]
             "(codelens run JOB.yaml) and point codelens report at its output.dir."
         )
     summary = json.loads(summary_file.read_text())
+    if not summary.get("layers") and summary.get("attn_layers"):
+        summary["layers"] = summary["attn_layers"]  # lens.sites: [attn] only
     if not summary.get("layers"):
         raise RunDirError(f"{summary_file} lists no layers: the run wrote no rows to report on.")
     job_file = run_dir / "job.json"
@@ -155,6 +157,32 @@ def _overall_figure(path: Path, summary: dict[str, Any]) -> str:
         ax.set_title(label, fontsize=11)
         ax.set_ylabel(unit)
         _layer_axis(ax, layers)
+    return _save(fig, path)
+
+
+def _sites_figure(path: Path, summary: dict[str, Any]) -> str:
+    """Block-output rows at x = l, attention-site rows at x = l - 0.5 (inside block l)."""
+    blocks, attn = summary["layers"], summary["attn_layers"]
+    fig, axes = _figure(2, 2, 12, 8)
+    fig.suptitle("Inside each block: after attention vs after the whole block", fontsize=13)
+    layers = [r["layer"] for r in blocks]
+    for ax, (key, label, unit) in zip(axes.flat, PANELS, strict=True):
+        ax.plot(
+            layers, [_nan(r.get(key)) for r in blocks], marker="o", label="block output (l)"
+        )
+        ax.plot(
+            [r["layer"] - 0.5 for r in attn],
+            [_nan(r.get(key)) for r in attn],
+            marker="s",
+            linestyle="--",
+            label="after attention in block l (l - 0.5)",
+        )
+        ax.set_title(label, fontsize=11)
+        ax.set_ylabel(unit)
+        _layer_axis(ax, layers + [r["layer"] - 0.5 for r in attn])
+        ax.set_xticks(layers[:: max(1, math.ceil(len(layers) / 16))])
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=9, ncols=2)
     return _save(fig, path)
 
 
@@ -279,7 +307,56 @@ def _lookahead_figure(path: Path, summary: dict[str, Any]) -> str:
     return _save(fig, path)
 
 
+def _positions_figure(
+    path: Path,
+    summary: dict[str, Any],
+    layers: Sequence[int],
+    positions: list[str],
+    columns: list[str],
+) -> str:
+    """Mean log-prob and top-1 accuracy per layer, one line per bucket: document position (top),
+    column in the line (bottom)."""
+    from matplotlib import colormaps
+
+    fig, axes = _figure(2, 2, 12, 8)
+    fig.suptitle("Per-layer curves by position bucket (log2)", fontsize=13)
+    for row, (kind, names, what) in enumerate(
+        (("position", positions, "position in the document"), ("column", columns, "column"))
+    ):
+        cmap = colormaps["viridis"]
+        for ax, (key, label, unit) in zip(axes[row], PANELS[:2], strict=True):
+            for i, name in enumerate(names):
+                ys = [_nan(s.get(key)) if s else math.nan for s in _per_layer(summary, kind, name)]
+                color = cmap(i / max(1, len(names) - 1))
+                ax.plot(layers, ys, marker="o", markersize=3, color=color, label=name)
+            ax.set_title(f"{label}, by {what}", fontsize=11)
+            ax.set_ylabel(unit)
+            _layer_axis(ax, layers)
+        if names:
+            axes[row, 1].legend(fontsize=8, title=what, loc="center left", bbox_to_anchor=(1, 0.5))
+    return _save(fig, path)
+
+
 # -- tables ---------------------------------------------------------------------------------------
+
+
+def _sites_table(summary: dict[str, Any]) -> str:
+    """Block and attn rows interleaved in depth order."""
+    rows = [(r["layer"], 1, "block", r) for r in summary["layers"]]
+    rows += [(r["layer"], 0, "attn", r) for r in summary["attn_layers"]]
+    body = [
+        [
+            f"{layer} ({site})",
+            r["count"],
+            r["mean_target_logprob"],
+            r["top1_accuracy"],
+            r["mean_kl_final"],
+            r["mean_entropy"],
+        ]
+        for layer, _, site, r in sorted(rows, key=lambda x: (x[0], x[1]))
+    ]
+    return _table(["layer (site)", "tokens", "mean log-prob", "top-1 acc", "KL to final", "entropy"], body)
+
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -417,6 +494,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     layers = [r["layer"] for r in summary["layers"]]
     categories = _shown_groups(summary, "category")
     languages = _shown_groups(summary, "language")
+    positions = _shown_groups(summary, "position")
+    columns = _shown_groups(summary, "column")
     first, last = summary["layers"][0], summary["layers"][-1]
     sections: list[Section] = []
 
@@ -444,6 +523,19 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         lambda p: _overall_figure(p, summary),
         "Four line charts over layers: mean log-prob, top-1 accuracy, KL to final, entropy",
     )
+    if summary.get("attn_layers") and summary.get("layers") is not summary.get("attn_layers"):
+        add(
+            "sites",
+            "After attention vs after the block",
+            "With lens.sites including 'attn', the lens also reads the residual stream inside "
+            "each block l right after its attention sublayer (drawn at l - 0.5, between the "
+            "block's input l - 1 and its output l). The gap between a dashed point and the next "
+            "solid one is what block l's MLP adds; the gap from the previous solid point is what "
+            "its attention adds. KL is to the final block output in both.",
+            lambda p: _sites_figure(p, summary),
+            "Four line charts over layers, block outputs and post-attention points interleaved",
+            _sites_table(summary),
+        )
     if categories:
         add(
             "categories",
@@ -490,6 +582,24 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
                 "",
                 _group_table(summary, "language"),
             )
+        )
+    if len(positions) > 1 or len(columns) > 1:
+
+        def draw_positions(p: Path) -> str:
+            return _positions_figure(p, summary, layers, positions, columns)
+
+        add(
+            "positions",
+            "By position",
+            "Left half: the four curves by the token's position in its document, in log2 buckets "
+            "(0, 1, 2-3, 4-7, ...): early tokens have little context, so their layers converge "
+            "later and less. The tables give the final layer's figures and the mean convergence "
+            "layer per bucket, by position in the document and by column (the token's byte "
+            f"offset from its line's start). Buckets with less than {100 * MIN_GROUP_SHARE:.1f}% "
+            "of the tokens are left out of the curves.",
+            draw_positions,
+            "Line charts over layers with one line per position bucket and per column bucket",
+            _group_table(summary, "position") + _group_table(summary, "column"),
         )
     add(
         "ranks",
@@ -561,6 +671,13 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
             f"{resolved.get('impl', '?')} on {resolved.get('device', '?')} "
             f"({resolved.get('dtype', '?')}), load-time self-check max |lens - logits| "
             f"{_sci(resolved.get('self_check_max_abs_err'))}",
+        ),
+        (
+            "lens variant",
+            "sites: "
+            + ", ".join((job.get("spec", {}).get("lens", {}) or {}).get("sites", ["block"]))
+            + f"; last blocks as decoder: "
+            f"{(job.get('spec', {}).get('lens', {}) or {}).get('decoder_blocks', 0) or 'no'}",
         ),
         (
             "final layer",

@@ -17,6 +17,15 @@ layer, computed here across the captured layers.
 
 The final layer L is always captured (it is the reference for ``kl_final`` and for the top-1
 agreement aggregate) even when ``lens.layers`` leaves it out of the written rows.
+
+Lens variants (``lens.sites``, ``lens.decoder_blocks``): the ``attn`` site adds, for each selected
+layer l >= 1, the residual stream inside block l right after attention (captured as the input of
+the block's pre-MLP norm, ``model_surgery.attn_residual_modules``); its rows carry ``site = attn``
+and are statistics like any other (KL against the final *block* layer L). With
+``decoder_blocks = n``, the forward pass also records the (args, kwargs) each of the last n blocks
+receives (masks, positions, rotary embeddings); afterwards every captured residual before those
+blocks (block layers l < L - n, attn layers l <= L - n) is run through them, as a full
+``[B, S, d]`` sequence, before the head reads it.
 """
 
 from __future__ import annotations
@@ -29,17 +38,21 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from codelens.engine.capture import ResidualCapture
-from codelens.engine.errors import SpecError
-from codelens.engine.output import lens_schema
+from codelens.engine.capture import ResidualCapture, _first_tensor
+from codelens.engine.errors import SpecError, UnsupportedArchitectureError
+from codelens.engine.model_surgery import attn_residual_modules
+from codelens.engine.output import SITES, lens_schema
 from codelens.engine.schemas import JobSpec
 from codelens.engine.summary import (
+    ATTN_PREFIX,
     CONVERGENCE_KEY,
     UNKNOWN_LANGUAGE,
     GroupIds,
+    bucket_names,
     convergence_layers,
     convergence_partial,
     layer_partials,
+    position_bucket,
 )
 from codelens.engine.syntax import CATEGORIES, TokenSpans
 from codelens.engine.windows import Shard
@@ -128,9 +141,37 @@ class LensRunner:
         self.dtype = next(model.parameters()).dtype
         n_blocks = len(blocks)
         self.n_blocks = n_blocks
+        self.blocks = list(blocks)
         self.layers = resolve_layers(spec.lens.layers, n_blocks)
+        # Block layers are captured whatever the sites (the convergence layer is defined over them).
         self.captured = sorted(set(self.layers) | {n_blocks})
-        self.capture = ResidualCapture(blocks, self.captured)
+        sites = spec.lens.sites
+        self.attn_layers = [layer for layer in self.layers if layer >= 1] if "attn" in sites else []
+        attn_modules = None
+        if "attn" in sites:
+            try:
+                attn_modules = attn_residual_modules(model)
+            except UnsupportedArchitectureError as e:
+                raise SpecError(f"lens.sites: attn: {e}") from None
+        self.capture = ResidualCapture(
+            blocks, self.captured, attn_modules=attn_modules, attn_layers=self.attn_layers
+        )
+        n_cap = len(self.captured)
+        self.final_slot = n_cap - 1
+        # Written rows, in order: (site index in SITES, layer, buffer slot).
+        block_rows = [(0, layer, self.captured.index(layer)) for layer in self.layers]
+        attn_rows = [(1, layer, n_cap + i) for i, layer in enumerate(self.attn_layers)]
+        self.rows = (block_rows if "block" in sites else []) + attn_rows
+        self.decoder_blocks = spec.lens.decoder_blocks
+        if self.decoder_blocks >= n_blocks:
+            raise SpecError(
+                f"lens.decoder_blocks={self.decoder_blocks} must be smaller than the model's "
+                f"{n_blocks} blocks (0 switches the variant off)"
+            )
+        start = n_blocks - self.decoder_blocks
+        self.decoded_slots = [] if not self.decoder_blocks else [
+            i for i, layer in enumerate(self.captured) if layer < start
+        ] + [n_cap + i for i, layer in enumerate(self.attn_layers) if layer <= start]
         if spec.lens.k > head.vocab_size:
             raise SpecError(
                 f"lens.k={spec.lens.k} is larger than the vocabulary ({head.vocab_size} rows); "
@@ -188,9 +229,41 @@ class LensRunner:
             keep.append(torch.arange(b * seq + length - w.n_emit, b * seq + length))
         ids, mask = ids.to(self.device), mask.to(self.device)
         d = self.head.d_model
-        with self.capture.recording(n, seq, d, self.dtype, self.device) as buffer:
-            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        calls: list[tuple[tuple, dict]] = []
+        handles = []
+        if self.decoded_slots:
+            # Record what each of the last n blocks is called with (masks, positions, rotary).
+            def record(module, args, kwargs):
+                calls.append((args, kwargs))
+
+            for block in self.blocks[self.n_blocks - self.decoder_blocks :]:
+                handles.append(block.register_forward_pre_hook(record, with_kwargs=True))
+        try:
+            with self.capture.recording(n, seq, d, self.dtype, self.device) as buffer:
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for slot in self.decoded_slots:
+            view = buffer[slot].view(n, seq, d)
+            view.copy_(self._decode(view, calls))
         return buffer[:, torch.cat(keep).to(self.device)]
+
+    def _decode(self, hidden: Tensor, calls: Sequence[tuple[tuple, dict]]) -> Tensor:
+        """Run ``hidden [B, S, d]`` through the last n blocks, with their recorded arguments."""
+        blocks = self.blocks[self.n_blocks - self.decoder_blocks :]
+        if len(calls) != len(blocks):
+            raise RuntimeError(
+                f"lens.decoder_blocks: recorded {len(calls)} calls of the last {len(blocks)} blocks"
+            )
+        x = hidden
+        for block, (args, kwargs) in zip(blocks, calls, strict=True):
+            if args:
+                out = block(x, *args[1:], **kwargs)
+            else:
+                out = block(**{**kwargs, "hidden_states": x})
+            x = _first_tensor(out)
+        return x
 
     # -- shards ---------------------------------------------------------------------------------
 
@@ -207,7 +280,12 @@ class LensRunner:
             hidden = self.forward_batch(batch)
             targets = torch.from_numpy(np.concatenate([w.targets for w in batch])).long()
             stats, _ = lens_stats(
-                hidden, self.head, targets.to(self.device), self.request, hidden[-1], impl=self.impl
+                hidden,
+                self.head,
+                targets.to(self.device),
+                self.request,
+                hidden[self.final_slot],
+                impl=self.impl,
             )
             stats = stats.to("cpu")
             tokens = self._token_ids(batch)
@@ -233,9 +311,25 @@ class LensRunner:
             [np.full(w.n_emit, index[w.language or UNKNOWN_LANGUAGE], np.int64) for w in windows]
             or [np.zeros(0, np.int64)]
         )
+        pos = np.concatenate(
+            [np.arange(w.first_pos, w.first_pos + w.n_emit) for w in windows]
+            or [np.zeros(0, np.int64)]
+        )
+        column = np.concatenate(
+            [
+                np.full(w.n_emit, -1, np.int64)
+                if w.spans is None or w.spans.column is None
+                else w.spans.column.astype(np.int64)
+                for w in windows
+            ]
+            or [np.zeros(0, np.int64)]
+        )
+        buckets = bucket_names()
         return {
             "category": (torch.from_numpy(category.astype(np.int64)), CATEGORIES),
             "language": (torch.from_numpy(language), languages),
+            "position": (torch.from_numpy(position_bucket(pos)), buckets),
+            "column": (torch.from_numpy(position_bucket(column)), buckets),
         }
 
     def _token_ids(self, batch: Sequence[WindowTask]) -> Tensor:
@@ -250,7 +344,7 @@ class LensRunner:
         targets: Tensor,
     ) -> None:
         """Add this batch's rows for the selected layers as ``[n_layers, T, ...]`` arrays."""
-        slots = [self.captured.index(layer) for layer in self.layers]
+        slots = [slot for _, _, slot in self.rows]
         n_tok = tokens.shape[0]
         doc = np.concatenate([np.full(w.n_emit, w.doc, np.int32) for w in batch])
         pos = np.concatenate([np.arange(w.first_pos, w.first_pos + w.n_emit, dtype=np.int32) for w in batch])
@@ -261,7 +355,8 @@ class LensRunner:
 
         add("doc", np.broadcast_to(doc, (n_sel, n_tok)))
         add("pos", np.broadcast_to(pos, (n_sel, n_tok)))
-        add("layer", np.broadcast_to(np.array(self.layers, np.int16)[:, None], (n_sel, n_tok)))
+        add("layer", np.broadcast_to(np.array([r[1] for r in self.rows], np.int16)[:, None], (n_sel, n_tok)))
+        add("site", np.broadcast_to(np.array([r[0] for r in self.rows], np.int8)[:, None], (n_sel, n_tok)))
         add("token_id", np.broadcast_to(tokens.numpy().astype(np.int32), (n_sel, n_tok)))
         add("target_id", np.broadcast_to(targets[:, 0].numpy().astype(np.int32), (n_sel, n_tok)))
         # -1 marks a token planned without spans; _to_table turns it into a null.
@@ -299,7 +394,7 @@ class LensRunner:
             if pa.types.is_dictionary(field.type):
                 codes = np.ascontiguousarray(data).reshape(-1)
                 indices = pa.array(codes, type=field.type.index_type, mask=codes < 0)
-                names = pa.array(CATEGORIES, pa.string())
+                names = pa.array(SITES if field.name == "site" else CATEGORIES, pa.string())
                 arrays.append(pa.DictionaryArray.from_arrays(indices, names))
             elif field.name in ("line", "byte_start", "byte_end"):
                 flat = np.ascontiguousarray(data).reshape(-1)
@@ -329,23 +424,30 @@ class LensRunner:
         a_lp, a_rank = cat(lambda s: s.ahead_logprob), cat(lambda s: s.ahead_rank)
         sets = cat(lambda s: s.set_logmass)
         target_id = torch.cat([t[:, 0] for _, t, _ in inputs])
-        slots = [self.captured.index(layer) for layer in self.layers]
-        out: dict[str, dict] = layer_partials(
-            layers=self.layers,
-            target_logprob=lp[slots],
-            target_rank=rank[slots],
-            top1=top1[slots],
-            final_top1=top1[-1],
-            target_id=target_id,
-            finite=finite[slots],
-            entropy=None if ent is None else ent[slots],
-            kl_final=None if kl is None else kl[slots],
-            ahead_logprob=a_lp[slots],
-            ahead_rank=a_rank[slots],
-            set_logmass=sets[slots],
-            set_names=self.set_names,
-            groups=groups,
-        )
-        conv = convergence_layers(top1, finite, self.captured)
+        out: dict[str, dict] = {}
+        for site, prefix in ((0, ""), (1, ATTN_PREFIX)):
+            rows = [(layer, slot) for s, layer, slot in self.rows if s == site]
+            if not rows:
+                continue
+            slots = [slot for _, slot in rows]
+            part = layer_partials(
+                layers=[layer for layer, _ in rows],
+                target_logprob=lp[slots],
+                target_rank=rank[slots],
+                top1=top1[slots],
+                final_top1=top1[self.final_slot],
+                target_id=target_id,
+                finite=finite[slots],
+                entropy=None if ent is None else ent[slots],
+                kl_final=None if kl is None else kl[slots],
+                ahead_logprob=a_lp[slots],
+                ahead_rank=a_rank[slots],
+                set_logmass=sets[slots],
+                set_names=self.set_names,
+                groups=groups,
+            )
+            out.update({prefix + key: value for key, value in part.items()})
+        n_cap = len(self.captured)
+        conv = convergence_layers(top1[:n_cap], finite[:n_cap], self.captured)
         out[CONVERGENCE_KEY] = convergence_partial(conv, self.captured, groups)
         return out

@@ -97,6 +97,17 @@ class LensSpec(_Strict):
     string counts the first token of its encoding without special tokens; an int is a token id."""
     impl: Literal["auto", "torch", "triton"] = "auto"
     """'auto': the fused Triton kernel on a CUDA GPU, the vocab-chunked torch path elsewhere."""
+    sites: list[Literal["block", "attn"]] = ["block"]
+    """Where in the residual stream to read: 'block' = the output of each block (layer 0 = the
+    embeddings); 'attn' = inside block l right after its attention sublayer (h_{l-1} + attn_l, with
+    the block's own post-attention norm / residual multiplier), for the selected layers l >= 1.
+    Rows carry a 'site' column. 'attn' is refused for architectures whose attention and MLP run in
+    parallel (GPT-NeoX with use_parallel_residual, CodeGen)."""
+    decoder_blocks: Annotated[int, Field(ge=0)] = 0
+    """n > 0: read each layer l < L - n through the model's last n blocks (run on the whole
+    sequence with the model's own mask and positions) before the final norm and unembedding (the
+    'last blocks as decoder' lens); layers >= L - n are read plainly. Costs (L - n) * n extra block
+    forwards per batch (per selected layer below L - n and site). Must be smaller than L."""
 
     @field_validator("layers")
     @classmethod
@@ -108,6 +119,15 @@ class LensSpec(_Strict):
                 raise ValueError(f"layers must not repeat an index: {v}")
             return sorted(v)
         return v
+
+    @field_validator("sites")
+    @classmethod
+    def _sites_unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("sites must name at least one site: block and/or attn")
+        if len(set(v)) != len(v):
+            raise ValueError(f"sites must not repeat: {v}")
+        return [s for s in ("block", "attn") if s in v]
 
     @field_validator("lookahead")
     @classmethod

@@ -12,8 +12,10 @@ A shard's partials are a JSON object::
                      "by_language": {lang: {...}}, "undefined": n}}
 
 A layer partial holds the sums over all of the layer's rows, plus the same sums per syntax category
-(``by_category``) and per document language (``by_language``; ``unknown`` for none), each group
-listed only when it has rows. Merging adds numbers, adds lists element-wise and takes the union of
+(``by_category``), per document language (``by_language``; ``unknown`` for none) and per log2
+bucket of the token's document position (``by_position``) and byte column in its line
+(``by_column``), each group listed only when it has rows. ``attn``-site rows (``lens.sites``) have
+their own layer partials keyed ``attn:<layer>`` (finalized into ``attn_layers``). Merging adds numbers, adds lists element-wise and takes the union of
 dict keys (a language seen in one shard only is simply carried over).
 
 Quantiles come from histograms: target ranks in log2 bins (bin 0 holds rank 0, bin b >= 1 ranks
@@ -48,6 +50,26 @@ CONVERGENCE_DEFINITION = (
     "per token: the first captured layer from which the final layer's top-1 token stays top-1 "
     "through the last layer; undefined when the final-layer residual is not finite"
 )
+
+ATTN_PREFIX = "attn:"
+"""Partials of ``attn``-site rows are keyed ``attn:<layer>`` (block rows: ``<layer>``)."""
+GROUP_KINDS = ("category", "language", "position", "column")
+"""Groupings of summary.json: syntax category, document language, and the log2 buckets of the
+token's position in its document and of its byte column within its line."""
+N_POSITION_BUCKETS = 32
+
+
+def bucket_names() -> list[str]:
+    """Names of the log2 position buckets: ``0``, ``1``, ``2-3``, ``4-7``, ..."""
+    return ["0", "1"] + [f"{2 ** (b - 1)}-{2**b - 1}" for b in range(2, N_POSITION_BUCKETS)]
+
+
+def position_bucket(values: np.ndarray) -> np.ndarray:
+    """log2 bucket of non-negative integers (0 -> 0, 1 -> 1, [2^(b-1), 2^b) -> b); -1 stays -1."""
+    v = np.asarray(values, dtype=np.int64)
+    b = np.where(v < 1, 0, np.floor(np.log2(np.maximum(v, 1))).astype(np.int64) + 1)
+    return np.where(v < 0, -1, np.minimum(b, N_POSITION_BUCKETS - 1)).astype(np.int64)
+
 
 GroupIds = Mapping[str, tuple[Tensor, Sequence[str]]]
 """Groupings of a shard's tokens: kind (``category``, ``language``) -> ``(ids [T], names)``;
@@ -459,9 +481,11 @@ def _summarize(p: Mapping[str, Any], lookahead: Sequence[int]) -> dict[str, Any]
 
 
 def _ordered(groups: Mapping[str, Any], kind: str) -> list[str]:
-    """Categories in ``CATEGORIES`` order, languages alphabetically."""
+    """Categories in ``CATEGORIES`` order, position buckets ascending, languages alphabetically."""
     if kind == "category":
         return [c for c in CATEGORIES if c in groups] + sorted(set(groups) - set(CATEGORIES))
+    if kind in ("position", "column"):
+        return sorted(groups, key=lambda name: int(name.split("-")[0]))
     return sorted(groups)
 
 
@@ -490,23 +514,32 @@ def finalize(merged: Mapping[str, Any], lookahead: Sequence[int]) -> dict[str, A
     # Lower edge of the log-prob bin: bin i holds (-(i+1)/8, -i/8].
     lp_edges = [-(i + 1) * LOGPROB_BIN_WIDTH for i in range(LOGPROB_BINS)]
     layer_keys = sorted((k for k in merged if k.isdigit()), key=int)
-    layers = []
-    for layer in layer_keys:
-        p = merged[layer]
-        entry = {"layer": int(layer), **_summarize(p, lookahead)}
+    attn_keys = sorted(
+        (k for k in merged if k.startswith(ATTN_PREFIX)), key=lambda k: int(k[len(ATTN_PREFIX) :])
+    )
+
+    def entry_of(key: str, layer: int, site: str) -> dict[str, Any]:
+        p = merged[key]
+        entry = {"layer": layer, "site": site, **_summarize(p, lookahead)}
         entry["target_logprob_quantiles"] = _quantiles(p["logprob_hist"][::-1], lp_edges[::-1])
         entry["rank_histogram_log2"] = p["rank_hist"]
-        for kind in ("category", "language"):
+        for kind in GROUP_KINDS:
             groups = p.get(f"by_{kind}", {})
             entry[f"by_{kind}"] = {
                 g: _summarize(groups[g], lookahead) for g in _ordered(groups, kind)
             }
-        layers.append(entry)
+        return entry
+
     summary: dict[str, Any] = {
         "quantile_method": "lower edge of the histogram bin holding the quantile "
         "(ranks: log2 bins; log-probs: 1/8-nat bins)",
         "categories": list(CATEGORIES),
-        "layers": layers,
+        "position_buckets": "log2 buckets: 0, 1, 2-3, 4-7, ... of the token's position in its "
+        "document (by_position) and of its byte offset from its line's start (by_column)",
+        "layers": [entry_of(k, int(k), "block") for k in layer_keys],
+        "attn_layers": [
+            entry_of(k, int(k[len(ATTN_PREFIX) :]), "attn") for k in attn_keys
+        ],
     }
     conv = merged.get(CONVERGENCE_KEY)
     if conv is not None:
@@ -521,7 +554,7 @@ def finalize(merged: Mapping[str, Any], lookahead: Sequence[int]) -> dict[str, A
                     g: _convergence_summary(conv.get(f"by_{kind}", {})[g], conv_layers)
                     for g in _ordered(conv.get(f"by_{kind}", {}), kind)
                 }
-                for kind in ("category", "language")
+                for kind in GROUP_KINDS
             },
         }
     return summary

@@ -167,12 +167,15 @@ class TokenSpans:
         byte_end: ``[n]`` int32: one past its last byte (== ``byte_start`` for an empty span).
         line: ``[n]`` int32: 1-based line of the span's first character.
         category: ``[n]`` int8: index into :data:`CATEGORIES`.
+        column: ``[n]`` int32: byte offset of ``byte_start`` from the start of its line (None
+            when not computed).
     """
 
     byte_start: np.ndarray
     byte_end: np.ndarray
     line: np.ndarray
     category: np.ndarray
+    column: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.byte_start.shape[0])
@@ -184,6 +187,7 @@ class TokenSpans:
             self.byte_end[start:stop].copy(),
             self.line[start:stop].copy(),
             self.category[start:stop].copy(),
+            None if self.column is None else self.column[start:stop].copy(),
         )
 
     def category_names(self) -> list[str]:
@@ -329,7 +333,9 @@ def token_spans(text: str, offsets: Sequence[tuple[int, int]], language: str | N
     n = len(offsets)
     if n == 0:
         empty = np.zeros(0, dtype=np.int32)
-        return TokenSpans(empty, empty.copy(), empty.copy(), np.zeros(0, dtype=np.int8))
+        return TokenSpans(
+            empty, empty.copy(), empty.copy(), np.zeros(0, dtype=np.int8), empty.copy()
+        )
     off = np.asarray(offsets, dtype=np.int64).reshape(n, 2).clip(0, n_chars)
     covered_before = np.concatenate(([0], np.maximum.accumulate(off[:, 1])[:-1]))
     starts_after = np.minimum.accumulate(off[::-1, 0])[::-1]
@@ -341,6 +347,10 @@ def token_spans(text: str, offsets: Sequence[tuple[int, int]], language: str | N
     utf8_len = 1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000)
     char_to_byte = np.concatenate(([0], np.cumsum(utf8_len)))
     newlines_before = np.concatenate(([0], np.cumsum(cps == 0x0A)))
+    # line_start[c]: the first character of the line holding character c (after the last '\n'
+    # before c), by a running maximum over the characters following a newline.
+    after_newline = np.where(np.concatenate(([True], cps[:-1] == 0x0A))[:n_chars], np.arange(n_chars), 0)
+    line_start = np.append(np.maximum.accumulate(after_newline), n_chars)
 
     cats = char_categories(text, language)
     # next_solid[c]: the first character >= c whose category is not whitespace (n_chars if none),
@@ -356,6 +366,7 @@ def token_spans(text: str, offsets: Sequence[tuple[int, int]], language: str | N
         byte_end=char_to_byte[end].astype(np.int32),
         line=(1 + newlines_before[start]).astype(np.int32),
         category=category,
+        column=(char_to_byte[start] - char_to_byte[line_start[start]]).astype(np.int32),
     )
 
 

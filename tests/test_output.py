@@ -19,7 +19,7 @@ def _table(n: int) -> pa.Table:
 def test_schema_has_the_design_columns_and_drops_switched_off_ones():
     full = lens_schema(5, 2, ["py"], entropy=True, kl_final=True)
     assert full.names == [
-        "doc", "pos", "layer", "token_id", "target_id", "line", "byte_start", "byte_end",
+        "doc", "pos", "layer", "site", "token_id", "target_id", "line", "byte_start", "byte_end",
         "category", "lse", "entropy", "target_logprob",
         "target_rank", "kl_final", "topk_ids", "topk_logprobs", "ahead_logprob", "ahead_rank",
         "set_py", "residual_finite",

@@ -121,6 +121,7 @@ def test_report_from_the_cli(run, report_index):
         "layers",
         "categories",
         "languages",
+        "positions",
         "ranks",
         "convergence",
         "token_sets",
@@ -230,7 +231,7 @@ def test_report_renders_in_headless_chromium(run, report_index, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     dom = done.stdout
     seen = json.loads(dom.split('<pre id="out">', 1)[1].split("</pre>", 1)[0].replace("&amp;", "&"))
-    assert len(seen["imgs"]) == 7
+    assert len(seen["imgs"]) == 8
     for src, width, height in seen["imgs"]:
         assert width > 500 and height > 300, f"{src} did not load or decode in the browser"
     n_layers = len(json.loads((run_dir / "summary.json").read_text())["layers"])

@@ -1,4 +1,4 @@
-"""The ``codelens`` command: run, status, schema, demo."""
+"""The ``codelens`` command: run, status, schema, demo, report, plot, bench, compare."""
 
 from __future__ import annotations
 
@@ -249,6 +249,30 @@ def bench(
         highlight=False,
         markup=False,
     )
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Two or more finished run directories (with summary.json).")
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write index.html and compare.png.")],
+    allow_different_corpora: Annotated[
+        bool,
+        typer.Option(
+            "--allow-different-corpora",
+            help="Compare runs whose docs.parquet differ (different documents or token counts).",
+        ),
+    ] = False,
+) -> None:
+    """Overlay several runs' per-layer curves on a relative-depth axis (layer / L)."""
+    from codelens.engine.compare import build_comparison
+
+    try:
+        index = build_comparison(run_dirs, out, allow_different_corpora=allow_different_corpora)
+    except CodelensError as e:
+        _fail(e)
+    err.print(f"comparison: {index}", highlight=False)
 
 
 def main() -> None:

@@ -1,41 +1,59 @@
 """``codelens demo OUT_DIR``: the main job on the embedded default, with nothing to download.
 
-It builds a small Llama-style model locally (random weights and a byte-level BPE tokenizer trained
-on standard-library files) into ``OUT_DIR/model``, writes ``OUT_DIR/job.yaml`` over a deterministic
-sample of the running Python's standard library, and runs it into ``OUT_DIR/run``. The job file
-is an ordinary spec: ``codelens run OUT_DIR/job.yaml`` reruns (resumes) it.
+The model is the bundled ``codelens-stdlib-py`` (a 4-layer Llama-style code LM trained from scratch
+on the CPython standard library, shipped as package data: see
+``codelens.engine.default_model`` and its ``MODEL_CARD.md``). The demo copies it to
+``OUT_DIR/model`` (so ``codelens plot --model OUT_DIR/model`` works too), writes
+``OUT_DIR/job.yaml`` over a deterministic sample of the running Python's standard library,
+*held-out files only* (the model never saw them), runs it into ``OUT_DIR/run`` and writes the
+HTML report into ``OUT_DIR/run/report``. The job file is an ordinary spec:
+``codelens run OUT_DIR/job.yaml`` reruns (resumes) it.
 """
 
 from __future__ import annotations
 
 import json
-import sysconfig
+import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from codelens.engine.default_model import default_model_dir, held_out_sample
 from codelens.engine.schemas import load_spec
-from codelens.engine.tiny_models import build_tiny_model
 from codelens.workers.job import JobOutcome, run_job
 
-DEMO_FAMILY = "llama"
-DEMO_LAYERS = 4
-DEMO_D_MODEL = 64
 DEMO_MAX_FILE_BYTES = 40_000
+DEMO_MIN_FILE_BYTES = 2_000
+
+MODEL_FILES: tuple[str, ...] = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "MODEL_CARD.md",
+)
+"""Files of the bundled model that the demo copies to ``OUT_DIR/model``."""
 
 
 def stdlib_sample(n_files: int) -> list[Path]:
-    """``n_files`` standard-library modules, evenly spaced over the sorted list (deterministic)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    candidates = sorted(
-        p for p in stdlib.glob("*.py") if 2_000 <= p.stat().st_size <= DEMO_MAX_FILE_BYTES
-    )
-    if not candidates:
-        raise FileNotFoundError(f"no standard-library sources found under {stdlib}")
-    n = min(n_files, len(candidates))
-    step = len(candidates) / n
-    return [candidates[int(i * step)] for i in range(n)]
+    """``n_files`` held-out standard-library files, evenly spaced over the sorted list."""
+    return held_out_sample(n_files, min_bytes=DEMO_MIN_FILE_BYTES, max_bytes=DEMO_MAX_FILE_BYTES)
+
+
+def install_model(model_dir: Path) -> Path:
+    """Copy the bundled model to ``model_dir`` (files that differ or are missing only)."""
+    src = default_model_dir()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        s, d = src / name, model_dir / name
+        if not s.exists():
+            if name == "MODEL_CARD.md":
+                continue
+            raise FileNotFoundError(f"the bundled model is incomplete: {s} is missing")
+        if not d.exists() or d.read_bytes() != s.read_bytes():
+            shutil.copyfile(s, d)
+    return model_dir
 
 
 def demo_spec_data(out_dir: Path, files: list[Path]) -> dict[str, Any]:
@@ -43,7 +61,8 @@ def demo_spec_data(out_dir: Path, files: list[Path]) -> dict[str, Any]:
     return {
         "schema_version": 1,
         "name": "demo",
-        "model": {"path": str(out_dir / "model"), "dtype": "float32", "device": "auto"},
+        # "auto" is float32 on a CPU (the bf16 weights are upcast), the checkpoint's dtype on a GPU.
+        "model": {"path": str(out_dir / "model"), "dtype": "auto", "device": "auto"},
         "corpus": {"kind": "files", "paths": [str(p) for p in files]},
         "tokens": {"window": 256, "overlap": 32, "add_bos": True},
         "lens": {
@@ -57,14 +76,33 @@ def demo_spec_data(out_dir: Path, files: list[Path]) -> dict[str, Any]:
     }
 
 
+def write_demo_report(run_dir: Path) -> Path | None:
+    """The HTML report of the run (``codelens report``), or None if it cannot be drawn here."""
+    try:
+        from codelens.engine.report import build_report
+    except ImportError:  # an install without the report module
+        return None
+    try:
+        return build_report(run_dir)
+    except ImportError:  # matplotlib missing: the run itself is complete
+        return None
+
+
 def run_demo(out_dir: Path, *, n_files: int = 24) -> tuple[JobOutcome, dict[str, Any]]:
-    """Build the model if needed, write the job, run it; returns the outcome and summary.json."""
+    """Copy the bundled model, write the job, run it, write the report.
+
+    Returns:
+        The outcome and ``summary.json``.
+    """
     out_dir = Path(out_dir).resolve()
-    model_dir = out_dir / "model"
-    if not (model_dir / "model.safetensors").exists():
-        build_tiny_model(model_dir, DEMO_FAMILY, n_layers=DEMO_LAYERS, d_model=DEMO_D_MODEL, seed=0)
+    install_model(out_dir / "model")
     job_file = out_dir / "job.yaml"
-    job_file.write_text(yaml.safe_dump(demo_spec_data(out_dir, stdlib_sample(n_files)), sort_keys=False))
+    spec_data = demo_spec_data(out_dir, stdlib_sample(n_files))
+    job_file.write_text(yaml.safe_dump(spec_data, sort_keys=False))
     outcome = run_job(load_spec(job_file))
-    summary = json.loads((out_dir / "run" / "summary.json").read_text())
+    run_dir = out_dir / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    index = write_demo_report(run_dir)
+    if index is not None:
+        print(f"report: {index}")
     return outcome, summary

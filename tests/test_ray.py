@@ -1,0 +1,346 @@
+"""The Ray backend end to end, on the session's local Ray instance (``ray_cluster``, 2 CPUs).
+
+Every Ray run is compared with the local backend's run of the same job: rows must be equal, row
+for row and bit for bit, and summary.json identical. Faults are real ones: worker processes killed
+with SIGKILL from the test, the driver (a ``codelens run`` subprocess) killed with SIGKILL, and a
+document the model genuinely cannot run (a token id beyond its embedding table). One fault needs
+the test-only hook ``CODELENS_CRASH_SHARDS``: a worker that dies every time it touches one shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("ray")
+
+from codelens.engine.schemas import JobSpec, validate_spec  # noqa: E402
+from codelens.workers.job import JobFailedError, run_job  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+N_DOCS = 8
+
+
+def write_corpus(root: Path, extra: dict[str, str] | None = None) -> Path:
+    """Eight Python files of ~230 tokens: with 64-token windows, about 33 shards of 48 tokens."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(N_DOCS):
+        body = "".join(
+            f"def f{j}_{i}(x, y):\n    if x > {j}:\n        return x * {i} + y\n    return None\n\n"
+            for j in range(6)
+        )
+        (root / f"m{i}.py").write_text(body)
+    for name, text in (extra or {}).items():
+        (root / name).write_text(text)
+    return root
+
+
+def make_spec(
+    model_dir: Path, corpus: Path, out: Path, *, backend: str = "ray", **execution: Any
+) -> JobSpec:
+    return validate_spec(
+        {
+            "name": "ray-test",
+            "model": {"path": str(model_dir), "device": "cpu"},
+            "corpus": {"kind": "files", "paths": [str(corpus / "*.py")]},
+            "tokens": {"window": 64, "overlap": 8},
+            "lens": {"k": 5, "lookahead": [2], "token_sets": {"kw": ["def", "return"]}},
+            "output": {"dir": str(out), "shard_tokens": 48},
+            "execution": {"backend": backend, "workers": 2, "batch_tokens": 256, **execution},
+        }
+    )
+
+
+def assert_same_rows(a: pa.Table, b: pa.Table) -> None:
+    """Tables equal column by column, NaN equal to NaN (pyarrow's equals says NaN != NaN)."""
+    key = [("layer", "ascending"), ("doc", "ascending"), ("pos", "ascending")]
+    a, b = a.sort_by(key), b.sort_by(key)
+    assert a.schema == b.schema and a.num_rows == b.num_rows
+    for name in a.column_names:
+        x = a.column(name).to_numpy(zero_copy_only=False)
+        y = b.column(name).to_numpy(zero_copy_only=False)
+        if x.dtype == object:
+            x, y = np.stack(x), np.stack(y)
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def assert_each_row_once(table: pa.Table) -> None:
+    keys = np.stack([table.column(c).to_numpy() for c in ("doc", "pos", "layer")], axis=1)
+    assert len(np.unique(keys, axis=0)) == table.num_rows, "a (doc, pos, layer) row is duplicated"
+
+
+def manifest_shards(run_dir: Path) -> list[int]:
+    path = run_dir / "_manifest.jsonl"
+    if not path.exists():
+        return []
+    shards = []
+    for line in path.read_text().splitlines():
+        try:
+            shards.append(json.loads(line)["shard"])
+        except json.JSONDecodeError:
+            pass  # a torn last line, being written
+    return shards
+
+
+def status(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "_status.json").read_text())
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("ray-corpus"))
+
+
+@contextlib.contextmanager
+def actor_threads() -> Iterator[None]:
+    """Run torch in this process with the threads of a session-cluster actor (1).
+
+    Two actors share the session's 2 CPUs, so each runs one torch thread. A float reduction split
+    over more threads may round differently in the last bit, so a bit-for-bit reference must use
+    the same thread count; any other difference is a real bug.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_local(spec: JobSpec) -> None:
+    with actor_threads():
+        run_job(spec, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_model_dir, corpus, tmp_path_factory) -> Path:
+    """The reference: the same job on the local backend."""
+    out = tmp_path_factory.mktemp("ray-ref") / "run"
+    run_local(make_spec(tiny_model_dir("llama"), corpus, out, backend="local"))
+    assert len(manifest_shards(out)) > 20, "the job must have many shards for the fault tests"
+    return out
+
+
+def test_missing_ray_is_named(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    from codelens.engine.errors import CodelensError
+    from codelens.workers import ray_backend
+
+    monkeypatch.setattr(ray_backend, "ray", None)
+    with pytest.raises(CodelensError, match=r"pip install 'code-llm-lens\[ray\]'"):
+        run_job(make_spec(tiny_model_dir("llama"), corpus, tmp_path / "run"), show_progress=False)
+
+
+def test_cpu_workers_share_the_cores(ray_cluster, tiny_model_dir, corpus, tmp_path):
+    import ray
+
+    from codelens.workers.ray_backend import RayExecutor
+
+    # Actors of an earlier test are released asynchronously: wait for the 2 CPUs to be free.
+    wait_for(lambda: ray.available_resources().get("CPU", 0) == 2, 30, "the CPUs to be free")
+    model = tiny_model_dir("llama")
+    plans = {
+        n: RayExecutor(make_spec(model, corpus, tmp_path, workers=n))._plan_actors()
+        for n in (1, 2, 4)
+    }
+    # (actors, resources per actor, torch threads per actor)
+    assert plans[1] == (1, {"num_cpus": 1.0, "num_gpus": 0, "scheduling_strategy": "SPREAD"}, 2)
+    assert plans[2] == (2, {"num_cpus": 1.0, "num_gpus": 0, "scheduling_strategy": "SPREAD"}, 1)
+    assert plans[4] == (4, {"num_cpus": 0.5, "num_gpus": 0, "scheduling_strategy": "SPREAD"}, 1)
+
+
+def test_ray_run_equals_the_local_run(ray_cluster, tiny_model_dir, corpus, local_run, tmp_path):
+    out = tmp_path / "run"
+    outcome = run_job(make_spec(tiny_model_dir("llama"), corpus, out), show_progress=False)
+
+    assert outcome.state == "done" and outcome.resolved["backend"] == "ray"
+    workers = outcome.resolved["workers"]
+    assert len(workers) == 2 and len({w["pid"] for w in workers}) == 2
+    assert all(w["pid"] != os.getpid() and w["torch_threads"] == 1 for w in workers)
+    assert outcome.resolved["ray"]["started_local_cluster"] is False  # attached to the session's
+    assert_same_rows(pq.read_table(out / "lens"), pq.read_table(local_run / "lens"))
+    assert (out / "summary.json").read_text() == (local_run / "summary.json").read_text()
+    assert sorted(manifest_shards(out)) == sorted(manifest_shards(local_run))
+    st = status(out)
+    assert (st["state"], st["workers_alive"], st["retries"], st["failures"]) == ("done", 2, 0, [])
+
+
+def test_killed_workers_are_restarted_and_every_row_is_written_once(
+    ray_cluster, tiny_model_dir, corpus, local_run, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from codelens.workers.cli import app
+
+    out = tmp_path / "run"
+    errors: list[BaseException] = []
+
+    def job() -> None:
+        try:
+            run_job(make_spec(tiny_model_dir("llama"), corpus, out), show_progress=False)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    driver = threading.Thread(target=job)
+    driver.start()
+    wait_for(lambda: len(manifest_shards(out)) >= 1 or not driver.is_alive(), 180, "a first commit")
+    total = len(manifest_shards(local_run))
+    assert len(manifest_shards(out)) < total, "the job ended before the workers could be killed"
+    pids = [w["pid"] for w in json.loads((out / "job.json").read_text())["resolved"]["workers"]]
+    for pid in pids:  # both: the job can only finish on restarted processes that reloaded the model
+        os.kill(pid, signal.SIGKILL)
+    driver.join(timeout=300)
+    assert not driver.is_alive(), "the job hung after its workers were killed"
+    if errors:
+        raise errors[0]
+
+    table = pq.read_table(out / "lens")
+    assert_each_row_once(table)
+    assert_same_rows(table, pq.read_table(local_run / "lens"))
+    assert (out / "summary.json").read_text() == (local_run / "summary.json").read_text()
+    assert sorted(manifest_shards(out)) == list(range(total)), "each shard committed exactly once"
+    st = status(out)
+    assert st["state"] == "done" and st["failures"] == []
+    assert st["retries"] >= 2, "each killed worker held at least one shard that had to run again"
+    assert 1 <= st["workers_alive"] <= 2
+
+    shown = CliRunner().invoke(app, ["status", str(out)])
+    assert shown.exit_code == 0, shown.output
+    words = [line.split() for line in shown.output.splitlines() if line.strip()]
+    rows = {" ".join(w[:-1]): w[-1] for w in words}
+    assert rows["retries"] == str(st["retries"])
+    assert rows["workers alive"] == str(st["workers_alive"])
+
+
+def test_killed_driver_resumes_with_each_row_once(
+    ray_cluster, tiny_model_dir, corpus, local_run, tmp_path
+):
+    out = tmp_path / "run"
+    spec = make_spec(tiny_model_dir("llama"), corpus, out, ray_address=ray_cluster)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    command = [sys.executable, "-m", "codelens.workers.cli", "run", str(job_file)]
+    log_file = tmp_path / "driver.log"
+    with open(log_file, "wb") as sink:
+        driver = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        ended = lambda: len(manifest_shards(out)) >= 2 or driver.poll() is not None  # noqa: E731
+        wait_for(ended, 180, "two commits")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == -signal.SIGKILL, log_file.read_text()[-2000:]
+    before = manifest_shards(out)
+    total = len(manifest_shards(local_run))
+    assert 2 <= len(before) < total, "the driver must die mid-run"
+    assert status(out)["state"] == "running", "a killed driver leaves its last status behind"
+
+    # The same job again (in this process, which attaches to the same Ray instance).
+    outcome = run_job(spec, show_progress=False)
+    assert outcome.shards_run == total - len(set(before))
+    table = pq.read_table(out / "lens")
+    assert_each_row_once(table)
+    assert_same_rows(table, pq.read_table(local_run / "lens"))
+    assert sorted(set(manifest_shards(out))) == list(range(total))
+    assert status(out)["state"] == "done"
+
+
+@pytest.fixture(scope="module")
+def poisoned(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A model whose tokenizer has a token its embedding table lacks, and a corpus that uses it.
+
+    A real-world mismatch: a tokenizer given extra special tokens without resizing the model's
+    embeddings. The load-time probe never meets the token, so the job starts, and every forward
+    pass over the document holding it raises ``IndexError`` (on a CPU) deterministically.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    model_dir = tmp_path_factory.mktemp("poisoned") / "model"
+    shutil.copytree(tiny_model_dir("llama", vocab_size=400), model_dir)  # no padded rows
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    tokenizer.save_pretrained(model_dir)
+    assert tokenizer.convert_tokens_to_ids("<|extra|>") == 400
+    corpus = tmp_path_factory.mktemp("poisoned-corpus")
+    write_corpus(corpus, {"m3b.py": "marker = '<|extra|>'\n"})
+    return model_dir, corpus
+
+
+def test_poisoned_shard_fails_after_three_attempts_and_only_it_is_retried(
+    ray_cluster, poisoned, tmp_path
+):
+    model_dir, corpus = poisoned
+    local_out, out = tmp_path / "local", tmp_path / "run"
+    with pytest.raises(JobFailedError):
+        run_local(make_spec(model_dir, corpus, local_out, backend="local"))
+    [expected] = status(local_out)["failures"]
+    assert expected["error"] == "IndexError: index out of range in self"
+
+    named = rf"shard {expected['shard']}: IndexError: index out of range"
+    with pytest.raises(JobFailedError, match=named):
+        run_job(make_spec(model_dir, corpus, out), show_progress=False)
+    st = status(out)
+    assert st["state"] == "failed"
+    error = f"{expected['error']} (after 3 attempts)"
+    assert st["failures"] == [{"shard": expected["shard"], "error": error}]
+    assert st["retries"] == 2, "two retries, then the third failure is final"
+    # Everything else is committed, and equal to what the local backend committed.
+    assert sorted(manifest_shards(out)) == sorted(manifest_shards(local_out))
+    assert_same_rows(pq.read_table(out / "lens"), pq.read_table(local_out / "lens"))
+
+    # A rerun runs that shard alone (the committed parts are untouched) and names it again.
+    parts = {p.name: p.stat().st_mtime_ns for p in (out / "lens").glob("part-*.parquet")}
+    with pytest.raises(JobFailedError, match=rf"1 shard\(s\) failed \(shard {expected['shard']}:"):
+        run_job(make_spec(model_dir, corpus, out), show_progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "lens").glob("part-*.parquet")} == parts
+    st = status(out)
+    assert st["shards_done"] == st["shards_total"] - 1 and st["retries"] == 2
+
+
+def test_shard_that_kills_every_worker_is_given_up_and_later_completed(
+    ray_cluster, tiny_model_dir, corpus, local_run, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    spec = make_spec(tiny_model_dir("llama"), corpus, out)
+    monkeypatch.setenv("CODELENS_CRASH_SHARDS", "5")
+    with pytest.raises(JobFailedError, match=r"1 shard\(s\) failed \(shard 5: worker died"):
+        run_job(spec, show_progress=False)
+    st = status(out)
+    assert [f["shard"] for f in st["failures"]] == [5]
+    assert st["failures"][0]["error"].endswith("(after 3 attempts)")
+    # The shards queued behind shard 5 on the dying workers were requeued without blame.
+    total = len(manifest_shards(local_run))
+    assert sorted(manifest_shards(out)) == [i for i in range(total) if i != 5]
+    assert st["retries"] >= 2
+
+    monkeypatch.delenv("CODELENS_CRASH_SHARDS")
+    assert run_job(spec, show_progress=False).shards_run == 1
+    assert_same_rows(pq.read_table(out / "lens"), pq.read_table(local_run / "lens"))
+    assert (out / "summary.json").read_text() == (local_run / "summary.json").read_text()

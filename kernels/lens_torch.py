@@ -234,17 +234,28 @@ def _token_block(
     top_values = torch.empty(n_layers, n_tok, 0, device=x.device)
     top_ids = torch.empty(n_layers, n_tok, 0, dtype=torch.int64, device=x.device)
 
+    z_buf = torch.empty(n_layers * n_tok * vocab_chunk, device=x.device)
+    e_buf = torch.empty_like(z_buf)
     for v0 in range(0, n_vocab, vocab_chunk):
         v1 = min(n_vocab, v0 + vocab_chunk)
         w = head.unembed[v0:v1].to(fp32)  # [Vc, d]; a view when the head is fp32
         b = head.unembed_bias[v0:v1] if head.unembed_bias is not None else None
-        z = head.postprocess(x @ w.T, b)  # [L, Tb, Vc]
+        n = v1 - v0
+        # Logits and exp go into buffers reused across chunks: a fresh tensor of this size costs
+        # page faults on every chunk on a CPU. A flat prefix of a buffer is contiguous at any n.
+        z = head.postprocess(torch.matmul(x, w.T, out=z_buf[: n_layers * n_tok * n].view(n_layers, n_tok, n)), b)
+
+        # The chunk's top-k holds its max: no separate pass over z for it.
+        values, ids = _chunk_topk(z, request.k, v0)
+        top_values, top_ids = _merge_topk(
+            torch.cat([top_values, values], -1), torch.cat([top_ids, ids], -1), request.k
+        )
 
         # One exp per logit; every sum below reuses it. e = exp(z - m) is built in place, and
         # t = sum e (z - m) = <e, z> - m s (the cancellation costs ~1e-7 * |m|: negligible).
-        m_new = torch.maximum(m, z.amax(-1))
+        m_new = torch.maximum(m, values.amax(-1))
         alpha = _rescale(s, m, m_new)
-        e = torch.sub(z, m_new[..., None]).exp_()
+        e = torch.sub(z, m_new[..., None], out=e_buf[: z.numel()].view(z.shape)).exp_()
         s_chunk = e.sum(-1)
         shift = torch.where(s > 0, s * (m - m_new), 0.0)
         t = (t + shift) * alpha + _rowdot(e, z) - m_new * s_chunk
@@ -272,11 +283,6 @@ def _token_block(
                 local = (targets[:, c] - v0).clamp(0, v1 - v0 - 1)
                 gathered = z.gather(-1, local.view(1, -1, 1).expand(n_layers, -1, 1))[..., 0]
                 z_target[..., c] = torch.where(inside, gathered, z_target[..., c])
-
-        values, ids = _chunk_topk(z, request.k, v0)
-        top_values, top_ids = _merge_topk(
-            torch.cat([top_values, values], -1), torch.cat([top_ids, ids], -1), request.k
-        )
 
     log_s = torch.log(s)
     lse = m + log_s

@@ -51,7 +51,12 @@ def family_errors(family: str, root: Path, impl: str) -> dict[str, float]:
             "model": {"path": str(model_dir), "device": "cpu"},
             "corpus": {"paths": [str(corpus / "*.py")]},
             "tokens": {"window": 128, "overlap": 16},
-            "lens": {"k": 5, "lookahead": [2, 3], "impl": impl, "token_sets": {"kw": ["def", "return", "import"]}},
+            "lens": {
+                "k": 5,
+                "lookahead": [2, 3],
+                "impl": impl,
+                "token_sets": {"kw": ["def", "return", "import"]},
+            },
             "output": {"dir": str(root / f"{family}-run")},
         }
     )
@@ -68,8 +73,13 @@ def family_errors(family: str, root: Path, impl: str) -> dict[str, float]:
     for doc, text in enumerate(SNIPPETS):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            out = loaded.model(torch.tensor([[bos] + ids]), output_hidden_states=True, use_cache=False)
-        z = [head.logits(out.hidden_states[layer][0, 1:].double(), torch.float64) for layer in range(n_blocks)]
+            out = loaded.model(
+                torch.tensor([[bos] + ids]), output_hidden_states=True, use_cache=False
+            )
+        z = [
+            head.logits(out.hidden_states[layer][0, 1:].double(), torch.float64)
+            for layer in range(n_blocks)
+        ]
         z = torch.stack([*z, out.logits[0, 1:].double()])
         n = len(ids)
         targets = torch.full((n, 3), -1, dtype=torch.long)
@@ -87,16 +97,24 @@ def family_errors(family: str, root: Path, impl: str) -> dict[str, float]:
             return v.reshape(n_blocks + 1, _n, *v.shape[1:])
 
         ref = {
-            "lse": want.lse, "entropy": want.entropy, "target_logprob": want.target_logprob,
-            "kl_final": want.kl_final, "topk_logprobs": want.topk_logprobs,
-            "ahead_logprob": want.ahead_logprob, "set_kw": want.set_logmass[..., 0],
-            "target_rank": want.target_rank, "ahead_rank": want.ahead_rank, "topk_ids": want.topk_ids,
+            "lse": want.lse,
+            "entropy": want.entropy,
+            "target_logprob": want.target_logprob,
+            "kl_final": want.kl_final,
+            "topk_logprobs": want.topk_logprobs,
+            "ahead_logprob": want.ahead_logprob,
+            "set_kw": want.set_logmass[..., 0],
+            "target_rank": want.target_rank,
+            "ahead_rank": want.ahead_rank,
+            "topk_ids": want.topk_ids,
         }
         for name in FLOAT:
             diff = np.abs(col(name).astype(np.float64) - ref[name].numpy().astype(np.float64))
             errors[name] = max(errors[name], float(np.nanmax(diff)))
         for name in INT:
-            errors[name] = max(errors[name], int(np.abs(col(name).astype(np.int64) - ref[name].numpy()).max()))
+            errors[name] = max(
+                errors[name], int(np.abs(col(name).astype(np.int64) - ref[name].numpy()).max())
+            )
     return errors
 
 
@@ -109,7 +127,9 @@ def main() -> None:
         for family in TINY_FAMILIES:
             results[family] = family_errors(family, Path(tmp), args.impl)
             print(family, results[family], file=sys.stderr)
-    versions = {d: importlib.metadata.version(d) for d in ("code-llm-lens", "torch", "transformers")}
+    versions = {
+        d: importlib.metadata.version(d) for d in ("code-llm-lens", "torch", "transformers")
+    }
     report = {
         "impl": args.impl,
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
@@ -132,9 +152,17 @@ def main() -> None:
         "|---|" + "---:|" * len(cols),
     ]
     for family, errs in results.items():
-        lines.append(f"| {family} | " + " | ".join(f"{errs[c]:.1e}" if c in FLOAT else str(errs[c]) for c in cols) + " |")
+        lines.append(
+            f"| {family} | "
+            + " | ".join(f"{errs[c]:.1e}" if c in FLOAT else str(errs[c]) for c in cols)
+            + " |"
+        )
     worst = {c: max(r[c] for r in results.values()) for c in cols}
-    lines.append("| **worst** | " + " | ".join(f"**{worst[c]:.1e}**" if c in FLOAT else f"**{worst[c]}**" for c in cols) + " |")
+    lines.append(
+        "| **worst** | "
+        + " | ".join(f"**{worst[c]:.1e}**" if c in FLOAT else f"**{worst[c]}**" for c in cols)
+        + " |"
+    )
     (out / f"accuracy_families-{args.impl}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -91,8 +91,15 @@ def check(model: str, n_tokens: int, config, device: str) -> dict:
     name, d, V, n_layers = MODELS[model]
     hidden, head, targets, request = make_problem(d, V, n_layers, n_tokens, device, seed=1)
     final = hidden[-1]
-    fields = ("lse", "entropy", "kl_final", "target_logprob", "ahead_logprob", "topk_logprobs",
-              "set_logmass")
+    fields = (
+        "lse",
+        "entropy",
+        "kl_final",
+        "target_logprob",
+        "ahead_logprob",
+        "topk_logprobs",
+        "set_logmass",
+    )
     report: dict = {"model": name, "rows": n_layers * n_tokens}
 
     exact = lens_stats_triton(
@@ -105,8 +112,9 @@ def check(model: str, n_tokens: int, config, device: str) -> dict:
     xs = normalized_rows(hidden.reshape(-1, d), head).view(n_layers, n_tokens, d)
     staged = dataclasses.replace(head, norm=_IdentityNorm(NormKind.RMS, None, None, 0.0))
     ref_staged = lens_stats_torch(xs, staged, targets, request, xs[-1])
-    report["bf16_vs_staged_torch"] = {f: _max_err(getattr(fast, f), getattr(ref_staged, f))
-                                      for f in fields}
+    report["bf16_vs_staged_torch"] = {
+        f: _max_err(getattr(fast, f), getattr(ref_staged, f)) for f in fields
+    }
     report["bf16_vs_raw_torch"] = {f: _max_err(getattr(fast, f), getattr(ref, f)) for f in fields}
     # Ranks and top-k ids: equal to the staged reference except against entries whose logits lie
     # within a rounding band of each other (fp32 dot products of length d in another order).
@@ -114,8 +122,9 @@ def check(model: str, n_tokens: int, config, device: str) -> dict:
     z = staged.logits(xs.float())  # [L, T, V] fp32: 1.7 GB at the default check shape
     tgt = targets.long()
     zt = z.gather(-1, tgt.clamp_min(0).expand(n_layers, -1, -1))  # [L, T, 1 + A]
-    n_close = torch.stack([((z - zt[..., c : c + 1]).abs() <= band).sum(-1) - 1
-                           for c in range(tgt.shape[1])], -1)
+    n_close = torch.stack(
+        [((z - zt[..., c : c + 1]).abs() <= band).sum(-1) - 1 for c in range(tgt.shape[1])], -1
+    )
     ranks = torch.cat([fast.target_rank[..., None], fast.ahead_rank], -1).long()
     want = torch.cat([ref_staged.target_rank[..., None], ref_staged.ahead_rank], -1).long()
     has = (tgt >= 0).expand_as(ranks)
@@ -130,10 +139,13 @@ def check(model: str, n_tokens: int, config, device: str) -> dict:
 
     again = lens_stats_triton(hidden, head, targets, request, final, config=config)
     report["deterministic"] = all(
-        torch.equal(a.view(torch.int32), b.view(torch.int32)) if a.is_floating_point()
+        torch.equal(a.view(torch.int32), b.view(torch.int32))
+        if a.is_floating_point()
         else torch.equal(a, b)
-        for a, b in ((getattr(fast, f.name), getattr(again, f.name))
-                     for f in dataclasses.fields(fast)) if a is not None
+        for a, b in (
+            (getattr(fast, f.name), getattr(again, f.name)) for f in dataclasses.fields(fast)
+        )
+        if a is not None
     )
     print(json.dumps(report, indent=2))
     assert report["deterministic"], "two runs differ"
@@ -201,18 +213,48 @@ def compile_only(config) -> dict:
 
     fn = lt._lens_main_kernel
     types = {
-        "x_ptr": "*bf16", "w_ptr": "*bf16", "stride_wv": "i32", "b_ptr": "*bf16",
-        "setm_ptr": "*fp32", "tgt_ptr": "*i32", "thr_ptr": "*fp32", "tau_ptr": "*fp32",
-        "pf_ptr": "*fp32", "pzt_ptr": "*fp32", "pcnt_ptr": "*i32", "pset_ptr": "*fp32",
-        "ptv_ptr": "*fp32", "pti_ptr": "*i32", "R_pad": "i32", "V": "i32", "D": "i32",
-        "n_chunks": "i32", "chunk_tiles": "i32", "n_row_blocks": "i32", "logit_scale": "fp32",
+        "x_ptr": "*bf16",
+        "w_ptr": "*bf16",
+        "stride_wv": "i32",
+        "b_ptr": "*bf16",
+        "setm_ptr": "*fp32",
+        "tgt_ptr": "*i32",
+        "thr_ptr": "*fp32",
+        "tau_ptr": "*fp32",
+        "pf_ptr": "*fp32",
+        "pzt_ptr": "*fp32",
+        "pcnt_ptr": "*i32",
+        "pset_ptr": "*fp32",
+        "ptv_ptr": "*fp32",
+        "pti_ptr": "*i32",
+        "R_pad": "i32",
+        "V": "i32",
+        "D": "i32",
+        "n_chunks": "i32",
+        "chunk_tiles": "i32",
+        "n_row_blocks": "i32",
+        "logit_scale": "fp32",
         "softcap": "fp32",
     }
     constexprs = {
-        "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-        "GROUP_M": config.group_m, "KP": 16, "C": 1 + LOOKAHEAD, "CP": 4, "NS": 1, "NSP": 1,
-        "LB": 8, "HAS_BIAS": False, "HAS_SCALE": False, "HAS_SOFTCAP": False, "ENTROPY": True,
-        "KL": True, "UPCAST": False, "EVEN_K": True, "DOT_PRECISION": "tf32",
+        "BLOCK_M": config.block_m,
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": config.block_k,
+        "GROUP_M": config.group_m,
+        "KP": 16,
+        "C": 1 + LOOKAHEAD,
+        "CP": 4,
+        "NS": 1,
+        "NSP": 1,
+        "LB": 8,
+        "HAS_BIAS": False,
+        "HAS_SCALE": False,
+        "HAS_SOFTCAP": False,
+        "ENTROPY": True,
+        "KL": True,
+        "UPCAST": False,
+        "EVEN_K": True,
+        "DOT_PRECISION": "tf32",
     }
     signature = {n: "constexpr" if n in constexprs else types[n] for n in fn.arg_names}
     aligned = [n for n, t in types.items() if t.startswith("*")] + ["stride_wv", "D", "R_pad"]
@@ -233,8 +275,9 @@ def compile_only(config) -> dict:
         from triton.tools.disasm import get_sass
 
         sass = get_sass(kernel.asm["cubin"])
-        result.update(hgmma=sass.count("HGMMA"), spill_stores=sass.count("STL"),
-                      spill_loads=sass.count("LDL"))
+        result.update(
+            hgmma=sass.count("HGMMA"), spill_stores=sass.count("STL"), spill_loads=sass.count("LDL")
+        )
     except Exception as exc:  # nvdisasm missing or format change: the PTX facts still stand
         result["sass"] = f"unavailable: {exc}"
     return result
@@ -266,8 +309,13 @@ def _markdown(meta: dict, results: list[dict], checks: list[dict]) -> str:
             f"| {r['kernel_peak_mem_gb']:.1f} |"
         )
     for c in checks:
-        lines += ["", f"Check at {c['model']}, {c['rows']} rows: passed", "```",
-                  json.dumps(c, indent=2), "```"]
+        lines += [
+            "",
+            f"Check at {c['model']}, {c['rows']} rows: passed",
+            "```",
+            json.dumps(c, indent=2),
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -281,14 +329,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
-    parser.add_argument("--rows", nargs="+", type=int, default=list(DEFAULT_ROWS),
-                        help="target rows (layers x tokens) per shape")
-    parser.add_argument("--check", action="store_true",
-                        help="compare with lens_stats_torch at a production shape before timing")
-    parser.add_argument("--check-tokens", type=int, default=96,
-                        help="tokens of the --check shape (all layers of Qwen2.5-Coder-7B)")
-    parser.add_argument("--compile-only", action="store_true",
-                        help="compile for sm_90 and report shared memory / spills (no GPU needed)")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_ROWS),
+        help="target rows (layers x tokens) per shape",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare with lens_stats_torch at a production shape before timing",
+    )
+    parser.add_argument(
+        "--check-tokens",
+        type=int,
+        default=96,
+        help="tokens of the --check shape (all layers of Qwen2.5-Coder-7B)",
+    )
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile for sm_90 and report shared memory / spills (no GPU needed)",
+    )
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -297,8 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     config_type = _config_type()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)
-                 if getattr(args, f.name) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(config_type)
+        if getattr(args, f.name) is not None
+    }
     config = dataclasses.replace(config_type(), **overrides)
 
     if args.compile_only:
@@ -326,10 +392,13 @@ def main(argv: list[str] | None = None) -> int:
             r = bench_shape(model, rows, config, args.warmup, args.rep, device)
             results.append(r)
             frac = r["fraction_of_matmul"]
-            print(f"{r['model']:>20s} rows={r['rows']:>6d}: kernel {r['kernel_ms']:8.2f} ms "
-                  f"{r['kernel_tflops']:6.0f} TFLOP/s | matmul "
-                  f"{r['matmul_tflops'] or float('nan'):6.0f} TFLOP/s | "
-                  f"{'n/a' if frac is None else f'{100 * frac:.1f} %'}", flush=True)
+            print(
+                f"{r['model']:>20s} rows={r['rows']:>6d}: kernel {r['kernel_ms']:8.2f} ms "
+                f"{r['kernel_tflops']:6.0f} TFLOP/s | matmul "
+                f"{r['matmul_tflops'] or float('nan'):6.0f} TFLOP/s | "
+                f"{'n/a' if frac is None else f'{100 * frac:.1f} %'}",
+                flush=True,
+            )
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()

@@ -35,19 +35,34 @@ RESULTS = HERE / "results"
 
 # name -> (family, HF config kwargs); random weights of these shapes
 SHAPES = {
-    "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=2048)),
+    "gpt2-small": (
+        "gpt2",
+        dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=2048),
+    ),
     "qwen2.5-coder-1.5b": (
         "qwen2",
         dict(
-            num_hidden_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
-            num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096,
+            num_hidden_layers=28,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            max_position_embeddings=4096,
         ),
     ),
     "codellama-7b": (
         "llama",
         dict(
-            num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-            num_key_value_heads=32, vocab_size=32016, tie_word_embeddings=False, max_position_embeddings=4096,
+            num_hidden_layers=32,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32016,
+            tie_word_embeddings=False,
+            max_position_embeddings=4096,
         ),
     ),
 }
@@ -83,7 +98,11 @@ def build_model(shape: str, out: Path, dtype: str) -> Path:
 
 
 def _machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -103,7 +122,15 @@ def _machine() -> dict:
 
 def _versions() -> dict:
     out = {}
-    for dist in ("code-llm-lens", "torch", "transformers", "triton", "transformer-lens", "tuned-lens", "numpy"):
+    for dist in (
+        "code-llm-lens",
+        "torch",
+        "transformers",
+        "triton",
+        "transformer-lens",
+        "tuned-lens",
+        "numpy",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -155,12 +182,21 @@ def _run_transformer_lens(loaded, ids):
 
     hf = loaded.model
     if loaded.family != "gpt2":
-        raise NotImplementedError("this harness converts GPT-2-family weights only for TransformerLens")
+        raise NotImplementedError(
+            "this harness converts GPT-2-family weights only for TransformerLens"
+        )
     c = hf.config
     cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head,
-        n_heads=c.n_head, d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new",
-        normalization_type="LN", device=str(loaded.device),
+        n_layers=c.n_layer,
+        d_model=c.n_embd,
+        n_ctx=c.n_positions,
+        d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head,
+        d_mlp=4 * c.n_embd,
+        d_vocab=c.vocab_size,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        device=str(loaded.device),
     )
     tl_model = HookedTransformer(cfg)
     tl_model.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
@@ -175,7 +211,9 @@ def _run_transformer_lens(loaded, ids):
             per_layer = [tl_model.unembed(resid[i])[0] for i in range(resid.shape[0])]
             top1, target_lp = _external_lens_stats(per_layer, ids, logits[0])
             lens_s = time.perf_counter() - start
-    return MethodResult("transformer_lens", ids.numel(), forward_s, lens_s, peak["bytes"], top1, target_lp)
+    return MethodResult(
+        "transformer_lens", ids.numel(), forward_s, lens_s, peak["bytes"], top1, target_lp
+    )
 
 
 def _run_tuned_lens(loaded, ids):
@@ -197,7 +235,9 @@ def _run_tuned_lens(loaded, ids):
             per_layer = [lens(h, idx=i)[0] for i, h in enumerate(hidden)] + [out.logits[0]]
             top1, target_lp = _external_lens_stats(per_layer, ids, out.logits[0])
             lens_s = time.perf_counter() - start
-    return MethodResult("tuned_lens", ids.numel(), forward_s, lens_s, peak["bytes"], top1, target_lp)
+    return MethodResult(
+        "tuned_lens", ids.numel(), forward_s, lens_s, peak["bytes"], top1, target_lp
+    )
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -208,7 +248,9 @@ def worker(args: argparse.Namespace) -> None:
     from codelens.workers.bench import METHODS, MethodResult
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    run = {"transformer_lens": _run_transformer_lens, "tuned_lens": _run_tuned_lens}.get(args.worker) or METHODS[args.worker]
+    run = {"transformer_lens": _run_transformer_lens, "tuned_lens": _run_tuned_lens}.get(
+        args.worker
+    ) or METHODS[args.worker]
     sequences = _sequences(loaded.parts.head.vocab_size, args.tokens, args.seq_len)
     run(loaded, sequences[0][: min(64, args.seq_len)])  # warm-up on a short prefix, discarded
     results = [run(loaded, ids) for ids in sequences]
@@ -220,8 +262,11 @@ def worker(args: argparse.Namespace) -> None:
         max(r.peak_mem_bytes for r in results),
     )
     if results[0].top1 is not None:
-        np.savez(args.arrays, top1=np.concatenate([r.top1 for r in results], 1),
-                 target_logprob=np.concatenate([r.target_logprob for r in results], 1))
+        np.savez(
+            args.arrays,
+            top1=np.concatenate([r.top1 for r in results], 1),
+            target_logprob=np.concatenate([r.target_logprob for r in results], 1),
+        )
     out = merged.to_json()
     out["threads"] = torch.get_num_threads()
     print(json.dumps(out))
@@ -232,7 +277,16 @@ def worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_config(name: str, shape: str, tokens: int, seq_len: int, device: str, dtype: str, methods: list[str], cache: Path) -> dict:
+def run_config(
+    name: str,
+    shape: str,
+    tokens: int,
+    seq_len: int,
+    device: str,
+    dtype: str,
+    methods: list[str],
+    cache: Path,
+) -> dict:
     model_dir = build_model(shape, cache / f"{shape}-{dtype}", dtype)
     results, arrays = [], {}
     tmp = Path(tempfile.mkdtemp(prefix="bench-lens-"))
@@ -241,11 +295,32 @@ def run_config(name: str, shape: str, tokens: int, seq_len: int, device: str, dt
             try:
                 importlib.metadata.version(OPTIONAL_METHODS[method].replace("_", "-"))
             except importlib.metadata.PackageNotFoundError:
-                results.append({"method": method, "skipped": f"{OPTIONAL_METHODS[method]} is not installed (pip install 'code-llm-lens[bench]')"})
+                results.append(
+                    {
+                        "method": method,
+                        "skipped": f"{OPTIONAL_METHODS[method]} is not installed (pip install 'code-llm-lens[bench]')",
+                    }
+                )
                 continue
         npz = tmp / f"{method}.npz"
-        cmd = [sys.executable, __file__, "--worker", method, "--model", str(model_dir), "--tokens", str(tokens),
-               "--seq-len", str(seq_len), "--device", device, "--dtype", dtype, "--arrays", str(npz)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            method,
+            "--model",
+            str(model_dir),
+            "--tokens",
+            str(tokens),
+            "--seq-len",
+            str(seq_len),
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "--arrays",
+            str(npz),
+        ]
         print(f"[{name}] {method} ...", file=sys.stderr, flush=True)
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -264,11 +339,20 @@ def run_config(name: str, shape: str, tokens: int, seq_len: int, device: str, dt
         if ref is not None and r["method"] in arrays:
             a = arrays[r["method"]]
             r["top1_agree"] = float((a["top1"] == ref["top1"]).mean())
-            r["max_logprob_diff"] = float(np.nanmax(np.abs(a["target_logprob"] - ref["target_logprob"])))
+            r["max_logprob_diff"] = float(
+                np.nanmax(np.abs(a["target_logprob"] - ref["target_logprob"]))
+            )
         if bound is not None and r["method"] != "matmul":
             r["lens_fraction_of_bound"] = round(bound["lens_s"] / r["lens_s"], 3)
-    return {"config": name, "shape": shape, "tokens": tokens, "seq_len": seq_len, "device": device,
-            "dtype": dtype, "results": results}
+    return {
+        "config": name,
+        "shape": shape,
+        "tokens": tokens,
+        "seq_len": seq_len,
+        "device": device,
+        "dtype": dtype,
+        "results": results,
+    }
 
 
 def markdown(report: dict) -> str:
@@ -286,9 +370,11 @@ def markdown(report: dict) -> str:
         if "skipped" in r:
             lines.append(f"| {r['method']} | — skipped: {r['skipped']} | | | | | | | |")
             continue
-        def f(key, fmt="{:.3g}"):
+
+        def f(key, fmt="{:.3g}", r=r):
             v = r.get(key)
             return "" if v is None else fmt.format(v)
+
         mem = r["peak_mem_bytes"] / 2**20
         lines.append(
             f"| {r['method']} | {f('tokens_per_s', '{:,.0f}')} | {f('forward_s', '{:.2f}')} | {f('lens_s', '{:.2f}')} | "
@@ -314,7 +400,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU, GPT-2-small shape, 512 tokens")
     p.add_argument("--methods", default="codelens,naive,transformer_lens,tuned_lens,matmul")
-    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "codelens-bench-models")
+    p.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "codelens-bench-models"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--tokens", type=int, default=512)
@@ -342,8 +430,12 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     for name, shape, tokens, seq_len, device, dtype in configs:
         report = run_config(name, shape, tokens, seq_len, device, dtype, methods, args.cache)
-        report.update(machine=_machine(), versions=_versions(), command=" ".join([Path(sys.executable).name, *sys.argv]),
-                      written_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        report.update(
+            machine=_machine(),
+            versions=_versions(),
+            command=" ".join([Path(sys.executable).name, *sys.argv]),
+            written_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
         (RESULTS / f"bench_lens-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
         print(markdown(report))
     write_results_md()

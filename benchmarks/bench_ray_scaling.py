@@ -122,9 +122,9 @@ def versions() -> dict[str, str | None]:
 def stdlib_corpus(dest: Path, n_files: int) -> list[str]:
     """Copy the ``n_files`` first (sorted) stdlib modules of 8-64 KiB into ``dest``."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    picked = [
-        p for p in sorted(stdlib.glob("*.py")) if 8 * 1024 <= p.stat().st_size <= 64 * 1024
-    ][:n_files]
+    picked = [p for p in sorted(stdlib.glob("*.py")) if 8 * 1024 <= p.stat().st_size <= 64 * 1024][
+        :n_files
+    ]
     dest.mkdir(parents=True, exist_ok=True)
     for p in picked:
         shutil.copy(p, dest / p.name)
@@ -177,9 +177,7 @@ def paper_estimate() -> dict[str, Any]:
     fwd_rates = [m * e["h100_dense_bf16_peak_tflops"] * 1e12 for m in e["forward_mfu"]]
     lens_rates = [f * e["h100_cublas_bf16_tflops"] * 1e12 for f in e["lens_fraction_of_cublas"]]
     # Slow end: low efficiencies; fast end: high efficiencies.
-    seconds = [
-        e["tokens"] * (fwd / fwd_rates[i] + lens / lens_rates[i]) for i in range(2)
-    ]
+    seconds = [e["tokens"] * (fwd / fwd_rates[i] + lens / lens_rates[i]) for i in range(2)]
     return {
         **{k: v for k, v in e.items() if not isinstance(v, tuple)},
         "forward_mfu": list(e["forward_mfu"]),
@@ -396,8 +394,7 @@ def main() -> None:
                 runs["ray x2"]["tokens_per_s_median"] / runs["ray x1"]["tokens_per_s_median"]
             ),
             "speedup_ray_x2_over_x1_1cpu": (
-                runs["ray x2"]["tokens_per_s_median"]
-                / runs["ray x1, 1 CPU"]["tokens_per_s_median"]
+                runs["ray x2"]["tokens_per_s_median"] / runs["ray x1, 1 CPU"]["tokens_per_s_median"]
             ),
             "estimate": paper_estimate(),
         }

@@ -57,7 +57,9 @@ class ResidualCapture:
         bad = [layer for layer in layers if not 0 <= layer <= n_blocks]
         bad += [layer for layer in attn_layers if not 1 <= layer <= n_blocks]
         if bad:
-            raise ValueError(f"layer indices {bad} are out of range: this model has layers 0..{n_blocks}")
+            raise ValueError(
+                f"layer indices {bad} are out of range: this model has layers 0..{n_blocks}"
+            )
         if attn_layers and (attn_modules is None or len(attn_modules) != n_blocks):
             raise ValueError("attn_layers needs one attn module per block")
         self.blocks = list(blocks)

@@ -129,9 +129,7 @@ SUPPORTED: dict[str, FamilySpec] = {
     # Llama-shaped families, pre_feedforward_layernorm in Gemma-2 (whose post_attention_layernorm
     # is applied to the attention output before the add, so it is included).
     "GPT2LMHeadModel": _layernorm("gpt2", "transformer.h", "transformer.ln_f", "ln_2"),
-    "GPTBigCodeForCausalLM": _layernorm(
-        "gpt_bigcode", "transformer.h", "transformer.ln_f", "ln_2"
-    ),
+    "GPTBigCodeForCausalLM": _layernorm("gpt_bigcode", "transformer.h", "transformer.ln_f", "ln_2"),
     "GPTNeoXForCausalLM": _layernorm(
         "gpt_neox",
         "gpt_neox.layers",

@@ -174,7 +174,13 @@ class RunDir:
     def clear(self) -> None:
         """Remove every result file of a previous job (keeps the directory)."""
         shutil.rmtree(self.lens_dir, ignore_errors=True)
-        for f in (self.job_file, self.docs_file, self.manifest_file, self.status_file, self.summary_file):
+        for f in (
+            self.job_file,
+            self.docs_file,
+            self.manifest_file,
+            self.status_file,
+            self.summary_file,
+        ):
             f.unlink(missing_ok=True)
         for extra in ("report",):
             shutil.rmtree(self.path / extra, ignore_errors=True)
@@ -225,7 +231,9 @@ class RunDir:
         with open(self.manifest_file, "ab+") as f:
             # A crash mid-append leaves a torn last line without its newline: start a new line,
             # or this entry would be glued onto the torn one and be lost with it.
-            torn = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+            torn = (
+                f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+            )
             f.write((b"\n" if torn else b"") + line.encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())

@@ -87,14 +87,18 @@ def _window_tasks(
         if document.ok and not ids:
             status = "empty"  # text that tokenizes to nothing (e.g. only a BOM)
         if docs_sink is not None:
-            docs_sink.append((document.doc, document.source, len(ids or ()), status, document.language))
+            docs_sink.append(
+                (document.doc, document.source, len(ids or ()), status, document.language)
+            )
         if not ids:
             continue
         for w in make_windows(
             document.doc, ids, window=spec.tokens.window, overlap=spec.tokens.overlap, bos_id=bos_id
         ):
             # [1 + A, n_emit] -> [n_emit, 1 + A]; one list per offset is far faster than per row.
-            columns = np.asarray(target_columns(ids, w.first_pos, w.n_emit, offsets), dtype=np.int32)
+            columns = np.asarray(
+                target_columns(ids, w.first_pos, w.n_emit, offsets), dtype=np.int32
+            )
             yield WindowTask(
                 w.doc,
                 tuple(w.input_ids),
@@ -119,7 +123,7 @@ def plan_corpus(spec: JobSpec, tokenizer: Any) -> CorpusPlan:
             _window_tasks(spec, tokenizer, docs, annotate=False), spec.output.shard_tokens
         )
     )
-    columns = list(zip(*docs)) if docs else [[] for _ in DOCS_SCHEMA]
+    columns = list(zip(*docs, strict=True)) if docs else [[] for _ in DOCS_SCHEMA]
     table = pa.Table.from_arrays(
         [pa.array(col, type=field.type) for col, field in zip(columns, DOCS_SCHEMA, strict=True)],
         schema=DOCS_SCHEMA,

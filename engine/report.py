@@ -167,9 +167,7 @@ def _sites_figure(path: Path, summary: dict[str, Any]) -> str:
     fig.suptitle("Inside each block: after attention vs after the whole block", fontsize=13)
     layers = [r["layer"] for r in blocks]
     for ax, (key, label, unit) in zip(axes.flat, PANELS, strict=True):
-        ax.plot(
-            layers, [_nan(r.get(key)) for r in blocks], marker="o", label="block output (l)"
-        )
+        ax.plot(layers, [_nan(r.get(key)) for r in blocks], marker="o", label="block output (l)")
         ax.plot(
             [r["layer"] - 0.5 for r in attn],
             [_nan(r.get(key)) for r in attn],
@@ -355,8 +353,9 @@ def _sites_table(summary: dict[str, Any]) -> str:
         ]
         for layer, _, site, r in sorted(rows, key=lambda x: (x[0], x[1]))
     ]
-    return _table(["layer (site)", "tokens", "mean log-prob", "top-1 acc", "KL to final", "entropy"], body)
-
+    return _table(
+        ["layer (site)", "tokens", "mean log-prob", "top-1 acc", "KL to final", "entropy"], body
+    )
 
 
 def _fmt(x: Any, digits: int = 3) -> str:

@@ -169,9 +169,12 @@ class LensRunner:
                 f"{n_blocks} blocks (0 switches the variant off)"
             )
         start = n_blocks - self.decoder_blocks
-        self.decoded_slots = [] if not self.decoder_blocks else [
-            i for i, layer in enumerate(self.captured) if layer < start
-        ] + [n_cap + i for i, layer in enumerate(self.attn_layers) if layer <= start]
+        self.decoded_slots = (
+            []
+            if not self.decoder_blocks
+            else [i for i, layer in enumerate(self.captured) if layer < start]
+            + [n_cap + i for i, layer in enumerate(self.attn_layers) if layer <= start]
+        )
         if spec.lens.k > head.vocab_size:
             raise SpecError(
                 f"lens.k={spec.lens.k} is larger than the vocabulary ({head.vocab_size} rows); "
@@ -347,7 +350,9 @@ class LensRunner:
         slots = [slot for _, _, slot in self.rows]
         n_tok = tokens.shape[0]
         doc = np.concatenate([np.full(w.n_emit, w.doc, np.int32) for w in batch])
-        pos = np.concatenate([np.arange(w.first_pos, w.first_pos + w.n_emit, dtype=np.int32) for w in batch])
+        pos = np.concatenate(
+            [np.arange(w.first_pos, w.first_pos + w.n_emit, dtype=np.int32) for w in batch]
+        )
         n_sel = len(slots)
 
         def add(name: str, value: np.ndarray) -> None:
@@ -355,8 +360,14 @@ class LensRunner:
 
         add("doc", np.broadcast_to(doc, (n_sel, n_tok)))
         add("pos", np.broadcast_to(pos, (n_sel, n_tok)))
-        add("layer", np.broadcast_to(np.array([r[1] for r in self.rows], np.int16)[:, None], (n_sel, n_tok)))
-        add("site", np.broadcast_to(np.array([r[0] for r in self.rows], np.int8)[:, None], (n_sel, n_tok)))
+        add(
+            "layer",
+            np.broadcast_to(np.array([r[1] for r in self.rows], np.int16)[:, None], (n_sel, n_tok)),
+        )
+        add(
+            "site",
+            np.broadcast_to(np.array([r[0] for r in self.rows], np.int8)[:, None], (n_sel, n_tok)),
+        )
         add("token_id", np.broadcast_to(tokens.numpy().astype(np.int32), (n_sel, n_tok)))
         add("target_id", np.broadcast_to(targets[:, 0].numpy().astype(np.int32), (n_sel, n_tok)))
         # -1 marks a token planned without spans; _to_table turns it into a null.

@@ -251,7 +251,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_spec_data(path: Path) -> dict[str, Any]:
     """Read a YAML or JSON job file into a dict (raises SpecError)."""
     if not path.is_file():
-        raise SpecError(f"job spec {path} does not exist (write one; `codelens schema` shows the fields)")
+        raise SpecError(
+            f"job spec {path} does not exist (write one; `codelens schema` shows the fields)"
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
     except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -537,9 +537,7 @@ def finalize(merged: Mapping[str, Any], lookahead: Sequence[int]) -> dict[str, A
         "position_buckets": "log2 buckets: 0, 1, 2-3, 4-7, ... of the token's position in its "
         "document (by_position) and of its byte offset from its line's start (by_column)",
         "layers": [entry_of(k, int(k), "block") for k in layer_keys],
-        "attn_layers": [
-            entry_of(k, int(k[len(ATTN_PREFIX) :]), "attn") for k in attn_keys
-        ],
+        "attn_layers": [entry_of(k, int(k[len(ATTN_PREFIX) :]), "attn") for k in attn_keys],
     }
     conv = merged.get(CONVERGENCE_KEY)
     if conv is not None:

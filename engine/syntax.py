@@ -349,7 +349,9 @@ def token_spans(text: str, offsets: Sequence[tuple[int, int]], language: str | N
     newlines_before = np.concatenate(([0], np.cumsum(cps == 0x0A)))
     # line_start[c]: the first character of the line holding character c (after the last '\n'
     # before c), by a running maximum over the characters following a newline.
-    after_newline = np.where(np.concatenate(([True], cps[:-1] == 0x0A))[:n_chars], np.arange(n_chars), 0)
+    after_newline = np.where(
+        np.concatenate(([True], cps[:-1] == 0x0A))[:n_chars], np.arange(n_chars), 0
+    )
     line_start = np.append(np.maximum.accumulate(after_newline), n_chars)
 
     cats = char_categories(text, language)

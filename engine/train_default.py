@@ -314,8 +314,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model.to(torch.float32)
     t_eval = time.time()
     full_held = evaluate(model, held_seqs, args.batch)
-    print(f"final held-out loss (shipped weights, {held_seqs.numel():,} tokens): {full_held:.4f} "
-          f"ppl {math.exp(full_held):.2f} ({time.time() - t_eval:.0f}s)", flush=True)
+    print(
+        f"final held-out loss (shipped weights, {held_seqs.numel():,} tokens): {full_held:.4f} "
+        f"ppl {math.exp(full_held):.2f} ({time.time() - t_eval:.0f}s)",
+        flush=True,
+    )
 
     log = {
         "model": {
@@ -467,47 +470,47 @@ what the lens shows and to test the pipeline, not to study a real code LLM.
 | architecture | `LlamaForCausalLM` (RMSNorm, SwiGLU MLP, RoPE, untied `lm_head`) |
 | layers / width / heads | {shape} |
 | parameters | {params} |
-| vocabulary | {m['vocab']} (byte-level BPE; `<s>`=0, `</s>`=1, `<pad>`=2) |
+| vocabulary | {m["vocab"]} (byte-level BPE; `<s>`=0, `</s>`=1, `<pad>`=2) |
 | training context | {context} |
 | weights | {weights} |
 
 ## Data and split
 
-* Every `*.py` file under the standard library of Python {d['python']}
-  (`sysconfig.get_paths()["stdlib"]`), excluding {d['excluded']}.
-* Held out: `{d['held_out_rule']}` on the path relative to the stdlib root (~5% of the files;
+* Every `*.py` file under the standard library of Python {d["python"]}
+  (`sysconfig.get_paths()["stdlib"]`), excluding {d["excluded"]}.
+* Held out: `{d["held_out_rule"]}` on the path relative to the stdlib root (~5% of the files;
   the rule depends only on the path: `codelens.engine.default_model.is_held_out`).
-  {d['train_files']} training files ({d['train_tokens']:,} tokens), {d['held_out_files']} held-out
-  files ({d['held_out_tokens']:,} tokens). Neither the tokenizer nor the model saw a held-out file.
-* Each file is `<s> text </s>`; files are concatenated and cut into {a['ctx']}-token sequences.
+  {d["train_files"]} training files ({d["train_tokens"]:,} tokens), {d["held_out_files"]} held-out
+  files ({d["held_out_tokens"]:,} tokens). Neither the tokenizer nor the model saw a held-out file.
+* Each file is `<s> text </s>`; files are concatenated and cut into {a["ctx"]}-token sequences.
 
 ## Training
 
-`python -m codelens.engine.train_default --out DIR --seed {a['seed']} --minutes {a['minutes']:g}`
-(one CPU thread). AdamW (betas 0.9/0.95, weight decay {a['weight_decay']} on matrices), peak
-learning rate {a['lr']:g}, {a['warmup']} warmup steps then cosine decay to 10%, gradient clipping
-1.0, batch {a['batch']} x {a['ctx']} = {a['batch'] * a['ctx']:,} tokens per step.
+`python -m codelens.engine.train_default --out DIR --seed {a["seed"]} --minutes {a["minutes"]:g}`
+(one CPU thread). AdamW (betas 0.9/0.95, weight decay {a["weight_decay"]} on matrices), peak
+learning rate {a["lr"]:g}, {a["warmup"]} warmup steps then cosine decay to 10%, gradient clipping
+1.0, batch {a["batch"]} x {a["ctx"]} = {a["batch"] * a["ctx"]:,} tokens per step.
 
-* {t['steps']} steps, {t['tokens_seen']:,} tokens seen ({t['epochs']:.2f} epochs) in
-  {t['train_seconds'] / 60:.1f} min on one thread of a shared {t['cpu']} CPU
-  ({t['tokens_per_second']:,} tokens/s), torch {t['torch']}, transformers {t['transformers']}.
-* The timed schedule was sized from the measured throughput; `--steps {t['steps']}` replays the
+* {t["steps"]} steps, {t["tokens_seen"]:,} tokens seen ({t["epochs"]:.2f} epochs) in
+  {t["train_seconds"] / 60:.1f} min on one thread of a shared {t["cpu"]} CPU
+  ({t["tokens_per_second"]:,} tokens/s), torch {t["torch"]}, transformers {t["transformers"]}.
+* The timed schedule was sized from the measured throughput; `--steps {t["steps"]}` replays the
   same number of steps with a fixed schedule.
 
 Training curve (train loss: exponential moving average; held-out loss on a fixed subset of
-{a['eval_seqs']} held-out sequences), nats per token:
+{a["eval_seqs"]} held-out sequences), nats per token:
 
 | step | tokens (M) | minutes | lr | train loss | held-out loss |
 |---:|---:|---:|---:|---:|---:|
 {curve_rows}
 
-**Held-out loss of the shipped weights** (all {f['held_out_eval_tokens']:,} held-out
-positions, {a['ctx']}-token sequences): **{f['held_out_loss']:.3f} nats/token, perplexity
-{f['held_out_perplexity']:.1f}** (uniform over the vocabulary: {math.log(m['vocab']):.2f} nats).
+**Held-out loss of the shipped weights** (all {f["held_out_eval_tokens"]:,} held-out
+positions, {a["ctx"]}-token sequences): **{f["held_out_loss"]:.3f} nats/token, perplexity
+{f["held_out_perplexity"]:.1f}** (uniform over the vocabulary: {math.log(m["vocab"]):.2f} nats).
 
 ## What the lens shows (held-out files)
 
-From a real `codelens run` over all {summary['_files']} held-out files ({summary.get('tokens', 0):,}
+From a real `codelens run` over all {summary["_files"]} held-out files ({summary.get("tokens", 0):,}
 positions; windows of 256 tokens with 32 of overlap, BOS added, float32 on a CPU), read from
 its `summary.json`:
 
@@ -517,8 +520,8 @@ its `summary.json`:
 
 Top-1 accuracy and ranks are of the true next token; median rank is the lower edge of its
 power-of-two histogram bin (rank 0 = top-1). Layer 0 is the embedding output read through the
-final norm and `lm_head`; layer {m['layers']} is
-the model's own output (its top-1 accuracy, {_fmt(last['top1_accuracy'])}, is the model's
+final norm and `lm_head`; layer {m["layers"]} is
+the model's own output (its top-1 accuracy, {_fmt(last["top1_accuracy"])}, is the model's
 next-token accuracy on held-out code). `tests/test_default_model.py` checks these trends on a
 small held-out sample.
 

@@ -95,7 +95,9 @@ class Head:
         if self.softcap is not None and not self.softcap > 0:
             raise ValueError(f"softcap must be positive, got {self.softcap}")
         if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
-            raise ValueError(f"logit_scale must be a positive finite number, got {self.logit_scale}")
+            raise ValueError(
+                f"logit_scale must be a positive finite number, got {self.logit_scale}"
+            )
 
     @property
     def vocab_size(self) -> int:

@@ -104,7 +104,9 @@ def _chunk_topk(z: Tensor, k: int, first_id: int) -> tuple[Tensor, Tensor]:
 
 def _rescale(alpha_base: Tensor, m_old: Tensor, m_new: Tensor) -> Tensor:
     """``exp(m_old - m_new)``, 0 where nothing was accumulated yet (``m_old = -inf``)."""
-    return torch.where(torch.isneginf(m_old), torch.zeros_like(alpha_base), torch.exp(m_old - m_new))
+    return torch.where(
+        torch.isneginf(m_old), torch.zeros_like(alpha_base), torch.exp(m_old - m_new)
+    )
 
 
 def lens_stats_torch(
@@ -243,7 +245,9 @@ def _token_block(
         n = v1 - v0
         # Logits and exp go into buffers reused across chunks: a fresh tensor of this size costs
         # page faults on every chunk on a CPU. A flat prefix of a buffer is contiguous at any n.
-        z = head.postprocess(torch.matmul(x, w.T, out=z_buf[: n_layers * n_tok * n].view(n_layers, n_tok, n)), b)
+        z = head.postprocess(
+            torch.matmul(x, w.T, out=z_buf[: n_layers * n_tok * n].view(n_layers, n_tok, n)), b
+        )
 
         # The chunk's top-k holds its max: no separate pass over z for it.
         values, ids = _chunk_topk(z, request.k, v0)

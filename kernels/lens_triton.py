@@ -216,8 +216,15 @@ def default_config(d_model: int, interpret: bool | None = None) -> LensTritonCon
 
 
 @triton.jit
-def _postprocess(z, bias, logit_scale, softcap, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr):
+def _postprocess(
+    z,
+    bias,
+    logit_scale,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
     """``post(z) = c * tanh(scale * (z + b) / c)``, the terms switched by the constexpr flags."""
     if HAS_BIAS:
         z = z + bias
@@ -234,20 +241,37 @@ def _postprocess(z, bias, logit_scale, softcap, HAS_BIAS: tl.constexpr, HAS_SCAL
 
 @triton.jit
 def _norm_stage_kernel(
-    h_ptr, f_ptr,  # hidden [L, T, d] and final_hidden [T, d] (any float dtype, any strides)
+    h_ptr,
+    f_ptr,  # hidden [L, T, d] and final_hidden [T, d] (any float dtype, any strides)
     src_off_ptr,  # [R_pad] int64 element offset of each slot's row in its source
     src_kind_ptr,  # [R_pad] int8: 0 padding, 1 row of hidden, 2 row of final_hidden
-    h_stride_d, f_stride_d,
-    nw_ptr, nb_ptr, w_offset, eps,  # norm weight [d], norm bias [d], weight offset, epsilon
+    h_stride_d,
+    f_stride_d,
+    nw_ptr,
+    nb_ptr,
+    w_offset,
+    eps,  # norm weight [d], norm bias [d], weight offset, epsilon
     x_ptr,  # out [R_pad, d] normalised rows in the operand dtype
     finite_ptr,  # out [R_pad] int8: 1 where the source row is all finite
     tgt_ptr,  # [R_pad, CP] int32 target ids per slot (-1 none)
     thr_ptr,  # out [R_pad, CP] fp32 rank thresholds z~ (+inf without a target)
-    w_ptr, stride_wv, b_ptr, logit_scale, softcap,  # W_U [V, d], b_U [V], post-processing
-    R_pad, D,
-    C: tl.constexpr, CP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_LAYER: tl.constexpr, HAS_NW: tl.constexpr, HAS_NB: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    w_ptr,
+    stride_wv,
+    b_ptr,
+    logit_scale,
+    softcap,  # W_U [V, d], b_U [V], post-processing
+    R_pad,
+    D,
+    C: tl.constexpr,
+    CP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_LAYER: tl.constexpr,
+    HAS_NW: tl.constexpr,
+    HAS_NB: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """Norm + staging + rank thresholds for ``BLOCK_R`` slots (one ``[BLOCK_R, d]`` tile).
 
@@ -265,10 +289,12 @@ def _norm_stage_kernel(
     from_h = (kind == 1)[:, None] & dmask[None, :]
     from_f = (kind == 2)[:, None] & dmask[None, :]
     # Exactly one of the two loads is live per row; the other contributes an exact 0.
-    x = tl.load(h_ptr + off[:, None] + cols[None, :].to(tl.int64) * h_stride_d, mask=from_h,
-                other=0.0).to(tl.float32)
-    x += tl.load(f_ptr + off[:, None] + cols[None, :].to(tl.int64) * f_stride_d, mask=from_f,
-                 other=0.0).to(tl.float32)
+    x = tl.load(
+        h_ptr + off[:, None] + cols[None, :].to(tl.int64) * h_stride_d, mask=from_h, other=0.0
+    ).to(tl.float32)
+    x += tl.load(
+        f_ptr + off[:, None] + cols[None, :].to(tl.int64) * f_stride_d, mask=from_f, other=0.0
+    ).to(tl.float32)
     ok = tl.abs(x) <= 3.4028234663852886e38  # False for inf and NaN
     finite = tl.sum(tl.where(ok, 0, 1), 1) == 0
     x = tl.where(finite[:, None], x, 0.0)
@@ -301,35 +327,61 @@ def _norm_stage_kernel(
         t = tl.load(tgt_ptr + rows * CP + c, mask=rmask, other=-1)
         has = t >= 0
         t64 = tl.maximum(t, 0).to(tl.int64)
-        wt = tl.load(w_ptr + t64[:, None] * stride_wv + cols[None, :],
-                     mask=has[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        wt = tl.load(
+            w_ptr + t64[:, None] * stride_wv + cols[None, :],
+            mask=has[:, None] & dmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         bias = 0.0
         if HAS_BIAS:
             bias = tl.load(b_ptr + t64, mask=has, other=0.0).to(tl.float32)
-        zt = _postprocess(tl.sum(xs32 * wt, 1), bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE,
-                          HAS_SOFTCAP)
+        zt = _postprocess(
+            tl.sum(xs32 * wt, 1), bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP
+        )
         tl.store(thr_ptr + rows * CP + c, tl.where(has, zt, float("inf")), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["n_chunks"])
 def _lens_main_kernel(
     x_ptr,  # [R_pad, D] staged normalised rows (operand dtype), slot order
-    w_ptr, stride_wv,  # W_U [V, D], row stride (unit stride along D)
+    w_ptr,
+    stride_wv,  # W_U [V, D], row stride (unit stride along D)
     b_ptr,  # b_U [V] (read only with HAS_BIAS)
     setm_ptr,  # [NS, V] fp32 token-set multiplicities (an id listed twice counts twice)
-    tgt_ptr, thr_ptr,  # [R_pad, CP] int32 target ids, fp32 rank thresholds
+    tgt_ptr,
+    thr_ptr,  # [R_pad, CP] int32 target ids, fp32 rank thresholds
     tau_ptr,  # [R_pad] fp32 shared lower bound of each row's k-th largest logit
     pf_ptr,  # out [4, S, R_pad] fp32: m, s, t, u per (row, chunk)
-    pzt_ptr, pcnt_ptr,  # out [S, R_pad, CP] fp32 in-chunk target logits, int32 counts z > z~
+    pzt_ptr,
+    pcnt_ptr,  # out [S, R_pad, CP] fp32 in-chunk target logits, int32 counts z > z~
     pset_ptr,  # out [S, R_pad, NSP] fp32 set sums (relative to the chunk's m)
-    ptv_ptr, pti_ptr,  # out [S, R_pad, KP] fp32 values, int32 ids of the chunk's top-KP
-    R_pad, V, D, n_chunks, chunk_tiles, n_row_blocks,
-    logit_scale, softcap,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    KP: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr,
+    ptv_ptr,
+    pti_ptr,  # out [S, R_pad, KP] fp32 values, int32 ids of the chunk's top-KP
+    R_pad,
+    V,
+    D,
+    n_chunks,
+    chunk_tiles,
+    n_row_blocks,
+    logit_scale,
+    softcap,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    KP: tl.constexpr,
+    C: tl.constexpr,
+    CP: tl.constexpr,
+    NS: tl.constexpr,
+    NSP: tl.constexpr,
     LB: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    ENTROPY: tl.constexpr, KL: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    KL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One (row block, vocabulary chunk): streaming statistics over the chunk's tiles."""
@@ -373,14 +425,21 @@ def _lens_main_kernel(
         for k0 in range(0, D, BLOCK_K):
             if EVEN_K:
                 a = tl.load(x_ptr + rows[:, None] * D + (k0 + kk)[None, :])
-                w = tl.load(w_ptr + cols64[:, None] * stride_wv + (k0 + kk)[None, :],
-                            mask=cmask[:, None], other=0.0)
+                w = tl.load(
+                    w_ptr + cols64[:, None] * stride_wv + (k0 + kk)[None, :],
+                    mask=cmask[:, None],
+                    other=0.0,
+                )
             else:
                 kmask = (k0 + kk) < D
-                a = tl.load(x_ptr + rows[:, None] * D + (k0 + kk)[None, :], mask=kmask[None, :],
-                            other=0.0)
-                w = tl.load(w_ptr + cols64[:, None] * stride_wv + (k0 + kk)[None, :],
-                            mask=cmask[:, None] & kmask[None, :], other=0.0)
+                a = tl.load(
+                    x_ptr + rows[:, None] * D + (k0 + kk)[None, :], mask=kmask[None, :], other=0.0
+                )
+                w = tl.load(
+                    w_ptr + cols64[:, None] * stride_wv + (k0 + kk)[None, :],
+                    mask=cmask[:, None] & kmask[None, :],
+                    other=0.0,
+                )
             if UPCAST:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
@@ -438,8 +497,12 @@ def _lens_main_kernel(
         cand = (z > tau_loc[:, None]) & (z >= tau_g[:, None])
         n_cand = tl.sum(cand.to(tl.int32))
         while n_cand > 0:
-            mx, ix = tl.max(tl.where(cand, z, float("-inf")), 1, return_indices=True,
-                            return_indices_tie_break_left=True)
+            mx, ix = tl.max(
+                tl.where(cand, z, float("-inf")),
+                1,
+                return_indices=True,
+                return_indices_tie_break_left=True,
+            )
             gid = v0 + ix
             vmin = tl.min(tv, 1)
             at_min = tv == vmin[:, None]
@@ -570,17 +633,35 @@ def _stage(
     # per program keeps the [BLOCK_R, BLOCK_D] fp32 tile in registers.
     block_r = 128 if interpret else max(1, min(16, 4096 // block_d))
     _norm_stage_kernel[(triton.cdiv(r_pad, block_r),)](
-        hidden, f_src, src_off, kind, hidden.stride(-1), f_src.stride(-1),
+        hidden,
+        f_src,
+        src_off,
+        kind,
+        hidden.stride(-1),
+        f_src.stride(-1),
         norm.weight if norm.weight is not None else dummy,
         norm.bias if norm.bias is not None else dummy,
-        float(norm.weight_offset), float(norm.eps),
-        x_stage, slot_finite, slot_tgt, thr,
-        w_u, w_u.stride(0), bias if bias is not None else dummy,
-        float(head.logit_scale), float(softcap),
-        r_pad, d,
-        C=n_cols, CP=cp, BLOCK_R=block_r, BLOCK_D=block_d,
-        IS_LAYER=norm.kind is NormKind.LAYER, HAS_NW=norm.weight is not None,
-        HAS_NB=norm.bias is not None, **_post_flags(head),
+        float(norm.weight_offset),
+        float(norm.eps),
+        x_stage,
+        slot_finite,
+        slot_tgt,
+        thr,
+        w_u,
+        w_u.stride(0),
+        bias if bias is not None else dummy,
+        float(head.logit_scale),
+        float(softcap),
+        r_pad,
+        d,
+        C=n_cols,
+        CP=cp,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        IS_LAYER=norm.kind is NormKind.LAYER,
+        HAS_NW=norm.weight is not None,
+        HAS_NB=norm.bias is not None,
+        **_post_flags(head),
         num_warps=4 if block_d <= 2048 else 8,
     )
     return x_stage, slot_finite, thr
@@ -629,8 +710,18 @@ def normalized_rows(rows: Tensor, head: Head, precision: str = "model") -> Tenso
     src_off = torch.arange(n, device=device, dtype=torch.int64) * rows.stride(0)
     no_targets = torch.full((n, 1), -1, dtype=torch.int32, device=device)
     w_u = head.unembed
-    x_stage, _, _ = _stage(rows, rows, src_off, kind, no_targets, 0, head, w_u,
-                           _stage_dtype(w_u, precision), interpreting())
+    x_stage, _, _ = _stage(
+        rows,
+        rows,
+        src_off,
+        kind,
+        no_targets,
+        0,
+        head,
+        w_u,
+        _stage_dtype(w_u, precision),
+        interpreting(),
+    )
     return x_stage
 
 
@@ -720,13 +811,34 @@ def lens_stats_triton(
         tokens_per_launch = max(1, cfg.max_slots // slots_per_token) // layout.tb * layout.tb
         tokens_per_launch = max(layout.tb, tokens_per_launch)
         outs = {
-            "lse": out_lse, "entropy": out_ent, "kl": out_kl, "lp": out_lp, "rank": out_rank,
-            "ids": out_ids, "topk_lp": out_tlp, "sets": out_sets, "finite": finite,
+            "lse": out_lse,
+            "entropy": out_ent,
+            "kl": out_kl,
+            "lp": out_lp,
+            "rank": out_rank,
+            "ids": out_ids,
+            "topk_lp": out_tlp,
+            "sets": out_sets,
+            "finite": finite,
         }
         for t0 in range(0, n_tokens, tokens_per_launch):
             t1 = min(n_tokens, t0 + tokens_per_launch)
-            _launch(hidden, final_hidden, head, w_u, targets, request, layout, cfg, set_mask,
-                    t0, t1, precision, interpret, outs)
+            _launch(
+                hidden,
+                final_hidden,
+                head,
+                w_u,
+                targets,
+                request,
+                layout,
+                cfg,
+                set_mask,
+                t0,
+                t1,
+                precision,
+                interpret,
+                outs,
+            )
 
     bad = ~finite
     for tensor in (out_lse, out_ent, out_kl, out_lp, out_tlp, out_sets):
@@ -868,15 +980,46 @@ def _launch(
     upcast = interpret or stage_dtype == torch.float32 or w_u.dtype != stage_dtype
     block_k = min(cfg.block_k, max(16, triton.next_power_of_2(d)))
     _lens_main_kernel[(n_row_blocks * n_chunks,)](
-        x_stage, w_u, w_u.stride(0), bias if bias is not None else dummy, set_mask,
-        slot_tgt, thr, tau, pf, pzt, pcnt, pset, ptv, pti,
-        r_pad, n_vocab, d, n_chunks, chunk_tiles, n_row_blocks,
-        float(head.logit_scale), float(softcap),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-        KP=kp, C=n_cols, CP=cp, NS=n_sets, NSP=nsp, LB=layout.lb, **flags,
-        ENTROPY=request.entropy, KL=layout.kl, UPCAST=upcast, EVEN_K=d % block_k == 0,
+        x_stage,
+        w_u,
+        w_u.stride(0),
+        bias if bias is not None else dummy,
+        set_mask,
+        slot_tgt,
+        thr,
+        tau,
+        pf,
+        pzt,
+        pcnt,
+        pset,
+        ptv,
+        pti,
+        r_pad,
+        n_vocab,
+        d,
+        n_chunks,
+        chunk_tiles,
+        n_row_blocks,
+        float(head.logit_scale),
+        float(softcap),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=block_k,
+        GROUP_M=cfg.group_m,
+        KP=kp,
+        C=n_cols,
+        CP=cp,
+        NS=n_sets,
+        NSP=nsp,
+        LB=layout.lb,
+        **flags,
+        ENTROPY=request.entropy,
+        KL=layout.kl,
+        UPCAST=upcast,
+        EVEN_K=d % block_k == 0,
         DOT_PRECISION=_dot_precision(upcast or stage_dtype == torch.float32, precision),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
     # ---- merge over chunks (fixed order), evaluated at the output rows' slots ------------------
@@ -902,7 +1045,7 @@ def _launch(
 
     tgt = slot_tgt[sl, :n_cols].long()  # [N, C]
     has = tgt >= 0
-    chunk_of = (tgt.clamp_min(0) // chunk_cols)  # the chunk that holds each target
+    chunk_of = tgt.clamp_min(0) // chunk_cols  # the chunk that holds each target
     z_t = pzt[chunk_of, sl[:, None], torch.arange(n_cols, device=device)]  # [N, C]
     thr_o = thr[sl, :n_cols]
     counts = pcnt[:, sl, :n_cols].sum(0, dtype=torch.int64) - (z_t > thr_o).long()

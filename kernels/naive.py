@@ -78,15 +78,19 @@ def lens_stats_from_logits(
     order = torch.sort(z, dim=-1, descending=True, stable=True).indices[..., : request.k]
     topk_lp = logp.gather(-1, order)
 
-    set_lm = torch.stack(
-        [
-            torch.logsumexp(logp[..., ids.long()], -1)
-            if ids.numel()
-            else torch.full(lse.shape, -torch.inf, dtype=f64)
-            for _, ids in request.token_sets
-        ],
-        -1,
-    ) if request.token_sets else lse.new_zeros(lse.shape + (0,))
+    set_lm = (
+        torch.stack(
+            [
+                torch.logsumexp(logp[..., ids.long()], -1)
+                if ids.numel()
+                else torch.full(lse.shape, -torch.inf, dtype=f64)
+                for _, ids in request.token_sets
+            ],
+            -1,
+        )
+        if request.token_sets
+        else lse.new_zeros(lse.shape + (0,))
+    )
 
     stats = LensStats(
         lse=lse.float(),

@@ -79,7 +79,9 @@ class LensStats:
         """Move every tensor to ``device``."""
         return LensStats(
             **{
-                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
+                f.name: (
+                    None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                )
                 for f in fields(self)
             }
         )
@@ -104,14 +106,18 @@ def check_inputs(
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
     if targets.numel() and (targets.max() >= vocab_size or targets.min() < -1):
-        raise ValueError(f"targets must be in [-1, {vocab_size}), got {targets.min()}..{targets.max()}")
+        raise ValueError(
+            f"targets must be in [-1, {vocab_size}), got {targets.min()}..{targets.max()}"
+        )
     if request.k > vocab_size:
         raise ValueError(f"k={request.k} is larger than the vocabulary ({vocab_size} rows)")
     if request.kl_final:
         if final_hidden is None:
             raise ValueError("kl_final needs final_hidden, the final layer's residual rows [T, d]")
         if final_hidden.shape != (n_tokens, d):
-            raise ValueError(f"final_hidden must be [{n_tokens}, {d}], got {tuple(final_hidden.shape)}")
+            raise ValueError(
+                f"final_hidden must be [{n_tokens}, {d}], got {tuple(final_hidden.shape)}"
+            )
     for name, ids in request.token_sets:
         if ids.dim() != 1:
             raise ValueError(f"token set {name!r} must be a 1-D id tensor")

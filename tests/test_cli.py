@@ -40,11 +40,15 @@ def write_job(tmp_path: Path, model_dir: Path, **lens) -> Path:
 def test_console_script_runs_a_job_and_reports_status(tiny_model_dir, tmp_path):
     job = write_job(tmp_path, tiny_model_dir("llama"))
     env = {**os.environ, "COLUMNS": "200"}
-    done = subprocess.run(["codelens", "run", str(job)], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        ["codelens", "run", str(job)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "done:" in done.stderr and "lens impl torch" in done.stderr
     assert "Loading weights" not in done.stderr, "transformers' own bars are silenced"
-    status = subprocess.run(["codelens", "status", str(tmp_path / "run")], capture_output=True, text=True, env=env)
+    status = subprocess.run(
+        ["codelens", "status", str(tmp_path / "run")], capture_output=True, text=True, env=env
+    )
     assert status.returncode == 0 and "done" in status.stdout and "100.0%" in status.stdout
     again = subprocess.run(["codelens", "run", str(job)], capture_output=True, text=True, env=env)
     assert again.returncode == 0 and "nothing to do" in again.stderr
@@ -54,7 +58,11 @@ def test_set_overrides_and_overwrite(tiny_model_dir, tmp_path):
     job = write_job(tmp_path, tiny_model_dir("llama"))
     assert runner.invoke(app, ["run", str(job)]).exit_code == 0
     refused = runner.invoke(app, ["run", str(job), "--set", "lens.k=2"])
-    assert refused.exit_code == 2 and "different job" in refused.output and "--overwrite" in refused.output
+    assert (
+        refused.exit_code == 2
+        and "different job" in refused.output
+        and "--overwrite" in refused.output
+    )
     ok = runner.invoke(app, ["run", str(job), "--set", "lens.k=2", "--overwrite"])
     assert ok.exit_code == 0, ok.output
     saved = json.loads((tmp_path / "run" / "job.json").read_text())
@@ -95,7 +103,15 @@ def test_schema_prints_the_json_schema():
 @pytest.mark.slow
 def test_demo_runs_the_main_job(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", "from codelens.workers.cli import main; main()", "demo", str(tmp_path / "demo"), "--files", "2"],
+        [
+            sys.executable,
+            "-c",
+            "from codelens.workers.cli import main; main()",
+            "demo",
+            str(tmp_path / "demo"),
+            "--files",
+            "2",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -105,14 +121,24 @@ def test_demo_runs_the_main_job(tmp_path):
     assert "per-layer lens" in result.stdout
     summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
     assert summary["tokens"] > 1000 and len(summary["layers"]) == 5
-    assert (tmp_path / "demo" / "job.yaml").exists() and (tmp_path / "demo" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "demo" / "job.yaml").exists() and (
+        tmp_path / "demo" / "model" / "model.safetensors"
+    ).exists()
 
 
 def test_bench_reports_lens_forward_and_bound(tiny_model_dir):
-    result = runner.invoke(app, ["bench", "--model", str(tiny_model_dir("gpt2")), "--tokens", "96", "--seq-len", "48"])
+    result = runner.invoke(
+        app, ["bench", "--model", str(tiny_model_dir("gpt2")), "--tokens", "96", "--seq-len", "48"]
+    )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    for piece in ("forward (capture)", "lens (all statistics)", "matmul bound", "[rows, d] x [d, V]", "lens / forward ="):
+    for piece in (
+        "forward (capture)",
+        "lens (all statistics)",
+        "matmul bound",
+        "[rows, d] x [d, V]",
+        "lens / forward =",
+    ):
         assert piece in text
 
 

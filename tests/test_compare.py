@@ -88,7 +88,14 @@ def test_compare_needs_two_finished_runs(runs, tmp_path):
 
 
 def test_compare_renders_in_headless_chromium(runs, tmp_path):
-    binary = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    binary = next(
+        (
+            shutil.which(n)
+            for n in ("chromium", "chromium-browser", "google-chrome")
+            if shutil.which(n)
+        ),
+        None,
+    )
     if binary is None:
         pytest.skip("no Chromium here (apt-get install -y chromium)")
     a, b, _, root = runs
@@ -107,17 +114,33 @@ def test_compare_renders_in_headless_chromium(runs, tmp_path):
         "</script></body></html>"
     )
     flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
     done = subprocess.run(
-        [binary, *flags, "--allow-file-access-from-files", "--virtual-time-budget=10000",
-         "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=90,
+        [
+            binary,
+            *flags,
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    seen = json.loads(done.stdout.split('<pre id="out">', 1)[1].split("</pre>", 1)[0].replace("&amp;", "&"))
+    seen = json.loads(
+        done.stdout.split('<pre id="out">', 1)[1].split("</pre>", 1)[0].replace("&amp;", "&")
+    )
     assert len(seen["imgs"]) == 1
     width, height = seen["imgs"][0]
     assert width > 500 and height > 300, "the figure did not load or decode in the browser"

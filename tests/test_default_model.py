@@ -53,8 +53,14 @@ MODEL = default_model_dir()
 
 
 def test_bundled_files_are_a_small_untied_llama() -> None:
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "MODEL_CARD.md", "training_log.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "MODEL_CARD.md",
+        "training_log.json",
+    ):
         assert (MODEL / name).is_file(), name
     config = json.loads((MODEL / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"

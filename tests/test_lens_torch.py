@@ -18,7 +18,15 @@ from codelens.kernels import (
 )
 from codelens.kernels.lens_torch import pack_keys, unpack_keys
 
-FLOAT_FIELDS = ("lse", "entropy", "kl_final", "target_logprob", "topk_logprobs", "ahead_logprob", "set_logmass")
+FLOAT_FIELDS = (
+    "lse",
+    "entropy",
+    "kl_final",
+    "target_logprob",
+    "topk_logprobs",
+    "ahead_logprob",
+    "set_logmass",
+)
 
 
 def make_head(kind: str, d: int, V: int, *, gen: torch.Generator, dtype=torch.float32) -> Head:
@@ -31,14 +39,18 @@ def make_head(kind: str, d: int, V: int, *, gen: torch.Generator, dtype=torch.fl
     if kind == "rms":
         return Head(FinalNorm(NormKind.RMS, norm_w, None, 1e-6), w.to(dtype))
     if kind == "gemma_softcap":
-        norm = FinalNorm(NormKind.RMS, 0.3 * torch.randn(d, generator=gen), None, 1e-6, weight_offset=1.0)
+        norm = FinalNorm(
+            NormKind.RMS, 0.3 * torch.randn(d, generator=gen), None, 1e-6, weight_offset=1.0
+        )
         return Head(norm, w.to(dtype), softcap=4.0)
     if kind == "granite_scale":
         return Head(FinalNorm(NormKind.RMS, norm_w, None, 1e-5), w.to(dtype), logit_scale=0.25)
     raise ValueError(kind)
 
 
-def near_tie_mask(hidden: torch.Tensor, head: Head, targets: torch.Tensor, rel: float = 1e-5) -> torch.Tensor:
+def near_tie_mask(
+    hidden: torch.Tensor, head: Head, targets: torch.Tensor, rel: float = 1e-5
+) -> torch.Tensor:
     """[L, T, C] True where another logit lies within a rounding step of the target's."""
     z = head.logits(hidden.double(), torch.float64)
     zt = z.gather(-1, targets.clamp_min(0).expand(z.shape[0], -1, -1))
@@ -75,7 +87,12 @@ def assert_matches_oracle(got, want, hidden, head, targets, atol):
 @pytest.mark.parametrize("kind", ["layernorm_bias", "rms", "gemma_softcap", "granite_scale"])
 @pytest.mark.parametrize(
     "L,T,d,V,k,chunk",
-    [(3, 37, 24, 1003, 5, 128), (2, 5, 16, 257, 1, 257), (4, 19, 32, 600, 4, 37), (1, 1, 8, 50, 50, 7)],
+    [
+        (3, 37, 24, 1003, 5, 128),
+        (2, 5, 16, 257, 1, 257),
+        (4, 19, 32, 600, 4, 37),
+        (1, 1, 8, 50, 50, 7),
+    ],
 )
 def test_torch_path_matches_float64_oracle(kind, L, T, d, V, k, chunk):
     gen = torch.Generator().manual_seed(L * 1000 + V)
@@ -125,7 +142,9 @@ def test_exact_ties_break_to_the_smaller_id():
     head = Head(norm, w)
     hidden = torch.randn(2, 3, d)
     targets = torch.full((3, 1), 17)
-    got = lens_stats_torch(hidden, head, targets, LensRequest(k=V), None if False else hidden[-1], vocab_chunk=6)
+    got = lens_stats_torch(
+        hidden, head, targets, LensRequest(k=V), None if False else hidden[-1], vocab_chunk=6
+    )
     z = head.logits(hidden[0, 0])
     # Sort by (value desc, id asc) explicitly.
     expected = sorted(range(V), key=lambda v: (-z[v].item(), v))
@@ -142,8 +161,13 @@ def test_nonfinite_rows_are_flagged_not_garbage():
     hidden[1, 4, 0] = torch.nan
     targets = torch.randint(0, 100, (6, 2), generator=gen)
     got = lens_stats_torch(hidden, head, targets, LensRequest(k=3), hidden[-1])
-    assert got.finite.tolist() == [[True, True, False, True, True, True], [True] * 4 + [False, True]]
-    assert got.lse[0, 2].isnan() and got.target_rank[0, 2] == -1 and (got.topk_ids[0, 2] == -1).all()
+    assert got.finite.tolist() == [
+        [True, True, False, True, True, True],
+        [True] * 4 + [False, True],
+    ]
+    assert (
+        got.lse[0, 2].isnan() and got.target_rank[0, 2] == -1 and (got.topk_ids[0, 2] == -1).all()
+    )
     # Other rows are unaffected by the bad ones.
     clean = hidden.clone()
     clean[0, 2] = 0
@@ -182,7 +206,9 @@ def test_working_memory_is_bounded_by_the_budget(monkeypatch):
 
     monkeypatch.setattr(Head, "postprocess", spy)
     budget = 1 << 20
-    lens_stats_torch(hidden, head, targets, LensRequest(k=5), hidden[-1], vocab_chunk=512, budget_bytes=budget)
+    lens_stats_torch(
+        hidden, head, targets, LensRequest(k=5), hidden[-1], vocab_chunk=512, budget_bytes=budget
+    )
     # Largest logits block: (L + 1) layers' rows of one token block times one vocab chunk.
     assert max(seen) * 24 <= budget
     assert max(seen) < hidden.shape[0] * hidden.shape[1] * head.vocab_size / 20
@@ -206,7 +232,9 @@ def test_dispatch_auto_is_torch_on_cpu_and_triton_refuses_without_gpu(monkeypatc
     gen = torch.Generator().manual_seed(5)
     head = make_head("rms", 8, 20, gen=gen)
     h = torch.randn(1, 2, 8)
-    stats, impl = lens_stats(h, head, torch.zeros(2, 1, dtype=torch.long), LensRequest(k=2, kl_final=False))
+    stats, impl = lens_stats(
+        h, head, torch.zeros(2, 1, dtype=torch.long), LensRequest(k=2, kl_final=False)
+    )
     assert impl is LensImpl.TORCH and stats.entropy is not None and stats.kl_final is None
 
 
@@ -225,4 +253,10 @@ def test_bad_arguments_are_named(bad, match):
     h = torch.randn(1, 2, 8)
     with pytest.raises(ValueError, match=match):
         request = LensRequest(k=bad.get("k", 2))
-        lens_stats_torch(h, head, bad.get("targets", torch.zeros(2, 1, dtype=torch.long)), request, bad.get("final", h[-1]))
+        lens_stats_torch(
+            h,
+            head,
+            bad.get("targets", torch.zeros(2, 1, dtype=torch.long)),
+            request,
+            bad.get("final", h[-1]),
+        )

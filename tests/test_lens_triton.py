@@ -22,7 +22,10 @@ import torch
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)", allow_module_level=True)
+    pytest.skip(
+        "needs a CUDA GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)",
+        allow_module_level=True,
+    )
 
 from codelens.kernels import (
     FinalNorm,
@@ -351,8 +354,9 @@ def test_statistics_switched_off_and_several_launches():
     request = LensRequest(k=3, entropy=False, kl_final=False)
     one = lens_stats_triton(hidden, head, targets, request, config=SMALL)
     # 16-slot launches: one token block of one layer per launch.
-    many = lens_stats_triton(hidden, head, targets, request,
-                             config=dataclasses.replace(SMALL, max_slots=16))
+    many = lens_stats_triton(
+        hidden, head, targets, request, config=dataclasses.replace(SMALL, max_slots=16)
+    )
 
     assert one.entropy is None and one.kl_final is None
     assert one.set_logmass.shape == (3, 21, 0)

@@ -103,14 +103,22 @@ def test_attn_site_rows_match_an_independent_reference(family, tiny_model_dir, t
     attn_out: dict[int, torch.Tensor] = {}
     handles = []
     for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(
-            lambda m, a, kw, i=i: block_in.__setitem__(i, (a[0] if a else kw["hidden_states"]).clone()),
-            with_kwargs=True,
-        ))
+        handles.append(
+            block.register_forward_pre_hook(
+                lambda m, a, kw, i=i: block_in.__setitem__(
+                    i, (a[0] if a else kw["hidden_states"]).clone()
+                ),
+                with_kwargs=True,
+            )
+        )
         attn = getattr(block, attn_name)
-        handles.append(attn.register_forward_hook(
-            lambda m, a, out, i=i: attn_out.__setitem__(i, (out[0] if isinstance(out, tuple) else out).clone())
-        ))
+        handles.append(
+            attn.register_forward_hook(
+                lambda m, a, out, i=i: attn_out.__setitem__(
+                    i, (out[0] if isinstance(out, tuple) else out).clone()
+                )
+            )
+        )
     with torch.no_grad():
         logits = loaded.model(inp, use_cache=False).logits[0, 1:].double()
         for h in handles:
@@ -123,7 +131,9 @@ def test_attn_site_rows_match_an_independent_reference(family, tiny_model_dir, t
             z.append(head.logits((block_in[i] + a)[0, 1:].double(), torch.float64))
     want = stats(loaded, z, logits, ids)
     for layer in range(1, len(blocks) + 1):
-        assert_close(rows_of(rows, "attn", layer, len(ids)), want, layer - 1, f"{family} attn {layer}")
+        assert_close(
+            rows_of(rows, "attn", layer, len(ids)), want, layer - 1, f"{family} attn {layer}"
+        )
     # Block rows are unchanged by the extra site; the summary lists the attn rows apart.
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [e["layer"] for e in summary["layers"]] == list(range(len(blocks) + 1))
@@ -153,7 +163,9 @@ def test_attn_site_refused_for_parallel_blocks(family, overrides, reason, tiny_m
         run_job(spec, show_progress=False)
 
 
-def test_decoder_blocks_match_a_second_forward_with_a_replaced_block_input(tiny_model_dir, tmp_path):
+def test_decoder_blocks_match_a_second_forward_with_a_replaced_block_input(
+    tiny_model_dir, tmp_path
+):
     model_dir = tiny_model_dir("llama", n_layers=3)
     n = 1
     run_job(
@@ -177,7 +189,9 @@ def test_decoder_blocks_match_a_second_forward_with_a_replaced_block_input(tiny_
             return a, {**kw, "hidden_states": h}
 
         pre = blocks[start].register_forward_pre_hook(replace, with_kwargs=True)
-        post = blocks[-1].register_forward_hook(lambda m, a, out: got.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+        post = blocks[-1].register_forward_hook(
+            lambda m, a, out: got.__setitem__("h", out[0] if isinstance(out, tuple) else out)
+        )
         try:
             model(inp, use_cache=False)
         finally:
@@ -238,7 +252,15 @@ def test_decoder_blocks_must_leave_a_layer(tiny_model_dir, tmp_path):
 
 def test_position_buckets():
     assert position_bucket(np.array([0, 1, 2, 3, 4, 7, 8, 1000, -1])).tolist() == [
-        0, 1, 2, 2, 3, 3, 4, 10, -1,
+        0,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        10,
+        -1,
     ]
     assert bucket_names()[:5] == ["0", "1", "2-3", "4-7", "8-15"]
 
@@ -264,5 +286,7 @@ def test_summary_by_position_and_column_agrees_with_the_rows(tiny_model_dir, tmp
                 has = sel & (rows["target_id"] >= 0)
                 assert g["rows"] == sel.sum()
                 if has.any():
-                    assert np.isclose(g["mean_target_logprob"], rows["target_logprob"][has].mean(), atol=1e-5)
+                    assert np.isclose(
+                        g["mean_target_logprob"], rows["target_logprob"][has].mean(), atol=1e-5
+                    )
                     assert np.isclose(g["top1_accuracy"], (rows["target_rank"][has] == 0).mean())

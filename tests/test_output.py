@@ -19,10 +19,27 @@ def _table(n: int) -> pa.Table:
 def test_schema_has_the_design_columns_and_drops_switched_off_ones():
     full = lens_schema(5, 2, ["py"], entropy=True, kl_final=True)
     assert full.names == [
-        "doc", "pos", "layer", "site", "token_id", "target_id", "line", "byte_start", "byte_end",
-        "category", "lse", "entropy", "target_logprob",
-        "target_rank", "kl_final", "topk_ids", "topk_logprobs", "ahead_logprob", "ahead_rank",
-        "set_py", "residual_finite",
+        "doc",
+        "pos",
+        "layer",
+        "site",
+        "token_id",
+        "target_id",
+        "line",
+        "byte_start",
+        "byte_end",
+        "category",
+        "lse",
+        "entropy",
+        "target_logprob",
+        "target_rank",
+        "kl_final",
+        "topk_ids",
+        "topk_logprobs",
+        "ahead_logprob",
+        "ahead_rank",
+        "set_py",
+        "residual_finite",
     ]
     assert full.field("layer").type == pa.int16()
     assert full.field("topk_ids").type == pa.list_(pa.int32(), 5)
@@ -38,7 +55,10 @@ def test_commit_is_atomic_and_listed_once(tmp_path):
     rd.commit_shard(0, _table(3), {"n_tokens": 3})
     rd.commit_shard(1, _table(2), {"n_tokens": 2})
     rd.commit_shard(1, _table(2), {"n_tokens": 2})  # a retried shard overwrites its own file
-    assert sorted(p.name for p in rd.lens_dir.iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
+    assert sorted(p.name for p in rd.lens_dir.iterdir()) == [
+        "part-000000.parquet",
+        "part-000001.parquet",
+    ]
     assert set(rd.committed()) == {0, 1}
     assert pq.read_table(rd.part_path(0)).num_rows == 3
     # A crash mid-append leaves a torn last line: it is ignored and that shard is redone.

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,9 @@ def test_imports_run_workers_to_engine_to_kernels():
     for top in ("engine", "kernels", "workers"):
         for path in (ROOT / top).rglob("*.py"):
             if path.name != "ray_backend.py":
-                assert "import ray" not in path.read_text(), f"only workers/ray_backend.py imports ray: {path}"
+                assert "import ray" not in path.read_text(), (
+                    f"only workers/ray_backend.py imports ray: {path}"
+                )
 
 
 def test_importing_kernels_does_not_import_triton():

@@ -40,7 +40,12 @@ def write_corpus(root: Path) -> Path:
 
 
 def make_spec(model_dir: Path, corpus: Path, out: Path, **lens_overrides):
-    lens = {"k": 5, "lookahead": [2, 3], "token_sets": {"kw": ["def", "return", 7]}, **lens_overrides}
+    lens = {
+        "k": 5,
+        "lookahead": [2, 3],
+        "token_sets": {"kw": ["def", "return", 7]},
+        **lens_overrides,
+    }
     return validate_spec(
         {
             "name": "test",
@@ -67,7 +72,10 @@ def reference(loaded, ids: list[int], bos: int | None, request: LensRequest, off
     with torch.no_grad():
         out = model(inp, output_hidden_states=True, use_cache=False)
     n_blocks = len(loaded.parts.blocks)
-    z = [head.logits(out.hidden_states[layer][0, skip:].double(), torch.float64) for layer in range(n_blocks)]
+    z = [
+        head.logits(out.hidden_states[layer][0, skip:].double(), torch.float64)
+        for layer in range(n_blocks)
+    ]
     z.append(out.logits[0, skip:].double())  # layer L: the model's own logits
     z = torch.stack(z)
     n = len(ids)
@@ -79,7 +87,9 @@ def reference(loaded, ids: list[int], bos: int | None, request: LensRequest, off
     return lens_stats_from_logits(z, targets, request, z[-1])
 
 
-def test_every_family_every_column_matches_the_float64_reference(tiny_family, tiny_model_dir, tiny_loaded_model, tmp_path):
+def test_every_family_every_column_matches_the_float64_reference(
+    tiny_family, tiny_model_dir, tiny_loaded_model, tmp_path
+):
     model_dir = tiny_model_dir(tiny_family)
     spec = make_spec(model_dir, write_corpus(tmp_path / "corpus"), tmp_path / "run")
     outcome = run_job(spec, show_progress=False)
@@ -89,14 +99,24 @@ def test_every_family_every_column_matches_the_float64_reference(tiny_family, ti
     docs = pq.read_table(run_dir / "docs.parquet").to_pylist()
     status = {Path(d["source"]).name: d["status"] for d in docs}
     assert status == {
-        "a.py": "ok", "b.py": "ok", "c.py": "ok", "empty.py": "empty", "blob.py": "binary",
+        "a.py": "ok",
+        "b.py": "ok",
+        "c.py": "ok",
+        "empty.py": "empty",
+        "blob.py": "binary",
         "latin1.py": "not utf-8",
     }
 
     loaded = tiny_loaded_model(tiny_family)
     tok = loaded.tokenizer
     n_layers = len(loaded.parts.blocks) + 1
-    kw_ids = sorted({tok.encode("def", add_special_tokens=False)[0], tok.encode("return", add_special_tokens=False)[0], 7})
+    kw_ids = sorted(
+        {
+            tok.encode("def", add_special_tokens=False)[0],
+            tok.encode("return", add_special_tokens=False)[0],
+            7,
+        }
+    )
     request = LensRequest(k=5, token_sets=(("kw", torch.tensor(kw_ids)),))
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     seen = 0
@@ -109,7 +129,9 @@ def test_every_family_every_column_matches_the_float64_reference(tiny_family, ti
         assert d["n_tokens"] == len(ids)
         want = reference(loaded, ids, bos, request)
         mine = rows["doc"] == d["doc"]
-        order = np.lexsort((rows["pos"][mine], rows["layer"][mine]))  # layer-major like the reference
+        order = np.lexsort(
+            (rows["pos"][mine], rows["layer"][mine])
+        )  # layer-major like the reference
 
         def col(name, _mine=mine, _order=order):
             values = rows[name][_mine][_order]
@@ -143,14 +165,24 @@ def test_every_family_every_column_matches_the_float64_reference(tiny_family, ti
     assert seen == 3
 
 
-def test_windows_emit_each_position_once_with_carried_context(tiny_model_dir, tiny_loaded_model, tmp_path):
+def test_windows_emit_each_position_once_with_carried_context(
+    tiny_model_dir, tiny_loaded_model, tmp_path
+):
     model_dir = tiny_model_dir("llama")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     text = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(12))
     (corpus / "long.py").write_text(text)
     spec = make_spec(model_dir, corpus, tmp_path / "run").model_copy(
-        update={"tokens": validate_spec({"model": {"path": "m"}, "corpus": {"paths": ["x"]}, "tokens": {"window": 32, "overlap": 8}}).tokens}
+        update={
+            "tokens": validate_spec(
+                {
+                    "model": {"path": "m"},
+                    "corpus": {"paths": ["x"]},
+                    "tokens": {"window": 32, "overlap": 8},
+                }
+            ).tokens
+        }
     )
     run_job(spec, show_progress=False)
     rows = read_rows(tmp_path / "run")
@@ -158,13 +190,17 @@ def test_windows_emit_each_position_once_with_carried_context(tiny_model_dir, ti
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     n_layers = len(loaded.parts.blocks) + 1
     keys = set(zip(rows["doc"].tolist(), rows["pos"].tolist(), rows["layer"].tolist(), strict=True))
-    assert len(keys) == len(rows["doc"]) == len(ids) * n_layers, "each (doc, pos, layer) exactly once"
+    assert len(keys) == len(rows["doc"]) == len(ids) * n_layers, (
+        "each (doc, pos, layer) exactly once"
+    )
     # Window 2 emits positions 31+23 = 54.. with 8 carried tokens: check it against that input.
     bos = loaded.tokenizer.bos_token_id
     first, n_emit = 31 + 23, 23
     window = ids[first - 8 : first + n_emit]
     with torch.no_grad():
-        logits = loaded.model(torch.tensor([[bos] + window]), use_cache=False).logits[0, 9:].double()
+        logits = (
+            loaded.model(torch.tensor([[bos] + window]), use_cache=False).logits[0, 9:].double()
+        )
     want = torch.log_softmax(logits, -1)
     last = rows["layer"] == n_layers - 1
     sel = last & (rows["pos"] >= first) & (rows["pos"] < first + n_emit)
@@ -250,11 +286,15 @@ def test_summary_agrees_with_the_rows(tiny_model_dir, tmp_path):
         m = rows["layer"] == entry["layer"]
         has = m & (rows["target_id"] >= 0)
         assert entry["count"] == has.sum() and entry["rows"] == m.sum()
-        assert np.isclose(entry["mean_target_logprob"], rows["target_logprob"][has].mean(), atol=1e-5)
+        assert np.isclose(
+            entry["mean_target_logprob"], rows["target_logprob"][has].mean(), atol=1e-5
+        )
         assert np.isclose(entry["top1_accuracy"], (rows["target_rank"][has] == 0).mean())
         assert np.isclose(entry["mean_kl_final"], rows["kl_final"][m].mean(), atol=1e-5)
         assert np.isclose(entry["mean_entropy"], rows["entropy"][m].mean(), atol=1e-5)
-        agree = [topk[i, 0] == final_top1[rows["doc"][i], rows["pos"][i]] for i in np.flatnonzero(m)]
+        agree = [
+            topk[i, 0] == final_top1[rows["doc"][i], rows["pos"][i]] for i in np.flatnonzero(m)
+        ]
         assert np.isclose(entry["top1_agreement_final"], np.mean(agree))
         median_rank = np.median(rows["target_rank"][has])
         lo = entry["target_rank_quantiles"]["p50"]
@@ -265,8 +305,14 @@ def test_summary_agrees_with_the_rows(tiny_model_dir, tmp_path):
 
 def test_selected_layers_and_switched_off_columns(tiny_model_dir, tmp_path):
     spec = make_spec(
-        tiny_model_dir("gpt2"), write_corpus(tmp_path / "corpus"), tmp_path / "run",
-        layers=[0, 2], lookahead=[], entropy=False, kl_final=False, token_sets={},
+        tiny_model_dir("gpt2"),
+        write_corpus(tmp_path / "corpus"),
+        tmp_path / "run",
+        layers=[0, 2],
+        lookahead=[],
+        entropy=False,
+        kl_final=False,
+        token_sets={},
     )
     run_job(spec, show_progress=False)
     table = pq.read_table(tmp_path / "run" / "lens")
@@ -299,7 +345,10 @@ def test_nonfinite_residual_rows_are_flagged(tiny_model_dir, tmp_path, monkeypat
     assert np.isfinite(rows["lse"][~bad]).all()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert sum(layer["nonfinite_rows"] for layer in summary["layers"]) == bad.sum()
-    assert all(layer["mean_entropy"] is None or np.isfinite(layer["mean_entropy"]) for layer in summary["layers"])
+    assert all(
+        layer["mean_entropy"] is None or np.isfinite(layer["mean_entropy"])
+        for layer in summary["layers"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -335,7 +384,10 @@ def test_failed_shard_is_reported_and_only_it_is_retried(tiny_model_dir, tmp_pat
         run_job(spec, show_progress=False)
     status = json.loads((tmp_path / "run" / "_status.json").read_text())
     assert status["state"] == "failed" and status["failures"][0]["shard"] == 1
-    committed = [json.loads(x)["shard"] for x in (tmp_path / "run" / "_manifest.jsonl").read_text().splitlines()]
+    committed = [
+        json.loads(x)["shard"]
+        for x in (tmp_path / "run" / "_manifest.jsonl").read_text().splitlines()
+    ]
     assert 1 not in committed and len(committed) >= 2
     monkeypatch.setattr(LensRunner, "run_shard", original)
     outcome = run_job(spec, show_progress=False)

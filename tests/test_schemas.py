@@ -61,7 +61,9 @@ def test_yaml_and_json_files_with_overrides(tmp_path):
     y.write_text("model: {path: m}\ncorpus: {paths: ['*.py']}\nlens: {k: 4}\n")
     j = tmp_path / "job.json"
     j.write_text(json.dumps(MINIMAL))
-    spec = load_spec(y, ["lens.k=7", "lens.layers=[0, 2]", "output.dir=out/x", "lens.entropy=false"])
+    spec = load_spec(
+        y, ["lens.k=7", "lens.layers=[0, 2]", "output.dir=out/x", "lens.entropy=false"]
+    )
     assert spec.lens.k == 7 and spec.lens.layers == [0, 2] and not spec.lens.entropy
     assert str(spec.output.dir) == "out/x"
     assert load_spec(j).model.path.name == "m"
@@ -86,7 +88,9 @@ def test_unreadable_specs(tmp_path):
 
 def test_fingerprint_ignores_where_and_how_fast():
     a = validate_spec(MINIMAL)
-    b = validate_spec({**MINIMAL, "output": {"dir": "elsewhere"}, "execution": {"batch_tokens": 4096}})
+    b = validate_spec(
+        {**MINIMAL, "output": {"dir": "elsewhere"}, "execution": {"batch_tokens": 4096}}
+    )
     c = validate_spec({**MINIMAL, "lens": {"k": 3}})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 

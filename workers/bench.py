@@ -65,7 +65,9 @@ class MethodResult:
         """The figures (arrays dropped)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("top1", "target_logprob")}
         out["tokens_per_s"] = round(self.tokens_per_s, 2)
-        out["lens_over_forward"] = round(self.lens_s / self.forward_s, 3) if self.forward_s else None
+        out["lens_over_forward"] = (
+            round(self.lens_s / self.forward_s, 3) if self.forward_s else None
+        )
         return out
 
 
@@ -143,7 +145,9 @@ def run_codelens(loaded, ids: Tensor, impl: str = "auto") -> MethodResult:
         request = LensRequest(k=K)
         with peak_memory(device) as peak:
             start = time.perf_counter()
-            stats, _ = lens_stats(buffer, parts.head, targets_of(ids).to(device), request, buffer[-1], impl=impl)
+            stats, _ = lens_stats(
+                buffer, parts.head, targets_of(ids).to(device), request, buffer[-1], impl=impl
+            )
             _sync(device)
             lens_s = time.perf_counter() - start
     return MethodResult(

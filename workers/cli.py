@@ -76,7 +76,11 @@ def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
     rd = RunDir(run_dir)
     st = rd.read_status()
     if st is None:
-        what = "no run directory" if not rd.path.exists() else "no _status.json (the job has not started)"
+        what = (
+            "no run directory"
+            if not rd.path.exists()
+            else "no _status.json (the job has not started)"
+        )
         err.print(f"[bold red]error:[/] {run_dir}: {what}")
         raise typer.Exit(2)
     table = Table(show_header=False, box=None)
@@ -128,6 +132,7 @@ def demo(
     for col in ("layer", "top-1 acc", "mean logprob", "median rank", "KL to final", "entropy"):
         table.add_column(col, justify="right")
     for row in summary["layers"]:
+
         def fmt(x: float | None) -> str:
             return "-" if x is None else f"{x:.3f}"
 
@@ -171,9 +176,7 @@ def plot(
     metric: Annotated[
         str, typer.Option(help="Cell colour: logprob | rank (of the next token) | kl | entropy.")
     ] = "logprob",
-    bos: Annotated[
-        bool, typer.Option(help="Prepend the BOS token, as jobs do by default.")
-    ] = True,
+    bos: Annotated[bool, typer.Option(help="Prepend the BOS token, as jobs do by default.")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
 ) -> None:
@@ -236,12 +239,20 @@ def bench(
     forward_s = sum(r.forward_s for r in runs)
     lens_s = sum(r.lens_s for r in runs)
     n_layers = len(loaded.parts.blocks) + 1
-    table = Table(title=f"lens cost: {loaded.family}, {tokens} tokens x {n_layers} layers, {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}")
+    table = Table(
+        title=f"lens cost: {loaded.family}, {tokens} tokens x {n_layers} layers, {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}"
+    )
     table.add_column("stage")
     for col in ("seconds", "per token", "tokens/s"):
         table.add_column(col, justify="right")
-    for name, secs in (("forward (capture)", forward_s), ("lens (all statistics)", lens_s), ("matmul bound", bound.lens_s)):
-        table.add_row(name, f"{secs:.3f}", f"{1e6 * secs / tokens:,.1f} us", f"{tokens / secs:,.0f}")
+    for name, secs in (
+        ("forward (capture)", forward_s),
+        ("lens (all statistics)", lens_s),
+        ("matmul bound", bound.lens_s),
+    ):
+        table.add_row(
+            name, f"{secs:.3f}", f"{1e6 * secs / tokens:,.1f} us", f"{tokens / secs:,.0f}"
+        )
     out.print(table)
     out.print(
         f"lens / forward = {lens_s / forward_s:.2f}; the lens runs at {bound.lens_s / lens_s:.0%} of the "

@@ -46,7 +46,16 @@ class JobOutcome:
 def package_versions() -> dict[str, str | None]:
     """Versions recorded in job.json."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("code-llm-lens", "torch", "transformers", "tokenizers", "pyarrow", "pydantic", "triton", "ray"):
+    for dist in (
+        "code-llm-lens",
+        "torch",
+        "transformers",
+        "tokenizers",
+        "pyarrow",
+        "pydantic",
+        "triton",
+        "ray",
+    ):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -65,14 +74,18 @@ def make_executor(spec: JobSpec):
     return RayExecutor(spec)
 
 
-def write_summary(run_dir: RunDir, spec: JobSpec, docs_status: dict[str, int], resolved: dict[str, Any]) -> dict:
+def write_summary(
+    run_dir: RunDir, spec: JobSpec, docs_status: dict[str, int], resolved: dict[str, Any]
+) -> dict:
     """Merge every committed shard's partials, in shard order, into summary.json.
 
     Merging in shard order (not commit order) fixes the float summation order, so executors that
     commit shards in different orders (local, Ray) write identical numbers.
     """
     entries = run_dir.committed()
-    merged = merge_partials(entry["partials"] for entry in sorted(entries.values(), key=lambda e: e["shard"]))
+    merged = merge_partials(
+        entry["partials"] for entry in sorted(entries.values(), key=lambda e: e["shard"])
+    )
     try:
         pygments_version: str | None = importlib.metadata.version("pygments")
     except importlib.metadata.PackageNotFoundError:
@@ -95,7 +108,9 @@ def write_summary(run_dir: RunDir, spec: JobSpec, docs_status: dict[str, int], r
     return summary
 
 
-def run_job(spec: JobSpec, *, overwrite: bool = False, show_progress: bool | None = None) -> JobOutcome:
+def run_job(
+    spec: JobSpec, *, overwrite: bool = False, show_progress: bool | None = None
+) -> JobOutcome:
     """Run (or resume) ``spec``; raises ``JobFailedError`` if any shard failed.
 
     Args:
@@ -182,7 +197,9 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, show_progress: bool | Non
     )
 
 
-def _write_job(run_dir: RunDir, spec: JobSpec, resolved: dict[str, Any], n_tokens: int, n_shards: int) -> None:
+def _write_job(
+    run_dir: RunDir, spec: JobSpec, resolved: dict[str, Any], n_tokens: int, n_shards: int
+) -> None:
     write_json_atomic(
         run_dir.job_file,
         {

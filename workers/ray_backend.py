@@ -102,8 +102,16 @@ CRASH_SHARDS_ENV = "CODELENS_CRASH_SHARDS"
 """Fault-injection hook for tests: comma-separated shard indices whose worker kills itself."""
 
 _CONSISTENT_KEYS = (
-    "family", "model_class", "dtype", "impl", "n_blocks", "layers", "vocab_rows",
-    "tokenizer_vocab", "d_model", "token_sets",
+    "family",
+    "model_class",
+    "dtype",
+    "impl",
+    "n_blocks",
+    "layers",
+    "vocab_rows",
+    "tokenizer_vocab",
+    "d_model",
+    "token_sets",
 )
 """What every worker must resolve identically, or rows from different workers would differ."""
 
@@ -205,7 +213,9 @@ class _LensActor:
             if shard.index in self.crash_shards:
                 log.warning(
                     "%s: %s names shard %d: killing this process",
-                    self._where(), CRASH_SHARDS_ENV, shard.index,
+                    self._where(),
+                    CRASH_SHARDS_ENV,
+                    shard.index,
                 )
                 os.kill(os.getpid(), signal.SIGKILL)
             return self.worker.run_shard(shard)
@@ -396,7 +406,8 @@ class RayExecutor:
             if address and address not in ("auto", current):
                 log.warning(
                     "Ray is already connected to %s in this process; using it, not %s",
-                    current, address,
+                    current,
+                    address,
                 )
             self._owns_ray = False
             return
@@ -432,7 +443,9 @@ class RayExecutor:
             if explicit and wanted > gpus:
                 log.warning(
                     "execution.workers=%d but the cluster has %d GPU(s): starting %d",
-                    wanted, gpus, n,
+                    wanted,
+                    gpus,
+                    n,
                 )
             return n, {"num_gpus": 1, "num_cpus": 1}, None
         cpus = self._free_cpus(wanted)
@@ -595,7 +608,10 @@ class _Scheduler:
                 raise cause from None  # a problem with the job itself, as in the local executor
             log.error(
                 "shard %d failed on %s (attempt %d):\n%s",
-                task.shard.index, task.slot.where(), task.attempt, e,
+                task.shard.index,
+                task.slot.where(),
+                task.attempt,
+                e,
             )
             self._requeue(task, f"{type(cause).__name__}: {cause}", charged=True)
             return
@@ -626,7 +642,9 @@ class _Scheduler:
         slot.inflight.clear()
         log.warning(
             "%s died while holding shard(s) %s (%s); requeued them, restarting the worker",
-            slot.where(), [t.shard.index for t in lost], _short(err),
+            slot.where(),
+            [t.shard.index for t in lost],
+            _short(err),
         )
         # A node preemption (autoscaler drain) is no shard's fault.
         preempted = bool(getattr(err, "preempted", False))
@@ -653,7 +671,9 @@ class _Scheduler:
             if slot.revive_failures >= MAX_REVIVE_FAILURES:
                 log.error(
                     "%s could not reload the model %d times (%s); giving it up",
-                    slot.where(), slot.revive_failures, _short(e),
+                    slot.where(),
+                    slot.revive_failures,
+                    _short(e),
                 )
                 slot.state = "dead"
                 try:

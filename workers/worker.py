@@ -17,8 +17,8 @@ import torch
 
 from codelens.engine.loading import LoadedModel, load_model
 from codelens.engine.runner import LensRunner
-from codelens.engine.windows import Shard
 from codelens.engine.schemas import JobSpec
+from codelens.engine.windows import Shard
 
 
 @dataclass
@@ -59,7 +59,9 @@ class LensWorker:
             trust_remote_code=m.trust_remote_code,
         )
         parts = self.loaded.parts
-        self.runner = LensRunner(self.spec, self.loaded.model, self.loaded.tokenizer, parts.blocks, parts.head)
+        self.runner = LensRunner(
+            self.spec, self.loaded.model, self.loaded.tokenizer, parts.blocks, parts.head
+        )
         return {
             "family": self.loaded.family,
             "model_class": type(self.loaded.model).__name__,

@@ -150,35 +150,13 @@ def _sequences(vocab: int, tokens: int, seq_len: int):
     return [ids[i : i + seq_len] for i in range(0, tokens, seq_len)]
 
 
-def _external_lens_stats(per_layer_logits, ids, final_logits):
-    """The naive statistics (as in ``workers.bench.run_naive``) from an external tool's logits."""
-    import torch
-
-    from codelens.workers.bench import K, targets_of
-
-    tgt = targets_of(ids)
-    final_logp = torch.log_softmax(final_logits.float(), -1)
-    final_p = final_logp.exp()
-    top1, target_lp = [], []
-    for logits in per_layer_logits:
-        logp = torch.log_softmax(logits.float(), -1)
-        _, top_ids = logp.topk(K, -1)
-        lp_t = logp.gather(-1, tgt.clamp_min(0))
-        _ranks = (logp[:, None, :] > lp_t[:, :, None]).sum(-1)
-        _entropy = -(logp.exp() * logp).sum(-1)
-        _kl = (final_p * (final_logp - logp)).sum(-1)
-        top1.append(top_ids[:, 0])
-        target_lp.append(torch.where(tgt[:, 0] >= 0, lp_t[:, 0], torch.nan))
-    return torch.stack(top1).numpy(), torch.stack(target_lp).numpy()
-
-
 def _run_transformer_lens(loaded, ids):
     """TransformerLens: ``run_with_cache``, ``accumulated_resid(apply_ln=True)``, unembed."""
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
-    from codelens.workers.bench import MethodResult, peak_memory
+    from codelens.workers.bench import MethodResult, naive_statistics, peak_memory, targets_of
 
     hf = loaded.model
     if loaded.family != "gpt2":
@@ -209,7 +187,7 @@ def _run_transformer_lens(loaded, ids):
             start = time.perf_counter()
             resid = cache.accumulated_resid(apply_ln=True)  # [L + 1, 1, T, d]
             per_layer = [tl_model.unembed(resid[i])[0] for i in range(resid.shape[0])]
-            top1, target_lp = _external_lens_stats(per_layer, ids, logits[0])
+            top1, target_lp = naive_statistics(per_layer, targets_of(ids), logits[0])
             lens_s = time.perf_counter() - start
     return MethodResult(
         "transformer_lens", ids.numel(), forward_s, lens_s, peak["bytes"], top1, target_lp
@@ -221,7 +199,7 @@ def _run_tuned_lens(loaded, ids):
     import torch
     from tuned_lens.nn.lenses import LogitLens
 
-    from codelens.workers.bench import MethodResult, peak_memory
+    from codelens.workers.bench import MethodResult, naive_statistics, peak_memory, targets_of
 
     model = loaded.model
     lens = LogitLens.from_model(model)
@@ -233,7 +211,7 @@ def _run_tuned_lens(loaded, ids):
             start = time.perf_counter()
             hidden = out.hidden_states[:-1]  # the last entry is already normalised: use the logits
             per_layer = [lens(h, idx=i)[0] for i, h in enumerate(hidden)] + [out.logits[0]]
-            top1, target_lp = _external_lens_stats(per_layer, ids, out.logits[0])
+            top1, target_lp = naive_statistics(per_layer, targets_of(ids), out.logits[0])
             lens_s = time.perf_counter() - start
     return MethodResult(
         "tuned_lens", ids.numel(), forward_s, lens_s, peak["bytes"], top1, target_lp

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -161,6 +161,37 @@ def run_codelens(loaded, ids: Tensor, impl: str = "auto") -> MethodResult:
     )
 
 
+def naive_statistics(
+    per_layer_logits: Iterable[Tensor], targets: Tensor, final_logits: Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """The common recipe's statistics, one full ``[T, V]`` log-softmax per layer.
+
+    Computes top-k, target and look-ahead ranks, entropy and KL to the final layer like every
+    method (only the top-1 ids and target log-probs are kept, for the agreement check).
+
+    Args:
+        per_layer_logits: ``[T, V]`` lens logits of each layer 0..L.
+        targets: ``[T, 1 + A]`` from ``targets_of``.
+        final_logits: ``[T, V]`` the model's own logits.
+
+    Returns:
+        ``[L + 1, T]`` top-1 ids and target log-probs (NaN without a target).
+    """
+    final_logp = torch.log_softmax(final_logits.float(), -1)
+    final_p = final_logp.exp()
+    top1, target_lp = [], []
+    for logits in per_layer_logits:
+        logp = torch.log_softmax(logits.float(), -1)
+        _, top_ids = logp.topk(K, -1)
+        lp_t = logp.gather(-1, targets.clamp_min(0))
+        _ranks = (logp[:, None, :] > lp_t[:, :, None]).sum(-1)
+        _entropy = -(logp.exp() * logp).sum(-1)
+        _kl = (final_p * (final_logp - logp)).sum(-1)
+        top1.append(top_ids[:, 0])
+        target_lp.append(torch.where(targets[:, 0] >= 0, lp_t[:, 0], torch.nan))
+    return torch.stack(top1).cpu().numpy(), torch.stack(target_lp).float().cpu().numpy()
+
+
 def run_naive(loaded, ids: Tensor) -> MethodResult:
     """The common recipe: ``output_hidden_states`` and full logits per layer."""
     model, parts = loaded.model, loaded.parts
@@ -178,23 +209,11 @@ def run_naive(loaded, ids: Tensor) -> MethodResult:
         with peak_memory(device) as peak:
             start = time.perf_counter()
             # hidden_states[-1] is already normalised in HF: the final layer is the model's logits.
-            final_logp = torch.log_softmax(out.logits[0].float(), -1)
-            final_p = final_logp.exp()
-            top1, target_lp = [], []
-            for layer in range(n_blocks + 1):
-                if layer < n_blocks:
-                    logits = head.logits(out.hidden_states[layer][0])  # [T, V] fp32
-                else:
-                    logits = out.logits[0].float()
-                logp = torch.log_softmax(logits, -1)
-                _, top_ids = logp.topk(K, -1)
-                has = tgt >= 0
-                lp_t = logp.gather(-1, tgt.clamp_min(0))
-                _ranks = (logp[:, None, :] > lp_t[:, :, None]).sum(-1)
-                _entropy = -(logp.exp() * logp).sum(-1)
-                _kl = (final_p * (final_logp - logp)).sum(-1)
-                top1.append(top_ids[:, 0])
-                target_lp.append(torch.where(has[:, 0], lp_t[:, 0], torch.nan))
+            per_layer = (
+                head.logits(out.hidden_states[layer][0]) if layer < n_blocks else out.logits[0]
+                for layer in range(n_blocks + 1)
+            )
+            top1, target_lp = naive_statistics(per_layer, tgt, out.logits[0])
             _sync(device)
             lens_s = time.perf_counter() - start
     return MethodResult(
@@ -203,8 +222,8 @@ def run_naive(loaded, ids: Tensor) -> MethodResult:
         forward_s,
         lens_s,
         peak["bytes"],
-        torch.stack(top1).cpu().numpy(),
-        torch.stack(target_lp).float().cpu().numpy(),
+        top1,
+        target_lp,
     )
 
 

@@ -120,24 +120,6 @@ def _machine() -> dict:
     return info
 
 
-def _versions() -> dict:
-    out = {}
-    for dist in (
-        "code-llm-lens",
-        "torch",
-        "transformers",
-        "triton",
-        "transformer-lens",
-        "tuned-lens",
-        "numpy",
-    ):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # Worker side: one method in this process.
 # ------------------------------------------------------------------------------------------------
@@ -375,6 +357,8 @@ def write_results_md() -> None:
 
 
 def main() -> None:
+    from codelens.workers.job import package_versions
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU, GPT-2-small shape, 512 tokens")
     p.add_argument("--methods", default="codelens,naive,transformer_lens,tuned_lens,matmul")
@@ -410,7 +394,7 @@ def main() -> None:
         report = run_config(name, shape, tokens, seq_len, device, dtype, methods, args.cache)
         report.update(
             machine=_machine(),
-            versions=_versions(),
+            versions=package_versions(extra=("transformer-lens", "tuned-lens", "numpy")),
             command=" ".join([Path(sys.executable).name, *sys.argv]),
             written_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )

@@ -35,8 +35,9 @@ from codelens.kernels.stats import LensRequest, LensStats, check_inputs
 _LOW31 = 0x7FFFFFFF
 DEFAULT_VOCAB_CHUNK = 8192
 DEFAULT_BUDGET_BYTES = 256 << 20
-# Bytes per (row, vocab entry) of live temporaries in one chunk step: z, e (fp32), packed keys
-# (int64) and a comparison mask, plus slack for the matmul output.
+# Bytes per (row, vocab entry) of live memory in one chunk step: the reused z and e buffers
+# (fp32), a comparison mask, the bias/soft-cap copy of z when the head has one, and slack for
+# top-k and the boundary-tie fallback's packed keys.
 _BYTES_PER_LOGIT = 24
 
 

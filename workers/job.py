@@ -43,10 +43,11 @@ class JobOutcome:
     resolved: dict[str, Any] = field(default_factory=dict)
 
 
-def package_versions() -> dict[str, str | None]:
-    """Versions recorded in job.json."""
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Versions recorded in job.json (and in benchmark results, with ``extra`` distributions)."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for dist in (
+        *extra,
         "code-llm-lens",
         "torch",
         "transformers",

@@ -282,6 +282,26 @@ def resolve_dtype(
     return chosen
 
 
+TRANSFORMERS_SUPPORTED = ">=5.0"
+"""transformers releases we load models with (pyproject.toml's floor): ``from_pretrained(dtype=)``
+and the bundled tokenizer's ``TokenizersBackend`` class need 5.x."""
+
+
+def require_transformers() -> None:
+    """Raise ModelLoadError if the installed transformers is outside ``TRANSFORMERS_SUPPORTED``."""
+    import transformers
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    installed = transformers.__version__
+    if not SpecifierSet(TRANSFORMERS_SUPPORTED).contains(Version(installed), prereleases=True):
+        wanted = f"transformers{TRANSFORMERS_SUPPORTED}"
+        raise ModelLoadError(
+            f"transformers {installed} is installed, but code-llm-lens needs {wanted}: "
+            f"pip install '{wanted}' (or run ./install.sh, which installs the tested versions)"
+        )
+
+
 def _go_offline() -> None:
     """Make every hub call in this process (and its children) fail instead of downloading."""
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -299,6 +319,10 @@ def _attn_implementation(config_obj: Any, raw_config: dict[str, Any]) -> str | N
 
     if "AutoModelForCausalLM" in (raw_config.get("auto_map") or {}):
         return None
+    if getattr(config_obj, "attn_logit_softcapping", None):
+        # SDPA cannot soft-cap attention scores (Gemma-2), and some transformers releases (5.0)
+        # still pick it for such a model: eager computes the model as it was trained.
+        return "eager"
     try:
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config_obj)]
     except KeyError:
@@ -329,6 +353,7 @@ def load_tokenizer(
         ModelLoadError: the directory is not a loadable model directory (see ``check_model_dir``).
     """
     info = check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    require_transformers()
     _go_offline()
     return _load_tokenizer(info.path, trust_remote_code)
 
@@ -357,11 +382,13 @@ def load_model(
         The loaded model, tokenizer, parts and what the self-check measured.
 
     Raises:
-        ModelLoadError: the directory cannot be loaded safely or transformers fails to load it.
+        ModelLoadError: the directory cannot be loaded safely, the installed transformers is
+            outside ``TRANSFORMERS_SUPPORTED``, or transformers fails to load it.
         UnsupportedArchitectureError: the model class has no model-surgery entry.
         SelfCheckError: the lens at layer L does not reproduce the model's logits.
     """
     info = check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    require_transformers()
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, info.config, resolved_device)
     _go_offline()

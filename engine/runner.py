@@ -188,7 +188,10 @@ class LensRunner:
             kl_final=spec.lens.kl_final,
             token_sets=tuple((name, ids.to(self.device)) for name, ids in token_sets),
         )
-        self.impl = resolve_impl(LensImpl(spec.lens.impl), self.device)
+        try:
+            self.impl = resolve_impl(LensImpl(spec.lens.impl), self.device)
+        except RuntimeError as exc:  # kernels/ cannot raise our errors; the reason names the fix
+            raise SpecError(str(exc)) from None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.set_names = [name for name, _ in token_sets]
         self.schema = lens_schema(

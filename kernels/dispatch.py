@@ -9,8 +9,10 @@ Triton or touches CUDA at import time.
 from __future__ import annotations
 
 import enum
+import importlib.metadata
 import importlib.util
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -28,14 +30,45 @@ class LensImpl(str, enum.Enum):
     TRITON = "triton"
 
 
+TRITON_SUPPORTED = ">=3.6,<3.10"
+"""The Triton releases the kernel is tested with (``make test``: 3.9; ``make test-triton36``: 3.6).
+A release outside it may compile differently or break the interpreter, so it is refused."""
+
+
+def _version_problem(dist: str, supported: str) -> str | None:
+    """Why the installed ``dist`` is outside ``supported`` (None when it is inside)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    installed = importlib.metadata.version(dist)
+    if SpecifierSet(supported).contains(Version(installed), prereleases=True):
+        return None
+    return f"{dist} {installed} is installed, but the kernel is tested with {dist}{supported}"
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton kernel cannot run on ``device`` (None when it can)."""
+    """Why the Triton kernel cannot run on ``device`` (None when it can): not installed, a version
+    outside ``TRITON_SUPPORTED``, no CUDA device (without the interpreter), or an interpreter that
+    cannot run with the installed numpy."""
     if importlib.util.find_spec("triton") is None:
         return "the 'triton' package is not installed (pip install 'code-llm-lens[triton]')"
+    problem = _version_problem("triton", TRITON_SUPPORTED)
+    if problem is not None:
+        return f"{problem}; pip install 'triton{TRITON_SUPPORTED}', or use impl 'torch'"
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if device.type == "cuda":
         return None
     if device.type == "cpu" and interpret:
+        from packaging.version import Version
+
+        triton_v = Version(importlib.metadata.version("triton"))
+        numpy_v = Version(importlib.metadata.version("numpy"))
+        if triton_v < Version("3.7") and numpy_v >= Version("2.4"):
+            # Triton 3.6's interpreter calls int() on 1-element arrays, an error since numpy 2.4.
+            return (
+                f"the CPU interpreter of triton {triton_v} cannot run with numpy {numpy_v}; "
+                "pip install 'numpy<2.4' or 'triton>=3.7'"
+            )
         return None
     return (
         f"Triton needs a CUDA device, got {device.type!r}; use impl 'torch' or 'auto' here, or set "
@@ -48,8 +81,18 @@ def resolve_impl(impl: LensImpl | str, device: torch.device | str) -> LensImpl:
     impl = LensImpl(impl)
     device = torch.device(device)
     if impl is LensImpl.AUTO:
-        usable = device.type == "cuda" and triton_unavailable_reason(device) is None
-        return LensImpl.TRITON if usable else LensImpl.TORCH
+        if device.type != "cuda":
+            return LensImpl.TORCH
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            warnings.warn(
+                f"lens.impl 'auto' runs the torch lens on {device}: the Triton kernel cannot "
+                f"run ({reason})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return LensImpl.TORCH
+        return LensImpl.TRITON
     if impl is LensImpl.TRITON:
         reason = triton_unavailable_reason(device)
         if reason is not None:

@@ -86,20 +86,21 @@ def ray_cluster() -> Iterator[str]:
     finds Ray initialised in the process and attaches to it instead of starting its own, and a
     ``codelens run`` subprocess joins it through ``execution.ray_address``. Token authentication is
     switched off (``RAY_AUTH_MODE=disabled``, inherited by subprocess drivers) so that the tests
-    write no token into ``~/.ray``; the temp dir is short because Ray's Unix socket paths must fit
-    in ~107 bytes. Skipped when Ray is not installed.
+    write no token into ``~/.ray``; the temp dir (``RAY_TMPDIR``) is short because Ray's Unix socket
+    paths must fit in ~107 bytes. Skipped when Ray is not installed.
     """
     ray = pytest.importorskip("ray")
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
+    names = ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "RAY_TMPDIR")
+    saved = {k: os.environ.get(k) for k in names}
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = temp_dir  # Ray's documented knob (ray.init's _temp_dir is private)
     ray.init(
         num_cpus=2,
         num_gpus=0,
         include_dashboard=False,
         object_store_memory=150 * 2**20,
-        _temp_dir=temp_dir,
         log_to_driver=False,
     )
     try:

@@ -116,11 +116,25 @@ _CONSISTENT_KEYS = (
 """What every worker must resolve identically, or rows from different workers would differ."""
 
 
+RAY_SUPPORTED = ">=2.40"
+"""Ray releases the backend is tested with (pyproject.toml's ``ray`` extra)."""
+
+
 def _require_ray() -> None:
+    """Raise CodelensError when Ray is missing or outside ``RAY_SUPPORTED``."""
     if ray is None:
         raise CodelensError(
             "execution.backend 'ray' needs Ray, which is not installed: run "
             "pip install 'code-llm-lens[ray]' (or set execution.backend: local)"
+        )
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if not SpecifierSet(RAY_SUPPORTED).contains(Version(ray.__version__), prereleases=True):
+        raise CodelensError(
+            f"ray {ray.__version__} is installed, but execution.backend 'ray' needs "
+            f"ray{RAY_SUPPORTED}: pip install 'ray{RAY_SUPPORTED}' "
+            "(or set execution.backend: local)"
         )
 
 

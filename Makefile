@@ -32,19 +32,19 @@ demo: $(STAMP)
 
 # pytest's exit 5 (no test collected, e.g. a -k that matches none) is not a failing test.
 test: $(STAMP)
-	$(call in_venv,$(VENV)) python -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(call in_venv,$(VENV)) pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # Newest releases of every dependency (no lock; torch stays the machine's choice, as in install.sh).
 test-latest:
 	env -u VIRTUAL_ENV PYTHON=$(PYTHON) CODELENS_VENV=.venv-latest CODELENS_LATEST=1 ./install.sh
-	$(call in_venv,.venv-latest) python -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(call in_venv,.venv-latest) pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # The oldest Triton in the supported range (kernels/dispatch.py), with the locked rest. Its CPU
 # interpreter needs numpy < 2.4 (numpy 2.4 made int() of a 1-element array an error).
 test-triton36:
 	env -u VIRTUAL_ENV PYTHON=$(PYTHON) CODELENS_VENV=.venv-triton36 \
 	  CODELENS_OVERRIDES="triton==3.6.0 numpy<2.4" ./install.sh
-	$(call in_venv,.venv-triton36) python -m pytest tests/test_lens_triton.py $(PYTEST_ARGS)
+	$(call in_venv,.venv-triton36) pytest tests/test_lens_triton.py $(PYTEST_ARGS)
 	$(call in_venv,.venv-triton36) python benchmarks/bench_kernel.py --compile-only
 
 # The lock is the environment the suite last passed in against the newest releases.

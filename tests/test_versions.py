@@ -74,25 +74,26 @@ def test_triton_36_interpreter_needs_numpy_below_24(installed, monkeypatch):
     assert triton_unavailable_reason(torch.device("cpu")) is None
 
 
-def test_run_with_an_unsupported_triton_fails_before_any_shard(
-    installed, tiny_model_dir, tmp_path
-):
+def write_job(tmp_path, model_dir, **lens) -> str:
+    """A one-file job over ``model_dir`` writing to ``tmp_path/run``; returns the spec's path."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.py").write_text("def f(x):\n    return x\n")
     job = tmp_path / "job.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
-                "corpus": {"paths": [str(src / "*.py")]},
-                "lens": {"impl": "triton"},
-                "output": {"dir": str(tmp_path / "run")},
-            }
-        )
-    )
+    spec = {
+        "model": {"path": str(model_dir), "device": "cpu"},
+        "corpus": {"paths": [str(src / "*.py")]},
+        "lens": lens,
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    job.write_text(yaml.safe_dump(spec))
+    return str(job)
+
+
+def test_run_with_an_unsupported_triton_fails_before_any_shard(installed, tiny_model_dir, tmp_path):
+    job = write_job(tmp_path, tiny_model_dir("llama"), impl="triton")
     installed(triton="3.5.0")
-    result = CliRunner().invoke(app, ["run", str(job)])
+    result = CliRunner().invoke(app, ["run", job])
     assert result.exit_code == 2, result.output
     assert "triton 3.5.0 is installed" in result.output and "Traceback" not in result.output
     assert not list((tmp_path / "run").glob("lens/*.parquet"))
@@ -117,20 +118,7 @@ def test_old_ray_is_refused_by_name(monkeypatch):
 
 def test_job_json_records_the_versions(tiny_model_dir, tmp_path):
     """The versions a run used are in job.json, so its numbers can be traced to a lock."""
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.py").write_text("x = 1\n")
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
-                "corpus": {"paths": [str(src / "*.py")]},
-                "output": {"dir": str(tmp_path / "run")},
-            }
-        )
-    )
-    result = CliRunner().invoke(app, ["run", str(job)])
+    result = CliRunner().invoke(app, ["run", write_job(tmp_path, tiny_model_dir("llama"))])
     assert result.exit_code == 0, result.output
     versions = json.loads((tmp_path / "run" / "job.json").read_text())["versions"]
     for name in ("torch", "transformers", "pyarrow"):

@@ -5,129 +5,11 @@ Same contract as ``lens_stats_torch`` (see ``codelens.kernels.stats`` for the de
 ``lse``, ``entropy``, target/look-ahead log-probs and ranks, ``kl_final = KL(q || p)`` against the
 token's final-layer row, top-k (ties to the smaller id) and token-set log-masses.
 
-Design (three launches, all deterministic)
-------------------------------------------
-1. **Norm pre-pass** (``_norm_stage_kernel``, memory-bound, O(rows * d)). Gathers the residual rows
-   into *slot* order (below), computes the final norm in fp32 (LayerNorm or RMSNorm, Gemma's
-   ``1 + w``, eps), zeroes rows with a NaN/inf (flagged, masked at the end like the torch path),
-   rounds the normalised rows to the **operand dtype** and writes them to a staging buffer
-   ``[R_pad, d]``. It also computes each row's rank thresholds ``z~[r, c]`` (the target's logit)
-   by a dot product of the *staged* row with ``W_U[t]``, post-processed exactly like the tiles.
-   A separate pre-pass rather than folding the norm into the GEMM: the A tile is re-read once per
-   vocabulary tile, so normalising inside the K loop repeats the work ~V/BLOCK_N times; folding the
-   norm into W (``z = rstd * (x W'^T - mu c) + b``) changes the op order away from the model's.
-2. **Main kernel** (``_lens_main_kernel``), grid ``(row blocks x vocabulary chunks)`` rasterised
-   in groups of ``GROUP_M`` row blocks (row block fastest) so that concurrently running programs
-   share W tiles and A blocks in L2. Each program owns ``BLOCK_M`` rows and a chunk of
-   ``chunk_tiles * BLOCK_N`` vocabulary entries; per ``[BLOCK_M, BLOCK_N]`` tile it runs the K loop
-   (``tl.dot``, fp32 accumulator), post-processes (bias, scale, soft-cap) and updates running
-   per-row state in registers with **one exp per logit** (``e = exp(z - m)``) reused by every sum:
-
-   ====================  ==========================================  ===============================
-   state                 update per tile                             final (after the merge)
-   ====================  ==========================================  ===============================
-   ``m``                 running max                                 ``lse = m + log s``
-   ``s``                 ``s*alpha + sum e``
-   ``t``                 ``(t + s(m-m'))*alpha + sum e(z-m')``       ``entropy = log s - t/s``
-   ``u``                 ``u*alpha_q + sum eq (zq - z)``             ``kl = u/sq + lse - lse_q``
-   ``cnt[c]``            ``+= #{z > z~[c]}``                         rank (minus the target itself)
-   ``zt[c]``             ``z`` at ``t_c`` when it is in the tile      ``logprob = zt - lse``
-   ``g[s]``              ``g*alpha + sum_{v in S_s} e``              ``log g - log s``
-   top-k                 gated argmax insertion (below)              ``value - lse``
-   ====================  ==========================================  ===============================
-
-   and writes one partial record per (row, chunk) - no locks, no order-dependent atomics.
-3. **Merge** (plain torch, O(rows * chunks * (k + C + S))): fixed-order reductions over the chunk
-   axis (``M = max m_s``, ``s = sum s_s e^{m_s - M}``, ...), the target's logit taken from the chunk
-   that holds it, and a ``torch.topk`` over packed int64 keys of the chunks' candidates. Fixed-shape
-   torch reductions are run-to-run deterministic, so the whole pipeline is bitwise reproducible.
-
-**KL without a [T, V] buffer.** Rows are laid out in *slots*: a row block of ``BLOCK_M`` slots is
-``TB`` tokens x ``LB`` layer slots (``LB`` a power of two, layer slot fastest), and the last layer
-slot of every token holds that token's **final-layer row**. The final row's logits ``zq`` are then
-part of the same accumulator tile: a reshape to ``[TB, LB, BLOCK_N]`` and a masked sum over the
-layer axis extract them, and ``u += sum eq (zq - z)`` is accumulated online with the final slot's
-own running max. Cost: the final row is recomputed once per layer group (``LB - 1`` layers share
-one), i.e. ``G * LB`` slots per token for ``L'`` non-final layers, ``G = ceil(L' / (LB - 1))``;
-``LB`` is chosen to minimise ``G * LB`` (29 rows -> 32 slots, 13 -> 16, 33 -> 40). The
-alternatives cost more: a ``[T, V]`` fp32 buffer of ``log q`` adds ``rows * V * 4`` bytes of reads
-(comparable to the GEMM time at ``d <= 1536``); a separate final-row accumulator needs ``tl.dot``'s
-M >= 16 rows, i.e. >= 12.5 % extra MMA at ``BLOCK_M = 128``; recomputing ``zq`` for every row
-doubles the MMA. When ``final_hidden`` is ``hidden[-1]`` (same storage), the last layer *is* the
-final slot: its ``u`` is exactly 0 and its ``lse_q`` its own ``lse``, so ``kl_final`` is exactly 0
-there. Without ``kl_final`` the layout is plain: ``LB = 1``, one layer per row block.
-
-**Streaming top-k** (notes §10.3). Per row a ``[KP]`` state (``KP = next_pow2(k)``) of values and
-ids, initialised to ``NEG_BIG = -1e30`` (padded vocabulary columns carry ``NEG_BIG`` too, so they
-never enter it). A tile's candidates are ``z > min(state)`` and ``z >= tau_g[r]``; while any row
-has one, the row's leftmost maximum replaces the state's minimum (among equal minima the larger
-id). Scanning ids in ascending order with a strict ``>`` keeps (value desc, id asc) within a chunk;
-the merge's packed keys ``(order-preserving int32 of z) << 32 | (2^31 - 1 - id)`` keep it across
-chunks. ``tau_g`` is a per-row lower bound of the global k-th value, shared across chunks through
-``tl.atomic_max`` of each full local state's minimum: it only prunes candidates that cannot reach
-the final top-k (``>=`` keeps equal values, which can win on a smaller id), so the merged answer is
-independent of the schedule even though the partial lists are not. No ``tl.topk``/``tl.sort``
-anywhere (seconds per call in the interpreter; a bitonic network per tile on the GPU).
-
-**Ranks** follow the torch path: ``z~`` from the pre-pass (staged operands, fp32 dot) is the
-threshold; the target's own in-tile logit is excluded if it rounds above ``z~``; the log-prob uses
-the in-tile logit, so ``logprob <= 0``. Ranks are exact except against entries within a rounding
-step of the target.
-
-Numerics and precision modes
-----------------------------
-``precision="model"`` (default): the normalised rows are rounded to ``W_U``'s dtype and the MMA
-runs on bf16/fp16 tensor cores (fp32 accumulation), like the model's own ``lm_head``; for an fp32
-``W_U`` the dot honours ``torch.get_float32_matmul_precision()`` (``highest`` -> IEEE fp32, else
-TF32). ``precision="fp32"``: fp32 staging, W tiles upcast, IEEE fp32 dot - the torch path's accuracy
-at a large speed cost. Soft-cap uses ``c * (1 - e) / (1 + e)`` with ``e = exp(-2|z|/c)`` (no
-libdevice in the interpreter; absolute error ~1e-7 * c). Under ``TRITON_INTERPRET=1`` every loaded
-tile is cast to fp32 right after ``tl.load`` (the interpreter's bf16 arithmetic is wrong), which
-computes the same products as a bf16 MMA (they are exact in fp32); only the summation order differs.
-
-Measured max |error| against the float64 oracle ``lens_stats_naive`` (interpreter, triton 3.9.0,
-numpy 2.4.6; four heads - LayerNorm + biases, Gemma RMSNorm ``1 + w`` + soft-cap, Granite scale +
-bias, padded vocabulary - at d = 48, V = 301, 4 layers x 12 tokens, |z| up to ~15), default
-``precision="model"``; the torch path's error in brackets:
-
-==============  ===================  ===================  ===================
-statistic       fp32                 fp16                 bf16
-==============  ===================  ===================  ===================
-lse             1.9e-6 (2.9e-6)      2.1e-3 (2.9e-6)      1.5e-2 (2.9e-6)
-entropy         1.9e-6 (1.2e-5)      1.4e-3 (1.1e-5)      1.1e-2 (1.2e-5)
-kl_final        5.7e-6 (1.4e-5)      3.8e-3 (1.2e-5)      2.5e-2 (1.3e-5)
-target_logprob  2.9e-6 (2.9e-6)      2.7e-3 (3.8e-6)      2.3e-2 (2.9e-6)
-ahead_logprob   3.8e-6 (3.8e-6)      3.4e-3 (3.8e-6)      3.0e-2 (3.8e-6)
-topk_logprobs   3.3e-6 (3.3e-6)      2.8e-3 (4.1e-6)      1.9e-2 (3.3e-6)
-set_logmass     2.9e-6 (3.8e-6)      2.7e-3 (3.8e-6)      2.3e-2 (3.8e-6)
-==============  ===================  ===================  ===================
-
-The fp16/bf16 errors are entirely the rounding of the normalised rows to the operand dtype (the
-model's own ``lm_head`` rounds the same way, and rounds its logits too): against the oracle fed
-the kernel's own rounded rows (``normalized_rows``) every statistic is within 5.7e-6 at every
-dtype, and ``precision="fp32"`` brings fp16/bf16 inputs to the fp32 column (<= 5.7e-6).
-
-Block sizes
------------
-GPU defaults (``LensTritonConfig``, starting points from notes §10.2, not yet tuned on a device):
-``BLOCK_M = 128`` rows (two wgmma M64 warpgroups with 8 warps), ``BLOCK_N = 128`` vocabulary
-columns, ``BLOCK_K = 64``, 3 stages, ``GROUP_M = 16`` row blocks per raster group, vocabulary chunks
-of 4096 (S = V / 4096 partial records per row), at most 32768 slots per launch (partials ~0.2 GB at
-V = 152k, k = 10). Compiled for sm_90 without a device (``benchmarks/bench_kernel.py
---compile-only``, triton 3.9): 96 KB of shared memory (the K loop is software-pipelined), wgmma
-(HGMMA) for the MMA, 51 spill-store / 38 spill-load instructions (static count, every statistic
-on; ``BLOCK_N = 256`` spills ~470 without epilogue sub-tiling, so it is not the default). Under the
-interpreter ``default_config`` picks few large tiles (``BLOCK_M = 32``, ``BLOCK_N = 256``,
-``BLOCK_K = next_pow2(d)`` up to 128): it costs ~ms per tile op whatever the tile size.
-Pointer offsets are int64 wherever ``rows * d``, ``V * d`` or ``rows * chunks * k`` can exceed
-2^31. Logits are assumed to be > ``NEG_BIG`` (true for any finite model: soft-capped or not,
-|z| is many orders of magnitude smaller).
-
-Testing (``tests/test_lens_triton.py``): Triton's CPU interpreter, 20-35 s on 2 cores with triton
-3.9.0 and numpy 2.4.6 (runtime-bound ``range`` loops work there; numpy >= 2.4 broke them on triton
-3.6, issue #9171). The interpreter cannot show the GPU's tie-breaking of ``tl.max`` indices (it
-always returns the leftmost), races on ``tau_g`` (it runs programs in order, chunks ascending), or
-performance; ``benchmarks/bench_kernel.py --check`` exercises the first two on a device.
+Three launches: the norm pre-pass (``_norm_stage_kernel``), the fused matmul + streaming
+statistics (``_lens_main_kernel``) and a fixed-order torch merge, so runs are bitwise
+deterministic. Why it is built this way (slot layout for KL, the streaming top-k, precision
+modes, block sizes): ``kernels/DESIGN.md``. Measured accuracy and sm_90 compile figures:
+``benchmarks/results/kernel-*.md``.
 
 This module imports Triton at import time; ``codelens.kernels`` imports it lazily (dispatch), so
 importing the package never needs Triton and nothing here touches CUDA before a call.
@@ -157,7 +39,7 @@ _PRECISIONS = ("model", "fp32")
 
 @dataclass(frozen=True)
 class LensTritonConfig:
-    """Launch parameters of the fused lens kernel (see the module docstring for the defaults).
+    """Launch parameters of the fused lens kernel (``kernels/DESIGN.md`` explains the defaults).
 
     Attributes:
         block_m: rows (slots) per program; a power of two >= 16.
@@ -384,7 +266,34 @@ def _lens_main_kernel(
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One (row block, vocabulary chunk): streaming statistics over the chunk's tiles."""
+    """One (row block, vocabulary chunk): streaming statistics over the chunk's tiles.
+
+    Program ``pid`` owns ``BLOCK_M`` slots (rows) and ``chunk_tiles * BLOCK_N`` vocabulary
+    columns. Per ``[BLOCK_M, BLOCK_N]`` tile: ``z = post(x @ W^T)`` (fp32 accumulator over
+    ``BLOCK_K`` steps of ``D``; ``post`` adds ``b``, multiplies by ``logit_scale``, soft-caps), then
+    with ``m' = max(m, max z)``, ``alpha = e^(m - m')`` and one ``e = e^(z - m')`` per logit::
+
+        s   <- s * alpha + sum e                    (lse = m + log s)
+        t   <- (t + s (m - m')) * alpha + sum e (z - m')   (entropy = log s - t / s)
+        u   <- u * alpha_q + sum e_q (z_q - z)      (kl = u / s_q + lse - lse_q; z_q: final slot)
+        cnt <- cnt + #{z > thr}                     (ranks), zt <- z at the target ids
+        g   <- g * alpha + sum_{v in S} e           (token-set masses)
+        top-KP values/ids <- gated insertion of z  (ties to the smaller id)
+
+    Args (shapes; S = n_chunks, R_pad = padded slots, CP = padded targets, KP = padded k):
+        x_ptr, w_ptr, stride_wv, b_ptr: the staged rows ``[R_pad, D]``, ``W_U [V, D]`` (row stride
+            ``stride_wv``) and ``b_U [V]``.
+        setm_ptr, tgt_ptr, thr_ptr, tau_ptr: set multiplicities ``[NS, V]``, target ids and rank
+            thresholds ``[R_pad, CP]``, the shared per-row k-th-value bound ``[R_pad]``.
+        pf_ptr, pzt_ptr, pcnt_ptr, pset_ptr, ptv_ptr, pti_ptr: the outputs per (row, chunk):
+            ``m, s, t, u [4, S, R_pad]``, target logits and counts ``[S, R_pad, CP]``, set sums
+            ``[S, R_pad, NSP]``, top-KP values and ids ``[S, R_pad, KP]``.
+        R_pad, V, D, n_chunks, chunk_tiles, n_row_blocks: sizes and the grid's shape.
+        logit_scale, softcap: the head's post-processing constants.
+        BLOCK_* / GROUP_M / LB: tiling, raster group and layer slots per token (DESIGN.md).
+        KP, C, CP, NS, NSP: padded k, targets (1 + look-ahead), token sets.
+        HAS_* / ENTROPY / KL / UPCAST / EVEN_K / DOT_PRECISION: compile-time switches.
+    """
     # Grouped raster: GROUP_M row blocks x all chunks per group, row block fastest, so programs
     # running at the same time walk the same W tiles (and reuse each A block across chunks).
     pid = tl.program_id(0)

@@ -6,7 +6,7 @@
   dtype and ranks / top-k ids must be exact away from near-ties.
 * The **model oracle**: ``lens_stats_naive`` on the raw rows. The kernel's error against it must
   be no worse than twice the torch path's own error plus a per-dtype allowance for rounding the
-  normalised rows to bf16/fp16 (``lens_triton``'s module docstring records the measured values).
+  normalised rows to bf16/fp16 (measured: ``benchmarks/results/kernel-accuracy-interpreter.md``).
 
 Shapes are tiny and awkward on purpose: rows and vocabulary not multiples of the blocks, several
 vocabulary chunks and row blocks, k not a power of two.

@@ -35,7 +35,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from codelens.engine.syntax import CATEGORIES
@@ -76,16 +75,6 @@ GroupIds = Mapping[str, tuple[Tensor, Sequence[str]]]
 ``ids[i]`` indexes ``names``; a negative id leaves the token out of that grouping."""
 
 
-def rank_bin(rank: Tensor) -> Tensor:
-    """log2 bin of non-negative integer ranks: 0 -> 0, [2^(b-1), 2^b) -> b."""
-    return torch.from_numpy(_rank_bin(rank.numpy()))
-
-
-def logprob_bin(logprob: Tensor) -> Tensor:
-    """Bin index of log-probs (<= 0): bin i holds ``(-(i+1)/8, -i/8]``."""
-    return torch.from_numpy(_logprob_bin(logprob.numpy()))
-
-
 def _rank_bin(rank: np.ndarray) -> np.ndarray:
     r = rank.astype(np.float64)
     bins = np.where(r < 1, 0.0, np.floor(np.log2(np.maximum(r, 1))) + 1)
@@ -101,29 +90,6 @@ def _np(x: Tensor | np.ndarray | None) -> np.ndarray | None:
     if x is None or isinstance(x, np.ndarray):
         return x
     return x.detach().cpu().numpy()
-
-
-def empty_layer_partial(
-    n_ahead: int, set_names: Sequence[str], *, entropy: bool = True, kl_final: bool = True
-) -> dict[str, Any]:
-    """A zero partial for one layer (``sum_entropy``/``sum_kl`` None when not computed)."""
-    return {
-        "rows": 0,
-        "nonfinite": 0,
-        "count": 0,
-        "sum_logprob": 0.0,
-        "sum_entropy": 0.0 if entropy else None,
-        "sum_kl": 0.0 if kl_final else None,
-        "top1_correct": 0,
-        "top1_agree_final": 0,
-        "top10": 0,
-        "rank_hist": [0] * RANK_BINS,
-        "logprob_hist": [0] * LOGPROB_BINS,
-        "ahead_count": [0] * n_ahead,
-        "ahead_top1": [0] * n_ahead,
-        "ahead_sum_logprob": [0.0] * n_ahead,
-        "set_sum_mass": {name: 0.0 for name in set_names},
-    }
 
 
 def group_partials(
@@ -158,7 +124,11 @@ def group_partials(
         logprob_hist: also histogram the target log-probs (512 bins; overall rows only).
 
     Returns:
-        One partial per group (see :func:`empty_layer_partial` for the keys).
+        One partial per group, with the keys ``rows``, ``nonfinite``, ``count``,
+        ``sum_logprob``, ``sum_entropy``/``sum_kl`` (None when not computed), ``top1_correct``,
+        ``top1_agree_final``, ``top10``, ``rank_hist`` (``RANK_BINS``), ``logprob_hist``
+        (``LOGPROB_BINS``), ``ahead_count``/``ahead_top1``/``ahead_sum_logprob`` (one per
+        look-ahead offset) and ``set_sum_mass`` (token-set name -> sum of masses).
     """
     # numpy, not torch: these are tiny sequential reductions, and torch's thread pool makes each
     # one ~100x slower on a busy CPU. np.bincount sums float64 weights in index order, so the

@@ -44,7 +44,7 @@ test-latest:
 test-triton36:
 	env -u VIRTUAL_ENV PYTHON=$(PYTHON) CODELENS_VENV=.venv-triton36 \
 	  CODELENS_OVERRIDES="triton==3.6.0 numpy<2.4" ./install.sh
-	$(call in_venv,.venv-triton36) pytest tests/test_lens_triton.py $(PYTEST_ARGS)
+	$(call in_venv,.venv-triton36) pytest tests/kernels/test_lens_triton.py $(PYTEST_ARGS)
 	$(call in_venv,.venv-triton36) python benchmarks/bench_kernel.py --compile-only
 
 # The lock is the environment the suite last passed in against the newest releases.

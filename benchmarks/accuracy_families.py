@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from codelens.engine.loading import load_model
+from codelens.engine.model.loading import load_model
 from codelens.engine.schemas import validate_spec
-from codelens.engine.tiny_models import TINY_FAMILIES, build_tiny_model
+from codelens.engine.zoo.tiny_models import TINY_FAMILIES, build_tiny_model
 from codelens.kernels import LensRequest, lens_stats_from_logits
 from codelens.workers.job import run_job
 

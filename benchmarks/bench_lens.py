@@ -74,7 +74,7 @@ def build_model(shape: str, out: Path, dtype: str) -> Path:
     import torch
     import transformers
 
-    from codelens.engine.tiny_models import build_tiny_tokenizer
+    from codelens.engine.zoo.tiny_models import build_tiny_tokenizer
 
     if (out / "config.json").exists():
         return out
@@ -204,7 +204,7 @@ def worker(args: argparse.Namespace) -> None:
     """Run one method over all sequences; print its JSON on the last stdout line."""
     import torch
 
-    from codelens.engine.loading import load_model
+    from codelens.engine.model.loading import load_model
     from codelens.workers.bench import METHODS, MethodResult
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)

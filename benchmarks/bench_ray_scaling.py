@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from codelens.engine.schemas import JobSpec, validate_spec
-from codelens.engine.tiny_models import build_tiny_model
+from codelens.engine.zoo.tiny_models import build_tiny_model
 from codelens.workers.job import run_job
 
 MODEL = {"family": "llama", "n_layers": 8, "d_model": 256}

@@ -30,8 +30,8 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
-from codelens.engine.loading import LoadedModel, load_model  # noqa: E402
-from codelens.engine.tiny_models import TINY_FAMILIES, build_tiny_model  # noqa: E402
+from codelens.engine.model.loading import LoadedModel, load_model  # noqa: E402
+from codelens.engine.zoo.tiny_models import TINY_FAMILIES, build_tiny_model  # noqa: E402
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -46,6 +46,6 @@ def test_importing_kernels_does_not_import_triton():
     import subprocess
     import sys
 
-    code = "import sys, codelens.kernels, codelens.engine.runner; print('triton' in sys.modules)"
+    code = "import sys, codelens.kernels, codelens.engine.run.runner; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

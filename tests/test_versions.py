@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from codelens.engine.errors import CodelensError, ModelLoadError
-from codelens.engine.loading import load_model
+from codelens.engine.model.loading import load_model
 from codelens.kernels import LensImpl, resolve_impl
 from codelens.kernels.dispatch import TRITON_SUPPORTED, triton_unavailable_reason
 from codelens.workers.cli import app

@@ -127,7 +127,7 @@ def targets_of(ids: Tensor) -> Tensor:
 
 def run_codelens(loaded, ids: Tensor, impl: str = "auto") -> MethodResult:
     """Our engine on one sequence ``ids [T]``: capture all layers, then ``lens_stats``."""
-    from codelens.engine.capture import ResidualCapture
+    from codelens.engine.model.capture import ResidualCapture
     from codelens.kernels import LensRequest, lens_stats
 
     model, parts = loaded.model, loaded.parts

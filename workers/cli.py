@@ -71,7 +71,7 @@ def _print_outcome(outcome) -> None:
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Show a run's progress (works while the job runs and after it ends)."""
-    from codelens.engine.output import RunDir
+    from codelens.engine.run.rundir import RunDir
 
     rd = RunDir(run_dir)
     st = rd.read_status()
@@ -155,7 +155,7 @@ def report(
     ] = None,
 ) -> None:
     """Write an HTML report (figures and tables) of a finished run to RUN_DIR/report/."""
-    from codelens.engine.report import build_report
+    from codelens.engine.analysis.report import build_report
 
     try:
         index = build_report(run_dir, out)
@@ -181,8 +181,8 @@ def plot(
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
 ) -> None:
     """Per-prompt logit-lens grid: layers x positions, each cell the layer's top-1 next token."""
-    from codelens.engine.loading import load_model
-    from codelens.engine.plotting import METRICS, PlotError, compute_grid, read_lines
+    from codelens.engine.model.loading import load_model
+    from codelens.engine.analysis.grid import METRICS, PlotError, compute_grid, read_lines
 
     try:
         if (text is None) == (file is None):
@@ -202,11 +202,11 @@ def plot(
         grid = compute_grid(loaded, text, add_bos=bos, first_line=first_line)
         out.parent.mkdir(parents=True, exist_ok=True)
         if kind == ".png":
-            from codelens.engine.plotting import render_png
+            from codelens.engine.analysis.grid import render_png
 
             render_png(grid, metric, out)
         else:
-            from codelens.engine.plotting import render_html
+            from codelens.engine.analysis.grid import render_html
 
             render_html(grid, metric, out)
     except CodelensError as e:
@@ -224,7 +224,7 @@ def bench(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
 ) -> None:
     """What the lens costs per token on your model and device: lens vs forward vs the matmul bound."""
-    from codelens.engine.loading import load_model
+    from codelens.engine.model.loading import load_model
     from codelens.workers.bench import bench_tokens, run_codelens, run_matmul
 
     try:
@@ -277,7 +277,7 @@ def compare(
     ] = False,
 ) -> None:
     """Overlay several runs' per-layer curves on a relative-depth axis (layer / L)."""
-    from codelens.engine.compare import build_comparison
+    from codelens.engine.analysis.compare import build_comparison
 
     try:
         index = build_comparison(run_dirs, out, allow_different_corpora=allow_different_corpora)

@@ -2,7 +2,7 @@
 
 The model is the bundled ``codelens-stdlib-py`` (a 4-layer Llama-style code LM trained from scratch
 on the CPython standard library, shipped as package data: see
-``codelens.engine.default_model`` and its ``MODEL_CARD.md``). The demo copies it to
+``codelens.engine.zoo.default_model`` and its ``MODEL_CARD.md``). The demo copies it to
 ``OUT_DIR/model`` (so ``codelens plot --model OUT_DIR/model`` works too), writes
 ``OUT_DIR/job.yaml`` over a deterministic sample of the running Python's standard library,
 *held-out files only* (the model never saw them), runs it into ``OUT_DIR/run`` and writes the
@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from codelens.engine.default_model import default_model_dir, held_out_sample
+from codelens.engine.zoo.default_model import default_model_dir, held_out_sample
 from codelens.engine.schemas import load_spec
 from codelens.workers.job import JobOutcome, run_job
 
@@ -79,7 +79,7 @@ def demo_spec_data(out_dir: Path, files: list[Path]) -> dict[str, Any]:
 def write_demo_report(run_dir: Path) -> Path | None:
     """The HTML report of the run (``codelens report``), or None if it cannot be drawn here."""
     try:
-        from codelens.engine.report import build_report
+        from codelens.engine.analysis.report import build_report
     except ImportError:  # an install without the report module
         return None
     try:

@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from codelens.engine.output import RunDir
+from codelens.engine.run.rundir import RunDir
 
 
 def _now() -> str:

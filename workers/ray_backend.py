@@ -58,7 +58,7 @@ from typing import Any
 
 from codelens.engine.errors import CodelensError
 from codelens.engine.schemas import JobSpec
-from codelens.engine.windows import Shard
+from codelens.engine.data.windows import Shard
 from codelens.workers.progress import ProgressTracker
 from codelens.workers.worker import LensWorker, ShardResult
 

@@ -15,10 +15,10 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from codelens.engine.loading import LoadedModel, load_model
-from codelens.engine.runner import LensRunner
+from codelens.engine.model.loading import LoadedModel, load_model
+from codelens.engine.run.runner import LensRunner
 from codelens.engine.schemas import JobSpec
-from codelens.engine.windows import Shard
+from codelens.engine.data.windows import Shard
 
 
 @dataclass

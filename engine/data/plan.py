@@ -1,0 +1,127 @@
+"""From a job spec to shards: corpus -> tokens -> windows (with targets) -> shards.
+
+Planning is deterministic (same corpus, tokenizer and spec give the same shards), which is what
+lets a rerun skip committed shards. It is streamed: ``iter_shards`` yields one shard at a time and
+keeps only that shard's windows in memory, so the corpus can be larger than memory.
+``plan_corpus`` makes one counting pass first, for docs.parquet and for progress and ETA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from codelens.engine.data.corpus import read_corpus
+from codelens.engine.data.tokenize import tokenize_documents
+from codelens.engine.data.windows import (
+    Shard,
+    WindowTask,
+    make_windows,
+    plan_shards,
+    target_columns,
+)
+from codelens.engine.run.rundir import DOCS_SCHEMA
+from codelens.engine.schemas import JobSpec
+
+
+@dataclass(frozen=True)
+class CorpusPlan:
+    """The result of the counting pass.
+
+    Attributes:
+        docs: the docs.parquet table (doc, source, n_tokens, status, language).
+        shard_tokens: emitted tokens of each shard, by shard index.
+    """
+
+    docs: pa.Table
+    shard_tokens: tuple[int, ...]
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens (rows per layer) of the whole job."""
+        return sum(self.shard_tokens)
+
+
+def _bos_id(spec: JobSpec, tokenizer: Any) -> int | None:
+    if not spec.tokens.add_bos:
+        return None
+    bos = tokenizer.bos_token_id
+    # Tokenizers without a BOS (GPT-2 style) conventionally use EOS as the document separator.
+    return bos if bos is not None else tokenizer.eos_token_id
+
+
+def _documents(spec: JobSpec):
+    c = spec.corpus
+    return read_corpus(
+        c.kind,
+        c.paths,
+        text_field=c.text_field,
+        id_field=c.id_field,
+        language_field=c.language_field,
+        max_doc_bytes=c.max_doc_bytes,
+    )
+
+
+def _window_tasks(
+    spec: JobSpec, tokenizer: Any, docs_sink: list | None, *, annotate: bool = True
+) -> Iterator[WindowTask]:
+    """Windows with their targets, in corpus order; records each document in ``docs_sink``.
+
+    With ``annotate`` each window also carries its emitted tokens' byte spans, lines and syntax
+    categories (``codelens.engine.data.syntax``), from the same single tokenizer pass as the ids. The
+    counting pass (``plan_corpus``) needs only the ids and skips that work (and the lexer).
+    """
+    bos_id = _bos_id(spec, tokenizer)
+    offsets = spec.lens.lookahead
+    tokenized = tokenize_documents(_documents(spec), tokenizer, spans=annotate)
+    for document, ids, spans in tokenized:
+        status = document.status
+        if document.ok and not ids:
+            status = "empty"  # text that tokenizes to nothing (e.g. only a BOM)
+        if docs_sink is not None:
+            docs_sink.append(
+                (document.doc, document.source, len(ids or ()), status, document.language)
+            )
+        if not ids:
+            continue
+        for w in make_windows(
+            document.doc, ids, window=spec.tokens.window, overlap=spec.tokens.overlap, bos_id=bos_id
+        ):
+            # [1 + A, n_emit] -> [n_emit, 1 + A]; one list per offset is far faster than per row.
+            columns = np.asarray(
+                target_columns(ids, w.first_pos, w.n_emit, offsets), dtype=np.int32
+            )
+            yield WindowTask(
+                w.doc,
+                tuple(w.input_ids),
+                w.first_pos,
+                np.ascontiguousarray(columns.T),
+                language=document.language,
+                spans=None if spans is None else spans.slice(w.first_pos, w.first_pos + w.n_emit),
+            )
+
+
+def iter_shards(spec: JobSpec, tokenizer: Any) -> Iterator[Shard]:
+    """The job's shards in order; each holds its ``WindowTask``s."""
+    return plan_shards(_window_tasks(spec, tokenizer, None), spec.output.shard_tokens)
+
+
+def plan_corpus(spec: JobSpec, tokenizer: Any) -> CorpusPlan:
+    """Counting pass: docs.parquet content and tokens per shard (windows are not kept)."""
+    docs: list[tuple] = []
+    shard_tokens = tuple(
+        s.n_tokens
+        for s in plan_shards(
+            _window_tasks(spec, tokenizer, docs, annotate=False), spec.output.shard_tokens
+        )
+    )
+    columns = list(zip(*docs, strict=True)) if docs else [[] for _ in DOCS_SCHEMA]
+    table = pa.Table.from_arrays(
+        [pa.array(col, type=field.type) for col, field in zip(columns, DOCS_SCHEMA, strict=True)],
+        schema=DOCS_SCHEMA,
+    )
+    return CorpusPlan(table, shard_tokens)

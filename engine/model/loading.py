@@ -1,0 +1,587 @@
+"""Load a local model directory safely and check that the lens reproduces its logits.
+
+``load_model(path)`` is the only way the engine gets a model:
+
+1. **Pre-flight** (:func:`check_model_dir`), before anything is imported or executed: the path is an
+   existing local directory with ``config.json``, safetensors weights (pickle checkpoints only
+   with ``allow_pickle``), tokenizer files, and no ``auto_map`` (remote code) unless
+   ``trust_remote_code``. Each problem is a :class:`ModelLoadError` naming the fix in job-spec
+   terms.
+2. **Offline load**: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` are set and every
+   ``from_pretrained`` call passes ``local_files_only=True``, so nothing reaches the network.
+   Checkpoint keys the model expects but the files lack are an error (transformers would otherwise
+   initialise them randomly and only log it).
+3. **Surgery**: :func:`codelens.engine.model.surgery.model_parts` finds the blocks and the ``Head``.
+4. **Self-check** (:func:`run_self_check`): on a small right-padded batch of code, the lens at
+   layer L (``head.logits`` of the last block's output, captured by ``ResidualCapture``) must equal
+   the model's own logits to within the dtype's tolerance, else :class:`SelfCheckError`.
+
+Attention: ``sdpa`` where the model class supports it, else ``eager`` (CodeGen, Gemma-2). Both give
+the same logits at the real positions of a right-padded batch as an unpadded run (checked in
+``tests/engine/model/test_loading.py``); with right padding no real position can attend to a pad anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from codelens.engine.errors import ModelLoadError, SelfCheckError
+from codelens.engine.model.capture import ResidualCapture
+from codelens.engine.model.surgery import ModelParts, model_parts
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""Accepted ``model.dtype`` values besides ``"auto"``."""
+
+SELF_CHECK_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float32: 1e-4,
+    torch.bfloat16: 2e-2,
+    torch.float16: 5e-3,
+}
+"""Allowed ``max|lens_L - logits| / max(1, max|logits|)`` per model dtype.
+
+Why these values: the lens computes the norm and the matmul in fp32 from the captured residual,
+the model in its own dtype. In fp32 only the summation order differs (measured <= 3e-7 relative on
+every tiny family; ~1e-6 expected at d = 4096), so 1e-4 leaves two orders of margin while a wrong
+eps, bias, weight offset, soft-cap or scale shows up as >= 1e-2. In bf16 the model rounds the
+normalised activations and the logits to 8 mantissa bits (unit roundoff 2^-9 ~ 2e-3): measured
+2.2e-3 to 5.7e-3 across the 13 tiny families (CPU), so 2e-2 is a 3.5x margin. fp16 has 3 more
+mantissa bits: measured 3.4e-4 to 6.6e-4, and 5e-3 keeps a similar margin.
+"""
+
+PROBE_TEXTS: tuple[str, ...] = (
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
+    "    return a\n",
+    "import os\nprint(os.getcwd())\n",
+)
+"""Code the self-check runs through the model: two snippets, cut to different lengths."""
+
+PROBE_LENGTHS: tuple[int, ...] = (24, 16)
+"""Probe sequence ``b`` is cut to ``PROBE_LENGTHS[b]`` tokens (BOS included, if the tokenizer has
+one). Different caps guarantee a padded batch: the first snippet is longer than 16 tokens in any
+tokenizer."""
+
+_TOKENIZER_FILE_SETS: tuple[tuple[str, ...], ...] = (
+    ("tokenizer.json",),
+    ("tokenizer.model",),
+    ("vocab.json", "merges.txt"),
+    ("vocab.txt",),
+)
+"""Any one complete set lets transformers build a tokenizer (fast, sentencepiece, GPT-2 BPE,
+WordPiece)."""
+
+_PICKLE_GLOBS: tuple[str, ...] = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+"""Weight files that are Python pickles (``torch.load``): can execute code when unpickled."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the lens runner.
+
+    Attributes:
+        model: the HF causal LM, in eval mode, gradients off, on ``device`` in ``dtype``.
+        tokenizer: its tokenizer, loaded from the same directory.
+        parts: decoder blocks and lens head (``codelens.engine.model.surgery``).
+        family: ``parts.family``.
+        dtype: the dtype the weights were loaded in.
+        device: where the model lives.
+        path: the resolved model directory.
+        self_check_max_abs_err: ``max|lens_L - logits|`` the load-time self-check measured (NaN if
+            the self-check was switched off).
+        attn_implementation: the attention backend transformers was asked for (``sdpa``/``eager``).
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    parts: ModelParts
+    family: str
+    dtype: torch.dtype
+    device: torch.device
+    path: Path
+    self_check_max_abs_err: float
+    attn_implementation: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelDirInfo:
+    """What the pre-flight check found in a model directory.
+
+    Attributes:
+        path: the resolved directory.
+        config: the parsed ``config.json``.
+        use_safetensors: True when safetensors weights exist; False when only pickle
+            checkpoints exist (and ``allow_pickle`` permitted them).
+        weight_files: names of the weight files that will be read.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    use_safetensors: bool
+    weight_files: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _matching(directory: Path, patterns: tuple[str, ...]) -> list[str]:
+    return sorted({p.name for pattern in patterns for p in directory.glob(pattern) if p.is_file()})
+
+
+def check_model_dir(
+    path: str | os.PathLike[str], *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> ModelDirInfo:
+    """Validate a model directory without importing or executing anything from it.
+
+    Args:
+        path: the model directory (``model.path`` of the job spec).
+        allow_pickle: accept ``pytorch_model*.bin`` / ``*.pt`` checkpoints when no safetensors
+            exist.
+        trust_remote_code: accept a config or tokenizer config with an ``auto_map`` (custom code).
+
+    Returns:
+        The parsed config and the weight format to load.
+
+    Raises:
+        ModelLoadError: the first problem found, with what to do about it.
+    """
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise ModelLoadError(
+            f"model directory {str(directory)!r} does not exist. model.path must be a local "
+            "directory with config.json, *.safetensors and tokenizer files; models are never "
+            "downloaded (fetch it first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR`)."
+        )
+    if not directory.is_dir():
+        raise ModelLoadError(f"model.path {str(directory)!r} is a file, not a model directory.")
+    directory = directory.resolve()
+
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"{directory} has no config.json: it is not a HuggingFace model directory "
+            "(expected config.json, *.safetensors and tokenizer files)."
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {config_file}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file} does not hold a JSON object.")
+
+    if not trust_remote_code:
+        for name in ("config.json", "tokenizer_config.json"):
+            remote = _read_json_or_empty(directory / name).get("auto_map")
+            if remote:
+                raise ModelLoadError(
+                    f"{directory / name} declares custom code (auto_map: {remote}); loading it "
+                    "would run Python files from the model directory. Set "
+                    "`model.trust_remote_code: true` in the job spec if you trust them."
+                )
+
+    safetensors = _matching(directory, ("*.safetensors",))
+    pickles = _matching(directory, _PICKLE_GLOBS)
+    if safetensors:
+        use_safetensors, weights = True, safetensors
+    elif pickles and allow_pickle:
+        use_safetensors, weights = False, pickles
+    elif pickles:
+        raise ModelLoadError(
+            f"{directory} has only pickle weights ({', '.join(pickles)}), which can run arbitrary "
+            "code when loaded. Convert them to safetensors, or set `model.allow_pickle: true` in "
+            "the job spec to load them."
+        )
+    else:
+        raise ModelLoadError(
+            f"{directory} has config.json but no weights: expected model.safetensors or sharded "
+            "model-*.safetensors (with model.safetensors.index.json)."
+        )
+
+    if not any(all((directory / f).is_file() for f in files) for files in _TOKENIZER_FILE_SETS):
+        expected = " or ".join("+".join(files) for files in _TOKENIZER_FILE_SETS)
+        present = _matching(
+            directory, ("tokenizer*", "*vocab*", "merges.txt", "special_tokens_map.json")
+        )
+        raise ModelLoadError(
+            f"{directory} has no tokenizer: expected {expected} (with tokenizer_config.json); "
+            f"found {', '.join(present) if present else 'no tokenizer files'}."
+        )
+    return ModelDirInfo(directory, config, use_safetensors, tuple(weights))
+
+
+def _read_json_or_empty(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU; ``"cpu"``; ``"cuda"`` / ``"cuda:N"`` (must exist).
+
+    Raises:
+        ModelLoadError: CUDA requested but not available, or an unknown device string.
+    """
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"model.device {device!r} is not one of auto, cpu, cuda") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"model.device is {device!r} but no CUDA device is visible; use `model.device: auto` "
+            "or `cpu`."
+        )
+    if resolved.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"model.device {device!r} is not one of auto, cpu, cuda")
+    return resolved
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype, config: dict[str, Any], device: torch.device
+) -> torch.dtype:
+    """Pick the dtype to load the weights in.
+
+    ``"auto"`` on a CPU is float32: CPU half-precision matmuls are slow, and the point of a CPU run
+    is usually a small, exact check. On CUDA it is the config's ``dtype`` (``torch_dtype`` in older
+    configs) when that is a float type, else bfloat16; bfloat16 becomes float16 on GPUs without
+    bf16 support.
+
+    Args:
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+        config: the parsed ``config.json``.
+        device: the resolved device.
+
+    Raises:
+        ModelLoadError: an unknown dtype name.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in SELF_CHECK_TOLERANCE:
+            raise ModelLoadError(f"model.dtype {dtype} is not one of auto, {', '.join(DTYPES)}")
+        return dtype
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"model.dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    declared = config.get("dtype") or config.get("torch_dtype")
+    chosen = DTYPES.get(str(declared).removeprefix("torch."), torch.bfloat16)
+    if chosen is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        chosen = torch.float16
+    return chosen
+
+
+TRANSFORMERS_SUPPORTED = ">=5.0"
+"""transformers releases we load models with (pyproject.toml's floor): ``from_pretrained(dtype=)``
+and the bundled tokenizer's ``TokenizersBackend`` class need 5.x."""
+
+
+def require_transformers() -> None:
+    """Raise ModelLoadError if the installed transformers is outside ``TRANSFORMERS_SUPPORTED``."""
+    import transformers
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    installed = transformers.__version__
+    if not SpecifierSet(TRANSFORMERS_SUPPORTED).contains(Version(installed), prereleases=True):
+        wanted = f"transformers{TRANSFORMERS_SUPPORTED}"
+        raise ModelLoadError(
+            f"transformers {installed} is installed, but code-llm-lens needs {wanted}: "
+            f"pip install '{wanted}' (or run ./install.sh, which installs the tested versions)"
+        )
+
+
+def _go_offline() -> None:
+    """Make every hub call in this process (and its children) fail instead of downloading."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; update the cached flag too.
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def _attn_implementation(config_obj: Any, raw_config: dict[str, Any]) -> str | None:
+    """``sdpa`` if the model class supports it, else ``eager``; None (transformers decides) for
+    custom-code classes, whose support the auto mapping cannot tell."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if "AutoModelForCausalLM" in (raw_config.get("auto_map") or {}):
+        return None
+    if getattr(config_obj, "attn_logit_softcapping", None):
+        # SDPA cannot soft-cap attention scores (Gemma-2), and some transformers releases (5.0)
+        # still pick it for such a model: eager computes the model as it was trained.
+        return "eager"
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config_obj)]
+    except KeyError:
+        return None
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from exc
+
+
+def load_tokenizer(
+    path: str | os.PathLike[str], *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer of a model directory, after the same pre-flight checks.
+
+    Planning a job (tokenizing the corpus into shards) needs the tokenizer but not the weights, so
+    a finished job's rerun, or a plan, never pays for loading the model.
+
+    Raises:
+        ModelLoadError: the directory is not a loadable model directory (see ``check_model_dir``).
+    """
+    info = check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    require_transformers()
+    _go_offline()
+    return _load_tokenizer(info.path, trust_remote_code)
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    self_check: bool = True,
+) -> LoadedModel:
+    """Load model and tokenizer from a local directory, build the lens parts, run the self-check.
+
+    Args:
+        path: local model directory (never a hub id: nothing is downloaded).
+        dtype: ``"auto"`` (see :func:`resolve_dtype`), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        allow_pickle: permit ``pytorch_model*.bin`` / ``*.pt`` weights when no safetensors exist.
+        trust_remote_code: permit the directory's custom modeling / tokenizer code (``auto_map``).
+        self_check: run :func:`run_self_check` (keep on: it is what guarantees the lens at layer L
+            equals the model's logits).
+
+    Returns:
+        The loaded model, tokenizer, parts and what the self-check measured.
+
+    Raises:
+        ModelLoadError: the directory cannot be loaded safely, the installed transformers is
+            outside ``TRANSFORMERS_SUPPORTED``, or transformers fails to load it.
+        UnsupportedArchitectureError: the model class has no model-surgery entry.
+        SelfCheckError: the lens at layer L does not reproduce the model's logits.
+    """
+    info = check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    require_transformers()
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, info.config, resolved_device)
+    _go_offline()
+
+    # Imported here, after going offline, so that a first import of the auto classes also sees it.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        config_obj = AutoConfig.from_pretrained(info.path, **common)
+    except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown types
+        raise ModelLoadError(
+            f"transformers cannot read {info.path / 'config.json'} "
+            f"(model_type {info.config.get('model_type')!r}): {exc}"
+        ) from exc
+    tokenizer = _load_tokenizer(info.path, trust_remote_code)
+
+    attn = _attn_implementation(config_obj, info.config)
+    try:
+        model, loading_info = AutoModelForCausalLM.from_pretrained(
+            info.path,
+            config=config_obj,
+            dtype=resolved_dtype,
+            use_safetensors=info.use_safetensors,
+            attn_implementation=attn,
+            output_loading_info=True,
+            **common,
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the model weights from {info.path}: {exc}") from exc
+    problems = {
+        "missing": sorted(loading_info.get("missing_keys") or ()),
+        "shape-mismatched": sorted(str(k) for k in loading_info.get("mismatched_keys") or ()),
+    }
+    if any(problems.values()):
+        # transformers would run with these randomly initialised; a lens over them is meaningless.
+        detail = "; ".join(f"{k}: {', '.join(v[:8])}" for k, v in problems.items() if v)
+        raise ModelLoadError(f"the checkpoint in {info.path} does not fit its config ({detail}).")
+
+    model.eval()
+    model.requires_grad_(False)  # inference only; also keeps autograd out of Head tensors
+    if resolved_device.type != "cpu":
+        model.to(resolved_device)
+    parts = model_parts(model)
+
+    err = math.nan
+    if self_check:
+        input_ids, attention_mask = probe_batch(tokenizer, parts.head.vocab_size, resolved_device)
+        err = run_self_check(model, parts, input_ids, attention_mask)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        parts=parts,
+        family=parts.family,
+        dtype=resolved_dtype,
+        device=resolved_device,
+        path=info.path,
+        self_check_max_abs_err=err,
+        attn_implementation=attn,
+    )
+
+
+def probe_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    vocab_size: int,
+    device: torch.device | str = "cpu",
+    texts: tuple[str, ...] = PROBE_TEXTS,
+    lengths: tuple[int, ...] = PROBE_LENGTHS,
+) -> tuple[Tensor, Tensor]:
+    """Tokenize ``texts`` into a right-padded batch.
+
+    Sequence ``b`` is ``[BOS] + tokens(texts[b])`` (BOS if the tokenizer has one) cut to
+    ``lengths[b]`` tokens.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        vocab_size: unembedding rows V; every probe id must be below it.
+        device: where to put the tensors.
+        texts: the probe texts (batch size B = ``len(texts)``).
+        lengths: per-sequence length caps (same length as ``texts``).
+
+    Returns:
+        ``input_ids [B, S]`` (pads filled with the pad, else EOS, else 0 id) and
+        ``attention_mask [B, S]`` (1 = real token).
+
+    Raises:
+        ModelLoadError: the tokenizer produces ids the model has no embedding for.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    seqs = [
+        (bos + tokenizer(text, add_special_tokens=False)["input_ids"])[:cap]
+        for text, cap in zip(texts, lengths, strict=True)
+    ]
+    too_big = sorted({i for seq in seqs for i in seq if i >= vocab_size})
+    if too_big:
+        raise ModelLoadError(
+            f"the tokenizer produces ids {too_big[:5]} but the model has only {vocab_size} "
+            "vocabulary rows: the tokenizer does not belong to this model."
+        )
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    seq_len = max(len(seq) for seq in seqs)
+    input_ids = torch.full((len(seqs), seq_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), seq_len), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def self_check_tolerance(dtype: torch.dtype) -> float:
+    """The relative tolerance of :func:`run_self_check` for a model in ``dtype``."""
+    return SELF_CHECK_TOLERANCE.get(dtype, SELF_CHECK_TOLERANCE[torch.bfloat16])
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def run_self_check(
+    model: nn.Module,
+    parts: ModelParts,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    tolerance: float | None = None,
+) -> float:
+    """Check that the lens at layer L reproduces the model's own logits.
+
+    Runs one forward pass with ``ResidualCapture`` on layer ``L`` (the last block's output, before
+    the final norm) and compares ``parts.head.logits(h_L)`` with ``model(...).logits`` in float32,
+    at the real (unmasked) positions.
+
+    Args:
+        model: the HF causal LM ``parts`` was built from.
+        parts: its ``ModelParts``.
+        input_ids: ``[B, S]`` token ids.
+        attention_mask: ``[B, S]``, 1 for real tokens (right padding); None = all real.
+        tolerance: allowed ``max|diff| / max(1, max|logits|)``; default by the model's dtype
+            (``SELF_CHECK_TOLERANCE``).
+
+    Returns:
+        ``max|lens_L - logits|`` over real positions and all V vocabulary rows.
+
+    Raises:
+        SelfCheckError: the difference exceeds the tolerance, or either side is not finite.
+    """
+    dtype = _model_dtype(model)
+    tol = self_check_tolerance(dtype) if tolerance is None else tolerance
+    batch, seq_len = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    n_layers = parts.n_layers
+    capture = ResidualCapture(parts.blocks, [n_layers])
+    with torch.inference_mode():
+        # The buffer is fp32: the copy from bf16/fp16 is exact, and the head normalises in fp32.
+        with capture.recording(
+            batch, seq_len, parts.head.d_model, torch.float32, input_ids.device
+        ) as buffer:
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
+        h_last = buffer[0].view(batch, seq_len, parts.head.d_model)  # [B, S, d]
+        lens = parts.head.logits(h_last)  # [B, S, V]
+    real = attention_mask.bool()
+    model_logits = logits.float()[real]  # [n_real, V]
+    lens_logits = lens[real]
+    if model_logits.shape != lens_logits.shape:
+        raise SelfCheckError(
+            f"{_describe(model, parts)}: the model returns logits of shape {tuple(logits.shape)} "
+            f"but the head has V = {parts.head.vocab_size}; {_hint(model, parts)}"
+        )
+    err = (lens_logits - model_logits).abs().max().item()
+    scale = model_logits.abs().max().item()
+    bound = tol * max(1.0, scale)
+    if not err <= bound:  # also true for NaN
+        raise SelfCheckError(
+            f"{_describe(model, parts)} in {dtype}: the lens at the last layer differs from the "
+            f"model's logits by up to {err:.3g} (max |logit| {scale:.3g}; allowed {bound:.3g} = "
+            f"{tol:g} x max(1, max |logit|)). {_hint(model, parts)}"
+        )
+    return err
+
+
+def _describe(model: nn.Module, parts: ModelParts) -> str:
+    return f"{type(model).__name__} (family {parts.family!r})"
+
+
+def _hint(model: nn.Module, parts: ModelParts) -> str:
+    head = parts.head
+    return (
+        f"The model-surgery entry for {type(model).__name__} in engine/model/surgery.py does not "
+        f"match this model: check the final norm ({head.norm.kind.value}, eps {head.norm.eps:g}, "
+        f"weight offset {head.norm.weight_offset:g}, bias {head.norm.bias is not None}), the "
+        f"unembedding bias ({head.unembed_bias is not None}), the soft-cap ({head.softcap}) and "
+        f"the logit scale ({head.logit_scale:g}) against {type(model).__name__}.forward."
+    )

@@ -1,0 +1,371 @@
+"""Find the parts of a HuggingFace causal LM that the logit lens needs.
+
+All architecture knowledge of the project lives in this module, in one table: ``SUPPORTED`` maps a
+HF model class name to a :class:`FamilySpec` that says where the decoder blocks and the final norm
+are, which kind of norm it is, where its epsilon lives, and which config fields post-process the
+logits. :func:`model_parts` reads every *value* (weights, biases, eps, soft-cap, logit scaling)
+from the model's own modules and config; the table only says where to look.
+
+Anything the table does not describe fails loudly with :class:`UnsupportedArchitectureError`:
+an unknown class, a block list or norm module missing from its path, a norm module of another type
+than expected (a transformers release that reorganised a model), a block count that disagrees with
+the config. A layout that silently changed its meaning is caught later, at load time, by the
+self-check in :mod:`codelens.engine.model.loading` (the lens at layer L must reproduce the model's
+logits).
+
+Adding a family: add a ``SUPPORTED`` entry (read the family's ``modeling_*.py``: the final-norm
+module and its forward, and everything ``*ForCausalLM.forward`` does to the logits after
+``lm_head``), add a config builder in :mod:`codelens.engine.zoo.tiny_models`, and the parametrised
+tests cover it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from codelens.engine.errors import UnsupportedArchitectureError
+from codelens.kernels.head import FinalNorm, Head, NormKind
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where one architecture keeps what the lens needs, and how to read it.
+
+    Attributes:
+        family: short name (the HF ``model_type``), recorded in run metadata.
+        blocks: dotted path from the ``*ForCausalLM`` module to the ``ModuleList`` of decoder
+            blocks.
+        final_norm: dotted path to the final norm module (applied after the last block).
+        norm_kind: LayerNorm or RMSNorm.
+        norm_classes: accepted class names of the final-norm module. For ``NormKind.LAYER`` the
+            module must also be an ``nn.LayerNorm``.
+        eps_attr: the norm module's attribute holding epsilon (``eps``, ``variance_epsilon``).
+        weight_offset: added to the norm weight in the module's forward (Gemma: ``x * (1 + w)``).
+        softcap_attr: config field of a final-logit soft-cap ``c * tanh(z / c)``, if the
+            family's forward applies one (its value may still be None: no cap).
+        logits_divisor_attr: config field the forward divides the logits by (Granite's
+            ``logits_scaling``), if any.
+        attn_residual: name, inside each block, of the module whose *input* is the residual
+            stream right after the attention sublayer (``h_{l-1} + attn_l(...)``, including any
+            post-attention norm or residual multiplier the block applies before the add): the
+            pre-MLP norm. ``lens.sites: [attn]`` captures it with a forward pre-hook. None: the
+            family has no such point (see ``parallel_reason``).
+        parallel_attr: config flag that, when true, makes attention and MLP run in parallel off
+            the same input (GPT-NeoX's ``use_parallel_residual``): no post-attention point then.
+        parallel_reason: why the family (or the flagged config) has no post-attention residual.
+    """
+
+    family: str
+    blocks: str
+    final_norm: str
+    norm_kind: NormKind
+    norm_classes: tuple[str, ...]
+    eps_attr: str
+    weight_offset: float = 0.0
+    softcap_attr: str | None = None
+    logits_divisor_attr: str | None = None
+    attn_residual: str | None = None
+    parallel_attr: str | None = None
+    parallel_reason: str | None = None
+
+
+def _layernorm(
+    family: str,
+    blocks: str,
+    final_norm: str,
+    attn_residual: str | None,
+    *,
+    parallel_attr: str | None = None,
+    parallel_reason: str | None = None,
+) -> FamilySpec:
+    return FamilySpec(
+        family,
+        blocks=blocks,
+        final_norm=final_norm,
+        norm_kind=NormKind.LAYER,
+        norm_classes=("LayerNorm",),
+        eps_attr="eps",
+        attn_residual=attn_residual,
+        parallel_attr=parallel_attr,
+        parallel_reason=parallel_reason,
+    )
+
+
+def _rmsnorm(
+    family: str,
+    norm_class: str,
+    *,
+    eps_attr: str = "variance_epsilon",
+    weight_offset: float = 0.0,
+    softcap_attr: str | None = None,
+    logits_divisor_attr: str | None = None,
+    attn_residual: str = "post_attention_layernorm",
+) -> FamilySpec:
+    # Every Llama-derived family keeps its blocks in model.layers and its norm in model.norm.
+    return FamilySpec(
+        family,
+        blocks="model.layers",
+        final_norm="model.norm",
+        norm_kind=NormKind.RMS,
+        norm_classes=(norm_class,),
+        eps_attr=eps_attr,
+        weight_offset=weight_offset,
+        softcap_attr=softcap_attr,
+        logits_divisor_attr=logits_divisor_attr,
+        attn_residual=attn_residual,
+    )
+
+
+_PARALLEL = "its attention and MLP run in parallel off the same block input"
+
+SUPPORTED: dict[str, FamilySpec] = {
+    # LayerNorm families: the final norm is a plain torch nn.LayerNorm (eps read from it; the
+    # bias may be None for LayerNorm(bias=False) variants).
+    # The post-attention residual (lens.sites: attn) is the input of the pre-MLP norm: ln_2 in
+    # GPT-2/BigCode, post_attention_layernorm in GPT-NeoX (sequential residual only) and the
+    # Llama-shaped families, pre_feedforward_layernorm in Gemma-2 (whose post_attention_layernorm
+    # is applied to the attention output before the add, so it is included).
+    "GPT2LMHeadModel": _layernorm("gpt2", "transformer.h", "transformer.ln_f", "ln_2"),
+    "GPTBigCodeForCausalLM": _layernorm("gpt_bigcode", "transformer.h", "transformer.ln_f", "ln_2"),
+    "GPTNeoXForCausalLM": _layernorm(
+        "gpt_neox",
+        "gpt_neox.layers",
+        "gpt_neox.final_layer_norm",
+        "post_attention_layernorm",
+        parallel_attr="use_parallel_residual",
+        parallel_reason=f"use_parallel_residual=True: {_PARALLEL}",
+    ),
+    # CodeGen's lm_head carries a bias; it is read from the output embedding, not declared here.
+    "CodeGenForCausalLM": _layernorm(
+        "codegen", "transformer.h", "transformer.ln_f", None, parallel_reason=_PARALLEL
+    ),
+    # StarCoder2 is Llama-shaped (model.layers, model.norm) but its norm is nn.LayerNorm with bias.
+    "Starcoder2ForCausalLM": _layernorm(
+        "starcoder2", "model.layers", "model.norm", "post_attention_layernorm"
+    ),
+    # RMSNorm families: weight * (x / rms(x)), eps in `variance_epsilon`.
+    "LlamaForCausalLM": _rmsnorm("llama", "LlamaRMSNorm"),
+    "MistralForCausalLM": _rmsnorm("mistral", "MistralRMSNorm"),
+    "Qwen2ForCausalLM": _rmsnorm("qwen2", "Qwen2RMSNorm"),
+    "Qwen3ForCausalLM": _rmsnorm("qwen3", "Qwen3RMSNorm"),
+    "Phi3ForCausalLM": _rmsnorm("phi3", "Phi3RMSNorm"),
+    # Granite 3.x: forward returns lm_head(h) / config.logits_scaling. (Its embedding_multiplier
+    # is applied before block 0, so the layer-0 capture includes it.)
+    "GraniteForCausalLM": _rmsnorm(
+        "granite", "GraniteRMSNorm", logits_divisor_attr="logits_scaling"
+    ),
+    # Gemma: (x / rms(x)) * (1 + w) computed in fp32, eps in `eps`. The sqrt(d) embedding scale is
+    # inside the embedding module, so the layer-0 capture (input of block 0) includes it.
+    "GemmaForCausalLM": _rmsnorm("gemma", "GemmaRMSNorm", eps_attr="eps", weight_offset=1.0),
+    # Gemma-2: same norm, plus the final-logit soft-cap when the config sets one (may be None).
+    "Gemma2ForCausalLM": _rmsnorm(
+        "gemma2",
+        "Gemma2RMSNorm",
+        eps_attr="eps",
+        weight_offset=1.0,
+        softcap_attr="final_logit_softcapping",
+        attn_residual="pre_feedforward_layernorm",
+    ),
+}
+"""HF ``*ForCausalLM`` class name -> where its lens parts are. The only architecture table."""
+
+_ADD_ENTRY_HINT = "add an entry to SUPPORTED in engine/model/surgery.py"
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """The pieces of a model the lens runner uses.
+
+    Attributes:
+        family: the ``FamilySpec.family`` of the model (e.g. ``"llama"``, ``"gemma2"``).
+        blocks: the ``L`` decoder blocks in order (hook targets for ``ResidualCapture``).
+        head: final norm, ``W_U [V, d]``, ``b_U [V]`` and logit post-processing, as tensors that
+            share storage with the model's parameters (no copies).
+        tied_embeddings: whether ``W_U`` is the input embedding matrix (the layer-0 lens then
+            mostly reads back the current token).
+    """
+
+    family: str
+    blocks: Sequence[nn.Module]
+    head: Head
+    tied_embeddings: bool = False
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder blocks L; lens layers are ``0..L``."""
+        return len(self.blocks)
+
+
+def supported_architectures() -> list[str]:
+    """Sorted class names in ``SUPPORTED`` (for messages and ``codelens`` help text)."""
+    return sorted(SUPPORTED)
+
+
+def _unsupported(model: nn.Module, problem: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"{type(model).__name__}: {problem}. Supported architectures: "
+        f"{', '.join(supported_architectures())}. To support this model, {_ADD_ENTRY_HINT}."
+    )
+
+
+def _submodule(model: nn.Module, path: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise _unsupported(
+            model, f"no {what} at '{path}' (the layout differs from the SUPPORTED entry)"
+        ) from None
+
+
+def _final_norm(model: nn.Module, spec: FamilySpec, d_model: int) -> FinalNorm:
+    """Read the final norm's parameters after checking the module is what the spec expects."""
+    module = _submodule(model, spec.final_norm, "final norm")
+    name = type(module).__name__
+    if name not in spec.norm_classes or (
+        spec.norm_kind is NormKind.LAYER and not isinstance(module, nn.LayerNorm)
+    ):
+        raise _unsupported(
+            model,
+            f"the final norm '{spec.final_norm}' is a {name}, expected "
+            f"{' or '.join(spec.norm_classes)} ({spec.norm_kind.value})",
+        )
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    eps = getattr(module, spec.eps_attr, None)
+    if spec.norm_kind is NormKind.RMS and not isinstance(weight, Tensor):
+        # Every supported RMSNorm has a learned scale; a missing one means a different module.
+        raise _unsupported(model, f"the final norm {name} has no weight")
+    if spec.norm_kind is NormKind.RMS and bias is not None:
+        raise _unsupported(model, f"the final RMSNorm {name} unexpectedly has a bias")
+    for label, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tuple(tensor.shape) != (d_model,):
+            raise _unsupported(
+                model,
+                f"the final norm {label} has shape {tuple(tensor.shape)}, expected ({d_model},)",
+            )
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise _unsupported(model, f"the final norm {name} has no numeric '{spec.eps_attr}'")
+    return FinalNorm(
+        kind=spec.norm_kind,
+        weight=None if weight is None else weight.detach(),
+        bias=None if bias is None else bias.detach(),
+        eps=float(eps),
+        weight_offset=spec.weight_offset,
+    )
+
+
+def _config_value(model: nn.Module, attr: str) -> object:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, attr):
+        raise _unsupported(model, f"its config has no '{attr}'")
+    return getattr(config, attr)
+
+
+def _positive_config_value(model: nn.Module, attr: str) -> float | None:
+    """A post-processing constant from the config: a positive number, or None (not set)."""
+    value = _config_value(model, attr)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _unsupported(model, f"config.{attr} is {value!r}, expected a positive number")
+    return float(value)
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """Locate the blocks and build the lens ``Head`` of a supported HF causal LM.
+
+    Args:
+        model: a ``*ForCausalLM`` (``PreTrainedModel``) whose class name is in ``SUPPORTED``.
+
+    Returns:
+        The model's ``ModelParts``. ``head.unembed`` is ``model.get_output_embeddings().weight``
+        (``[V, d]``, tied or not) and ``head.unembed_bias`` its bias (``[V]``) if it has one; all
+        head tensors are detached views of the model's parameters, so they follow
+        ``model.to(...)`` only if ``model_parts`` is called again afterwards.
+
+    Raises:
+        UnsupportedArchitectureError: the class is not in ``SUPPORTED``, or the model's layout
+            does not match its entry (missing module, unexpected norm type or shape, block count
+            different from the config).
+    """
+    class_name = type(model).__name__
+    spec = SUPPORTED.get(class_name)
+    if spec is None:
+        raise _unsupported(model, "this architecture has no model-surgery entry")
+
+    blocks = _submodule(model, spec.blocks, "decoder blocks")
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise _unsupported(model, f"'{spec.blocks}' is not a non-empty ModuleList of blocks")
+    n_layers = _config_value(model, "num_hidden_layers")
+    if n_layers != len(blocks):
+        # Some forwards iterate layers[:num_hidden_layers]; hooks on unused blocks would never fire.
+        raise _unsupported(
+            model,
+            f"'{spec.blocks}' holds {len(blocks)} blocks but config.num_hidden_layers is "
+            f"{n_layers}",
+        )
+
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    unembed = getattr(out, "weight", None)
+    if not isinstance(unembed, Tensor) or unembed.dim() != 2:
+        raise _unsupported(model, "get_output_embeddings() has no [V, d] weight")
+    unembed_bias = getattr(out, "bias", None)
+
+    # A soft-cap of None means "no cap" (the forward checks `is not None`); a None divisor would
+    # make the forward itself fail, so it is an error here too.
+    softcap = None
+    if spec.softcap_attr is not None:
+        softcap = _positive_config_value(model, spec.softcap_attr)
+    logit_scale = 1.0
+    if spec.logits_divisor_attr is not None:
+        divisor = _positive_config_value(model, spec.logits_divisor_attr)
+        if divisor is None:
+            raise _unsupported(model, f"config.{spec.logits_divisor_attr} is None")
+        logit_scale = 1.0 / divisor
+
+    head = Head(
+        norm=_final_norm(model, spec, d_model=unembed.shape[1]),
+        unembed=unembed.detach(),
+        unembed_bias=None if unembed_bias is None else unembed_bias.detach(),
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )
+    in_embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    in_weight = getattr(in_embed, "weight", None)
+    tied = isinstance(in_weight, Tensor) and in_weight.data_ptr() == unembed.data_ptr()
+    return ModelParts(family=spec.family, blocks=list(blocks), head=head, tied_embeddings=tied)
+
+
+def attn_residual_modules(model: nn.Module) -> list[nn.Module]:
+    """Per block, the module whose input is the residual stream right after attention.
+
+    A forward pre-hook on ``result[l - 1]`` sees ``h_{l-1} + attn_l(...)`` (with the block's own
+    post-attention norm and residual multiplier): the ``attn`` site of layer ``l``.
+
+    Raises:
+        UnsupportedArchitectureError: the family (or this config) runs attention and MLP in
+            parallel, so there is no residual stream between them; or a block lacks the module.
+    """
+    spec = SUPPORTED.get(type(model).__name__)
+    if spec is None:
+        raise _unsupported(model, "this architecture has no model-surgery entry")
+    parallel = spec.parallel_attr is not None and bool(
+        getattr(getattr(model, "config", None), spec.parallel_attr, False)
+    )
+    if spec.attn_residual is None or parallel:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} ({spec.family}) has no residual stream between attention and "
+            f"MLP: {spec.parallel_reason}. lens.sites: [attn] is not defined for it; use "
+            "lens.sites: [block]"
+        )
+    blocks = _submodule(model, spec.blocks, "decoder blocks")
+    out = []
+    for i, block in enumerate(blocks):
+        module = getattr(block, spec.attn_residual, None)
+        if not isinstance(module, nn.Module):
+            raise _unsupported(model, f"block {i} has no '{spec.attn_residual}' module")
+        out.append(module)
+    return out

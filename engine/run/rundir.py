@@ -1,0 +1,258 @@
+"""The run directory: the row contract (a pyarrow schema) and crash-safe, exactly-once commits.
+
+Layout::
+
+    RUN_DIR/job.json              validated spec + what was resolved (impl, device, dtype, versions)
+    RUN_DIR/docs.parquet          doc, source, n_tokens, status, language
+    RUN_DIR/lens/part-NNNNNN.parquet   one per shard, zstd
+    RUN_DIR/_manifest.jsonl       one line per committed shard (with its partial aggregates)
+    RUN_DIR/_status.json          progress, replaced atomically
+    RUN_DIR/summary.json          corpus aggregates merged from the manifest
+
+A shard is committed by writing its part under a temporary name, fsyncing it, renaming it over the
+final name (atomic on POSIX) and then appending its manifest line (fsynced). A crash before the
+manifest line leaves at most an orphan part that the rerun recomputes and overwrites; a shard is
+never listed twice, so every (doc, pos, layer) row exists exactly once across committed parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from codelens.engine.errors import RunDirError
+
+PART_PATTERN = "part-{:06d}.parquet"
+
+CATEGORY_TYPE = pa.dictionary(pa.int8(), pa.string())
+"""Type of the ``category`` column: every part file uses the same dictionary, ``syntax.CATEGORIES``
+in order, so a category's int8 index is the same in every file."""
+
+
+SITES: tuple[str, ...] = ("block", "attn")
+"""Values of the ``site`` column, in dictionary order."""
+SITE_TYPE = pa.dictionary(pa.int8(), pa.string())
+"""Type of the ``site`` column (dictionary ``SITES`` in every part file)."""
+
+
+def lens_schema(
+    k: int,
+    n_ahead: int,
+    set_names: Sequence[str],
+    *,
+    entropy: bool,
+    kl_final: bool,
+    extra_fields: Sequence[pa.Field] = (),
+) -> pa.Schema:
+    """The Arrow schema of a lens part file for one job (columns switched off are absent)."""
+    fields = [
+        pa.field("doc", pa.int32(), nullable=False),
+        pa.field("pos", pa.int32(), nullable=False),
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("site", SITE_TYPE, nullable=False),
+        pa.field("token_id", pa.int32(), nullable=False),
+        pa.field("target_id", pa.int32(), nullable=False),
+        # Where the token is in its source (codelens.engine.data.syntax); null only for windows planned
+        # without spans (hand-made WindowTasks).
+        pa.field("line", pa.int32()),
+        pa.field("byte_start", pa.int32()),
+        pa.field("byte_end", pa.int32()),
+        pa.field("category", CATEGORY_TYPE),
+        pa.field("lse", pa.float32()),
+    ]
+    if entropy:
+        fields.append(pa.field("entropy", pa.float32()))
+    fields += [pa.field("target_logprob", pa.float32()), pa.field("target_rank", pa.int32())]
+    if kl_final:
+        fields.append(pa.field("kl_final", pa.float32()))
+    fields += [
+        pa.field("topk_ids", pa.list_(pa.int32(), k)),
+        pa.field("topk_logprobs", pa.list_(pa.float32(), k)),
+    ]
+    if n_ahead:
+        fields += [
+            pa.field("ahead_logprob", pa.list_(pa.float32(), n_ahead)),
+            pa.field("ahead_rank", pa.list_(pa.int32(), n_ahead)),
+        ]
+    fields += [pa.field(f"set_{name}", pa.float32()) for name in set_names]
+    fields.append(pa.field("residual_finite", pa.bool_(), nullable=False))
+    fields += list(extra_fields)
+    return pa.schema(fields)
+
+
+DOCS_SCHEMA = pa.schema(
+    [
+        pa.field("doc", pa.int32(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("language", pa.string()),
+    ]
+)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``write_atomic`` of pretty JSON."""
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+class RunDir:
+    """A run directory and its commit protocol."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.lens_dir = self.path / "lens"
+        self.job_file = self.path / "job.json"
+        self.docs_file = self.path / "docs.parquet"
+        self.manifest_file = self.path / "_manifest.jsonl"
+        self.status_file = self.path / "_status.json"
+        self.summary_file = self.path / "summary.json"
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def prepare(self, fingerprint: str, job_name: str, *, overwrite: bool) -> bool:
+        """Create the directory and check what it holds. Nothing existing is removed here.
+
+        Returns:
+            True when a different job's results are there and ``overwrite`` allows replacing
+            them: the caller clears them (``clear``) only once the new job has planned and loaded,
+            so a new job that fails early loses nothing already written.
+
+        Raises:
+            RunDirError: not writable, or a different job's results are there without ``overwrite``.
+        """
+        try:
+            self.lens_dir.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-", delete=True)
+            probe.close()
+        except OSError as e:
+            raise RunDirError(
+                f"output dir {self.path} is not writable ({e.strerror or e}); choose another "
+                "output.dir (e.g. --set output.dir=/tmp/run) or fix its permissions"
+            ) from None
+        existing = self.read_job()
+        if existing is None or existing.get("fingerprint") == fingerprint:
+            return False
+        if not overwrite:
+            raise RunDirError(
+                f"{self.path} holds results of a different job ({existing.get('name')!r}, fingerprint "
+                f"{existing.get('fingerprint')} != {fingerprint}); rerun with --overwrite to replace "
+                "them, or choose another output.dir"
+            )
+        return True
+
+    def clear(self) -> None:
+        """Remove every result file of a previous job (keeps the directory)."""
+        shutil.rmtree(self.lens_dir, ignore_errors=True)
+        for f in (
+            self.job_file,
+            self.docs_file,
+            self.manifest_file,
+            self.status_file,
+            self.summary_file,
+        ):
+            f.unlink(missing_ok=True)
+        for extra in ("report",):
+            shutil.rmtree(self.path / extra, ignore_errors=True)
+        self.lens_dir.mkdir(parents=True, exist_ok=True)
+
+    def read_job(self) -> dict[str, Any] | None:
+        """job.json as a dict, or None when absent."""
+        if not self.job_file.exists():
+            return None
+        try:
+            return json.loads(self.job_file.read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{self.job_file} is corrupt ({e}); rerun with --overwrite") from None
+
+    # -- commits --------------------------------------------------------------------------------
+
+    def part_path(self, shard: int) -> Path:
+        """Final path of shard ``shard``'s part file."""
+        return self.lens_dir / PART_PATTERN.format(shard)
+
+    def committed(self) -> dict[int, dict[str, Any]]:
+        """Manifest entries by shard index (a torn last line from a crash is ignored)."""
+        entries: dict[int, dict[str, Any]] = {}
+        if not self.manifest_file.exists():
+            return entries
+        for line in self.manifest_file.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # only the last line can be torn; its shard is simply redone
+            if self.part_path(entry["shard"]).exists():
+                entries[entry["shard"]] = entry
+        return entries
+
+    def commit_shard(self, shard: int, table: pa.Table, entry: dict[str, Any]) -> None:
+        """Write shard ``shard``'s rows and record it in the manifest (exactly once)."""
+        final = self.part_path(shard)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 17)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.lens_dir)
+        line = json.dumps({"shard": shard, "file": f"lens/{final.name}", **entry}, default=str)
+        with open(self.manifest_file, "ab+") as f:
+            # A crash mid-append leaves a torn last line without its newline: start a new line,
+            # or this entry would be glued onto the torn one and be lost with it.
+            torn = (
+                f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+            )
+            f.write((b"\n" if torn else b"") + line.encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_docs(self, table: pa.Table) -> None:
+        """Write docs.parquet atomically."""
+        tmp = self.docs_file.with_name(f".docs.{os.getpid()}.tmp")
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, self.docs_file)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        """Replace _status.json atomically."""
+        write_json_atomic(self.status_file, status)
+
+    def read_status(self) -> dict[str, Any] | None:
+        """_status.json as a dict, or None when absent."""
+        if not self.status_file.exists():
+            return None
+        return json.loads(self.status_file.read_text())

@@ -1,0 +1,555 @@
+"""Train the bundled default model ``codelens-stdlib-py`` from scratch on a CPU.
+
+    python -m codelens.engine.zoo.train_default --out DIR [--seed 0] [--minutes 36] [--steps N]
+    python -m codelens.engine.zoo.train_default --out DIR --card-only   # (re)write MODEL_CARD.md
+
+What it does (everything local; nothing is downloaded):
+
+1. Data: the running interpreter's standard library, split into train / held-out files by
+   :mod:`codelens.engine.zoo.default_model` (tests and ``site-packages`` excluded; ~5% held out by a
+   hash of the relative path).
+2. Tokenizer: a byte-level BPE (``tokenizers``) with ``<s>``, ``</s>``, ``<pad>``, trained on the
+   *train* files to ``--vocab`` tokens (default 4096), saved as a ``PreTrainedTokenizerFast``.
+3. Model: ``LlamaForCausalLM`` (RMSNorm, SwiGLU, RoPE, untied head), default 4 layers, d 128,
+   4 heads, SwiGLU width 384, vocabulary 4096 (1.9M parameters).
+4. Training: each file becomes ``<s> tokens </s>``; the files are concatenated and cut into
+   sequences of ``--ctx`` tokens (packed), shuffled by a seeded generator each epoch. AdamW
+   (betas 0.9/0.95, weight decay 0.1 on matrices), linear warmup then cosine decay to 10%, gradient
+   clipping at 1.0. With ``--minutes`` the first ``--calib-steps`` steps measure the throughput and
+   the cosine schedule is sized to end at the time budget; training also stops at the deadline.
+   ``--steps N`` fixes the schedule instead (bit-for-bit reproducible on one thread with the same
+   seed, data and library versions; ``training_log.json`` records the step count a timed run
+   reached, so ``--steps`` with that number reproduces it).
+5. Evaluation: held-out loss on a fixed subset every ``--eval-every`` steps (the curve), then the
+   full held-out loss of the weights *as shipped* (cast to ``--save-dtype`` and back to fp32, as
+   ``load_model`` reads them on a CPU).
+6. Output: ``config.json``, ``model.safetensors`` (bf16 by default), tokenizer files and
+   ``training_log.json`` in ``--out``. ``MODEL_CARD.md`` is written separately (it also quotes
+   the lens figures of a ``codelens run`` over the held-out files).
+
+Run it with one thread (``OMP_NUM_THREADS=1``; the script also calls ``torch.set_num_threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from codelens.engine.zoo.default_model import (
+    HELD_OUT_MODULUS,
+    split_files,
+    stdlib_root,
+)
+from codelens.engine.zoo.tiny_models import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+
+
+def read_texts(root: Path, rel_paths: list[str]) -> list[str]:
+    """UTF-8 texts of ``rel_paths`` (files that do not decode are skipped)."""
+    texts = []
+    for rel in rel_paths:
+        try:
+            text = (root / rel).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with ``<s>`` / ``</s>`` / ``<pad>`` (ids 0, 1, 2) trained on ``texts``."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=max_length,
+    )
+
+
+def token_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
+    """``<s> text </s>`` for every text, concatenated (int64)."""
+    ids: list[int] = []
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.append(bos)
+        ids.extend(enc)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def as_sequences(stream: torch.Tensor, ctx: int) -> torch.Tensor:
+    """``[n, ctx]`` consecutive chunks of ``stream`` (the tail shorter than ``ctx`` is dropped)."""
+    n = stream.numel() // ctx
+    return stream[: n * ctx].view(n, ctx)
+
+
+def lr_at(step: int, *, peak: float, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine to ``floor * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(model: LlamaForCausalLM, seqs: torch.Tensor, batch: int) -> float:
+    """Mean next-token cross-entropy (nats) over every predicted position of ``seqs``."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, seqs.shape[0], batch):
+        x = seqs[i : i + batch]
+        logits = model(input_ids=x).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += loss.item()
+        count += x[:, 1:].numel()
+    model.train()
+    return total / max(1, count)
+
+
+def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.d_model,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=args.max_positions,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(config)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=36.0, help="training time budget (wall clock)")
+    p.add_argument("--steps", type=int, default=None, help="fixed step count (overrides timing)")
+    p.add_argument("--calib-steps", type=int, default=30, help="steps timed to size the schedule")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--ffn", type=int, default=384)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ctx", type=int, default=256, help="training sequence length")
+    p.add_argument("--max-positions", type=int, default=2048, help="config max_position_embeddings")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-seqs", type=int, default=48, help="held-out sequences in periodic evals")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    root = stdlib_root()
+    train_rel, held_rel = split_files(root)
+    train_texts = read_texts(root, train_rel)
+    held_texts = read_texts(root, held_rel)
+    print(f"data: {len(train_texts)} train / {len(held_texts)} held-out files", flush=True)
+
+    tokenizer = train_tokenizer(train_texts, args.vocab, args.max_positions)
+    assert len(tokenizer) <= args.vocab, (len(tokenizer), args.vocab)
+    train_stream = token_stream(tokenizer, train_texts)
+    held_stream = token_stream(tokenizer, held_texts)
+    train_seqs = as_sequences(train_stream, args.ctx)
+    held_seqs = as_sequences(held_stream, args.ctx)
+    eval_idx = torch.linspace(0, held_seqs.shape[0] - 1, min(args.eval_seqs, held_seqs.shape[0]))
+    eval_seqs = held_seqs[eval_idx.long()]
+    print(
+        f"tokenizer: {len(tokenizer)} tokens; train {train_stream.numel():,} tokens "
+        f"({train_seqs.shape[0]} seqs of {args.ctx}), held-out {held_stream.numel():,} tokens; "
+        f"bytes/token {sum(len(t.encode()) for t in train_texts) / train_stream.numel():.2f} "
+        f"({time.time() - t_start:.0f}s)",
+        flush=True,
+    )
+
+    model = build_model(args, tokenizer)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(train_seqs.shape[0], generator=gen)
+    cursor, epoch = 0, 0
+
+    total_steps = args.steps if args.steps is not None else 10**9  # sized after calibration
+    deadline = time.time() + args.minutes * 60 if args.steps is None else float("inf")
+    t_train = time.time()
+    curve: list[dict[str, Any]] = []
+    step, tokens_seen, running = 0, 0, None
+    sec_per_step = None
+    eval_time = 0.0
+    while step < total_steps and time.time() < deadline:
+        if cursor + args.batch > order.numel():
+            order = torch.randperm(train_seqs.shape[0], generator=gen)
+            cursor, epoch = 0, epoch + 1
+        x = train_seqs[order[cursor : cursor + args.batch]]
+        cursor += args.batch
+        lr = lr_at(step, peak=args.lr, warmup=args.warmup, total=total_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens_seen += x.numel()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+
+        if args.steps is None and step == args.calib_steps:
+            sec_per_step = (time.time() - t_train) / step
+            # Evals cost about eval_seqs forward passes (~1/3 of a training step per sequence).
+            n_evals_guess = args.minutes * 60 / sec_per_step / args.eval_every
+            eval_cost = n_evals_guess * (args.eval_seqs / args.batch) * sec_per_step / 3
+            budget = args.minutes * 60 - (time.time() - t_train) - eval_cost
+            total_steps = step + max(1, int(budget / sec_per_step * 0.97))
+            print(
+                f"calibration: {sec_per_step:.3f} s/step = {x.numel() / sec_per_step:.0f} tok/s; "
+                f"schedule sized to {total_steps} steps",
+                flush=True,
+            )
+        elif (
+            args.steps is None
+            and sec_per_step is not None
+            and step % args.eval_every == 0
+            and step < total_steps // 2
+        ):
+            # Re-size the schedule from the rate so far (the machine may be shared): only in the
+            # first half, where the cosine is still near its peak and a change barely matters.
+            rate = (time.time() - t_train) / step
+            left = deadline - time.time() - eval_time * (total_steps - step) / step
+            total_steps = step + max(1, int(left / rate * 0.97))
+            print(f"re-sized: {rate:.3f} s/step, schedule {total_steps} steps", flush=True)
+        if step % args.eval_every == 0 or step == total_steps or step == 1:
+            t_eval = time.time()
+            held = evaluate(model, eval_seqs, args.batch)
+            eval_time += time.time() - t_eval
+            row = {
+                "step": step,
+                "tokens": tokens_seen,
+                "epoch": epoch,
+                "lr": lr,
+                "train_loss": round(loss.item(), 4),
+                "train_loss_ema": round(running, 4),
+                "held_out_loss": round(held, 4),
+                "elapsed_s": round(time.time() - t_train, 1),
+            }
+            curve.append(row)
+            print(json.dumps(row), flush=True)
+    train_seconds = time.time() - t_train
+    if not curve or curve[-1]["step"] != step:
+        held = evaluate(model, eval_seqs, args.batch)
+        curve.append(
+            {
+                "step": step,
+                "tokens": tokens_seen,
+                "epoch": epoch,
+                "lr": lr,
+                "train_loss": round(loss.item(), 4),
+                "train_loss_ema": round(running, 4),
+                "held_out_loss": round(held, 4),
+                "elapsed_s": round(time.time() - t_train, 1),
+            }
+        )
+
+    # Ship: cast to the save dtype; evaluate the shipped weights upcast to fp32 (load_model on CPU).
+    save_dtype = getattr(torch, args.save_dtype)
+    model.eval()
+    model.to(save_dtype)
+    model.config.dtype = save_dtype
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    model.to(torch.float32)
+    t_eval = time.time()
+    full_held = evaluate(model, held_seqs, args.batch)
+    print(
+        f"final held-out loss (shipped weights, {held_seqs.numel():,} tokens): {full_held:.4f} "
+        f"ppl {math.exp(full_held):.2f} ({time.time() - t_eval:.0f}s)",
+        flush=True,
+    )
+
+    log = {
+        "model": {
+            "architecture": "LlamaForCausalLM",
+            "layers": args.layers,
+            "d_model": args.d_model,
+            "ffn": args.ffn,
+            "heads": args.heads,
+            "vocab": args.vocab,
+            "parameters": n_params,
+            "non_embedding_parameters": n_params - 2 * args.vocab * args.d_model,
+            "save_dtype": args.save_dtype,
+        },
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data": {
+            "stdlib": str(root),
+            "python": platform.python_version(),
+            "held_out_rule": f"int(sha256(relative posix path), 16) % {HELD_OUT_MODULUS} == 0",
+            "excluded": "site-packages/, test/, tests/, idle_test/ directories, test_*.py",
+            "train_files": len(train_texts),
+            "held_out_files": len(held_texts),
+            "train_tokens": int(train_stream.numel()),
+            "held_out_tokens": int(held_stream.numel()),
+            "held_out_files_list": held_rel,
+        },
+        "training": {
+            "steps": step,
+            "scheduled_steps": total_steps,
+            "schedule": (
+                "timed (calibrated, re-sized in the first half)"
+                if args.steps is None
+                else "fixed --steps"
+            ),
+            "tokens_seen": tokens_seen,
+            "epochs": tokens_seen / max(1, train_seqs.numel()),
+            "train_seconds": round(train_seconds, 1),
+            "eval_seconds": round(eval_time, 1),
+            "calibration_sec_per_step": sec_per_step,
+            "tokens_per_second": round(tokens_seen / max(1e-9, train_seconds - eval_time)),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cpu": platform.processor() or platform.machine(),
+        },
+        "final": {
+            "held_out_loss": round(full_held, 4),
+            "held_out_perplexity": round(math.exp(full_held), 3),
+            "held_out_eval_tokens": int(held_seqs[:, 1:].numel()),
+            "weights": args.save_dtype + " upcast to float32",
+        },
+        "curve": curve,
+        "total_seconds": round(time.time() - t_start, 1),
+    }
+    (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    print(f"saved to {out} ({time.time() - t_start:.0f}s total)", flush=True)
+    return log
+
+
+# --------------------------------------------------------------------------------------------------
+# MODEL_CARD.md: training figures from training_log.json + lens figures from a real `codelens run`.
+# --------------------------------------------------------------------------------------------------
+
+
+def lens_job_data(model_dir: Path, files: list[Path], run_dir: Path) -> dict[str, Any]:
+    """The held-out lens job whose summary.json the model card quotes."""
+    return {
+        "schema_version": 1,
+        "name": "codelens-stdlib-py-held-out",
+        "model": {"path": str(model_dir), "dtype": "auto", "device": "cpu"},
+        "corpus": {"kind": "files", "paths": [str(p) for p in files]},
+        "tokens": {"window": 256, "overlap": 32, "add_bos": True},
+        "lens": {"layers": "all", "k": 5, "lookahead": [], "kl_final": True, "entropy": True},
+        "output": {"dir": str(run_dir), "shard_tokens": 16384},
+        "execution": {"backend": "local", "batch_tokens": 4096},
+    }
+
+
+def run_lens_job(model_dir: Path, work: Path) -> dict[str, Any]:
+    """Run ``codelens run`` (the installed console script) over every held-out file."""
+    import subprocess
+
+    import yaml
+
+    from codelens.engine.zoo.default_model import held_out_files
+
+    work.mkdir(parents=True, exist_ok=True)
+    job = work / "job.yaml"
+    data = lens_job_data(model_dir, held_out_files(), work / "run")
+    job.write_text(yaml.safe_dump(data, sort_keys=False))
+    exe = Path(sys.executable).parent / "codelens"
+    subprocess.run([str(exe), "run", str(job), "--overwrite"], check=True)
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    summary["_files"] = len(data["corpus"]["paths"])
+    return summary
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def write_model_card(model_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write ``MODEL_CARD.md`` from ``training_log.json`` and a lens run's ``summary.json``."""
+    log = json.loads((model_dir / "training_log.json").read_text())
+    m, d, t, f = log["model"], log["data"], log["training"], log["final"]
+    size = (model_dir / "model.safetensors").stat().st_size
+    curve = log["curve"]
+    keep = sorted({0, len(curve) - 1, *range(0, len(curve), max(1, len(curve) // 10))})
+    curve_rows = "\n".join(
+        f"| {curve[i]['step']} | {curve[i]['tokens'] / 1e6:.2f} | {curve[i]['elapsed_s'] / 60:.1f} "
+        f"| {curve[i]['lr']:.2e} | {curve[i]['train_loss_ema']:.3f} "
+        f"| {curve[i]['held_out_loss']:.3f} |"
+        for i in keep
+    )
+    layer_rows = "\n".join(
+        f"| {r['layer']} | {_fmt(r['top1_accuracy'])} | {_fmt(r['mean_target_logprob'])} "
+        f"| {_fmt(r.get('mean_kl_final'))} | {_fmt(r.get('mean_entropy'))} "
+        f"| {r['target_rank_quantiles']['p50']} |"
+        for r in summary["layers"]
+    )
+    last = summary["layers"][-1]
+    a = log["args"]
+    shape = (
+        f"{m['layers']} / {m['d_model']} / {m['heads']} (head dim {m['d_model'] // m['heads']}), "
+        f"MLP width {m['ffn']}"
+    )
+    params = (
+        f"{m['parameters']:,} ({m['non_embedding_parameters']:,} outside the embedding and "
+        "unembedding)"
+    )
+    context = (
+        f"{a['ctx']} tokens (`max_position_embeddings` {a['max_positions']}: RoPE; longer windows "
+        "run but were never trained)"
+    )
+    weights = (
+        f"`model.safetensors`, {m['save_dtype']}, {size / 2**20:.2f} MiB (`load_model` upcasts to "
+        "float32 on a CPU)"
+    )
+    text = f"""# codelens-stdlib-py
+
+The default model of `codelens demo`: a small decoder-only code LM trained from scratch on the
+Python sources of the CPython standard library, so that the logit lens has a *trained* model to
+look at without downloading anything. It is a toy (a few minutes of CPU training): use it to see
+what the lens shows and to test the pipeline, not to study a real code LLM.
+
+## Model
+
+| | |
+|---|---|
+| architecture | `LlamaForCausalLM` (RMSNorm, SwiGLU MLP, RoPE, untied `lm_head`) |
+| layers / width / heads | {shape} |
+| parameters | {params} |
+| vocabulary | {m["vocab"]} (byte-level BPE; `<s>`=0, `</s>`=1, `<pad>`=2) |
+| training context | {context} |
+| weights | {weights} |
+
+## Data and split
+
+* Every `*.py` file under the standard library of Python {d["python"]}
+  (`sysconfig.get_paths()["stdlib"]`), excluding {d["excluded"]}.
+* Held out: `{d["held_out_rule"]}` on the path relative to the stdlib root (~5% of the files;
+  the rule depends only on the path: `codelens.engine.zoo.default_model.is_held_out`).
+  {d["train_files"]} training files ({d["train_tokens"]:,} tokens), {d["held_out_files"]} held-out
+  files ({d["held_out_tokens"]:,} tokens). Neither the tokenizer nor the model saw a held-out file.
+* Each file is `<s> text </s>`; files are concatenated and cut into {a["ctx"]}-token sequences.
+
+## Training
+
+`python -m codelens.engine.zoo.train_default --out DIR --seed {a["seed"]} --minutes {a["minutes"]:g}`
+(one CPU thread). AdamW (betas 0.9/0.95, weight decay {a["weight_decay"]} on matrices), peak
+learning rate {a["lr"]:g}, {a["warmup"]} warmup steps then cosine decay to 10%, gradient clipping
+1.0, batch {a["batch"]} x {a["ctx"]} = {a["batch"] * a["ctx"]:,} tokens per step.
+
+* {t["steps"]} steps, {t["tokens_seen"]:,} tokens seen ({t["epochs"]:.2f} epochs) in
+  {t["train_seconds"] / 60:.1f} min on one thread of a shared {t["cpu"]} CPU
+  ({t["tokens_per_second"]:,} tokens/s), torch {t["torch"]}, transformers {t["transformers"]}.
+* The timed schedule was sized from the measured throughput; `--steps {t["steps"]}` replays the
+  same number of steps with a fixed schedule.
+
+Training curve (train loss: exponential moving average; held-out loss on a fixed subset of
+{a["eval_seqs"]} held-out sequences), nats per token:
+
+| step | tokens (M) | minutes | lr | train loss | held-out loss |
+|---:|---:|---:|---:|---:|---:|
+{curve_rows}
+
+**Held-out loss of the shipped weights** (all {f["held_out_eval_tokens"]:,} held-out
+positions, {a["ctx"]}-token sequences): **{f["held_out_loss"]:.3f} nats/token, perplexity
+{f["held_out_perplexity"]:.1f}** (uniform over the vocabulary: {math.log(m["vocab"]):.2f} nats).
+
+## What the lens shows (held-out files)
+
+From a real `codelens run` over all {summary["_files"]} held-out files ({summary.get("tokens", 0):,}
+positions; windows of 256 tokens with 32 of overlap, BOS added, float32 on a CPU), read from
+its `summary.json`:
+
+| layer | top-1 accuracy | mean target log-prob | mean KL to final | mean entropy | median rank |
+|---:|---:|---:|---:|---:|---:|
+{layer_rows}
+
+Top-1 accuracy and ranks are of the true next token; median rank is the lower edge of its
+power-of-two histogram bin (rank 0 = top-1). Layer 0 is the embedding output read through the
+final norm and `lm_head`; layer {m["layers"]} is
+the model's own output (its top-1 accuracy, {_fmt(last["top1_accuracy"])}, is the model's
+next-token accuracy on held-out code). `tests/engine/zoo/test_default_model.py` checks these trends on a
+small held-out sample.
+
+## Limitations
+
+Trained on one library's code for minutes: it knows Python's surface syntax and the standard
+library's idioms, and little else. Its held-out split is by file, not by module family, so
+near-duplicate files (e.g. the `encodings/cp*.py` code pages) can sit on both sides.
+"""
+    path = model_dir / "MODEL_CARD.md"
+    path.write_text(text)
+    return path
+
+
+def card_main(model_dir: Path, work: Path) -> None:
+    """``--card-only``: run the held-out lens job and (re)write MODEL_CARD.md."""
+    summary = run_lens_job(model_dir, work)
+    print(write_model_card(model_dir, summary))
+
+
+if __name__ == "__main__":
+    if "--card-only" in sys.argv:
+        argv = [a for a in sys.argv[1:] if a != "--card-only"]
+        parsed = parse_args(argv)
+        import tempfile
+
+        # The lens run goes to a temporary directory, never next to the packaged model.
+        with tempfile.TemporaryDirectory(prefix="codelens-card-") as tmp:
+            card_main(parsed.out, Path(tmp))
+    else:
+        main(sys.argv[1:])

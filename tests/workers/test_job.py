@@ -1,0 +1,416 @@
+"""End to end: job spec -> run directory, checked against a float64 reference built independently.
+
+The reference runs the HF model on each window with ``output_hidden_states`` (not our hooks),
+reads layers 0..L-1 through the family's head in float64 and takes the model's *own* logits for
+layer L, then computes every statistic from full logits (``lens_stats_from_logits``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from codelens.engine.errors import CodelensError, RunDirError
+from codelens.engine.schemas import validate_spec
+from codelens.kernels import LensRequest, lens_stats_from_logits
+from codelens.workers.job import run_job
+
+SNIPPETS = {
+    "a.py": "def add(a, b):\n    return a + b\n\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n",
+    "b.py": "import os\n\nfor name in os.listdir('.'):\n    if name.endswith('.py'):\n        print(name)\n",
+    "c.py": "x = [i * i for i in range(10)]\nprint(sum(x))\n",
+    "empty.py": "   \n",
+    "blob.py": b"\x00\x01\x02binary\x00data",
+    "latin1.py": "caf\xe9 = 1\n".encode("latin-1"),
+}
+FLOAT_COLUMNS = ("lse", "entropy", "target_logprob", "kl_final", "set_kw")
+
+
+def write_corpus(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in SNIPPETS.items():
+        (root / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+def make_spec(model_dir: Path, corpus: Path, out: Path, **lens_overrides):
+    lens = {
+        "k": 5,
+        "lookahead": [2, 3],
+        "token_sets": {"kw": ["def", "return", 7]},
+        **lens_overrides,
+    }
+    return validate_spec(
+        {
+            "name": "test",
+            "model": {"path": str(model_dir), "device": "cpu"},
+            "corpus": {"kind": "files", "paths": [str(corpus / "*.py")]},
+            "tokens": {"window": 128, "overlap": 16},
+            "lens": lens,
+            "output": {"dir": str(out), "shard_tokens": 40},
+            "execution": {"batch_tokens": 256},
+        }
+    )
+
+
+def read_rows(run_dir: Path) -> dict[str, np.ndarray]:
+    table = pq.read_table(run_dir / "lens")
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def reference(loaded, ids: list[int], bos: int | None, request: LensRequest, offsets=(2, 3)):
+    """Float64 statistics for one document run as a single window ``[bos] + ids``."""
+    model, head = loaded.model, loaded.parts.head
+    inp = torch.tensor([([bos] if bos is not None else []) + ids])
+    skip = 1 if bos is not None else 0
+    with torch.no_grad():
+        out = model(inp, output_hidden_states=True, use_cache=False)
+    n_blocks = len(loaded.parts.blocks)
+    z = [
+        head.logits(out.hidden_states[layer][0, skip:].double(), torch.float64)
+        for layer in range(n_blocks)
+    ]
+    z.append(out.logits[0, skip:].double())  # layer L: the model's own logits
+    z = torch.stack(z)
+    n = len(ids)
+    targets = torch.full((n, 1 + len(offsets)), -1, dtype=torch.long)
+    for i in range(n):
+        for c, o in enumerate((1, *offsets)):
+            if i + o < n:
+                targets[i, c] = ids[i + o]
+    return lens_stats_from_logits(z, targets, request, z[-1])
+
+
+def test_every_family_every_column_matches_the_float64_reference(
+    tiny_family, tiny_model_dir, tiny_loaded_model, tmp_path
+):
+    model_dir = tiny_model_dir(tiny_family)
+    spec = make_spec(model_dir, write_corpus(tmp_path / "corpus"), tmp_path / "run")
+    outcome = run_job(spec, show_progress=False)
+    assert outcome.state == "done" and outcome.resolved["impl"] == "torch"
+    run_dir = tmp_path / "run"
+    rows = read_rows(run_dir)
+    docs = pq.read_table(run_dir / "docs.parquet").to_pylist()
+    status = {Path(d["source"]).name: d["status"] for d in docs}
+    assert status == {
+        "a.py": "ok",
+        "b.py": "ok",
+        "c.py": "ok",
+        "empty.py": "empty",
+        "blob.py": "binary",
+        "latin1.py": "not utf-8",
+    }
+
+    loaded = tiny_loaded_model(tiny_family)
+    tok = loaded.tokenizer
+    n_layers = len(loaded.parts.blocks) + 1
+    kw_ids = sorted(
+        {
+            tok.encode("def", add_special_tokens=False)[0],
+            tok.encode("return", add_special_tokens=False)[0],
+            7,
+        }
+    )
+    request = LensRequest(k=5, token_sets=(("kw", torch.tensor(kw_ids)),))
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    seen = 0
+    for d in docs:
+        if d["status"] != "ok":
+            assert d["doc"] not in set(rows["doc"].tolist())
+            continue
+        text = (tmp_path / "corpus" / Path(d["source"]).name).read_text()
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert d["n_tokens"] == len(ids)
+        want = reference(loaded, ids, bos, request)
+        mine = rows["doc"] == d["doc"]
+        order = np.lexsort(
+            (rows["pos"][mine], rows["layer"][mine])
+        )  # layer-major like the reference
+
+        def col(name, _mine=mine, _order=order):
+            values = rows[name][_mine][_order]
+            if values.dtype == object:
+                values = np.stack(values)
+            return values.reshape(n_layers, len(ids), *values.shape[1:])
+
+        assert (col("pos") == np.arange(len(ids))).all()
+        assert (col("layer") == np.arange(n_layers)[:, None]).all()
+        assert (col("token_id") == np.array(ids)).all()
+        assert (col("target_id")[0] == np.array(ids[1:] + [-1])).all()
+        for name, mine_v, want_v in [
+            ("lse", col("lse"), want.lse),
+            ("entropy", col("entropy"), want.entropy),
+            ("target_logprob", col("target_logprob"), want.target_logprob),
+            ("kl_final", col("kl_final"), want.kl_final),
+            ("set_kw", col("set_kw"), want.set_logmass[..., 0]),
+            ("topk_logprobs", col("topk_logprobs"), want.topk_logprobs),
+            ("ahead_logprob", col("ahead_logprob"), want.ahead_logprob),
+        ]:
+            a, b = torch.from_numpy(np.asarray(mine_v, dtype=np.float32)), want_v
+            assert torch.equal(a.isnan(), b.isnan()), name
+            err = (a - b).abs().nan_to_num(0).max().item()
+            assert err < 1e-4, f"{tiny_family} {name}: max error {err:.2e}"
+        # Ranks: exact (the tiny models' random logits have no near-ties at these sizes).
+        assert (col("target_rank") == want.target_rank.numpy()).all()
+        assert (col("ahead_rank") == want.ahead_rank.numpy()).all()
+        assert (col("topk_ids") == want.topk_ids.numpy()).all()
+        assert col("residual_finite").all()
+        seen += 1
+    assert seen == 3
+
+
+def test_windows_emit_each_position_once_with_carried_context(
+    tiny_model_dir, tiny_loaded_model, tmp_path
+):
+    model_dir = tiny_model_dir("llama")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(12))
+    (corpus / "long.py").write_text(text)
+    spec = make_spec(model_dir, corpus, tmp_path / "run").model_copy(
+        update={
+            "tokens": validate_spec(
+                {
+                    "model": {"path": "m"},
+                    "corpus": {"paths": ["x"]},
+                    "tokens": {"window": 32, "overlap": 8},
+                }
+            ).tokens
+        }
+    )
+    run_job(spec, show_progress=False)
+    rows = read_rows(tmp_path / "run")
+    loaded = tiny_loaded_model("llama")
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    n_layers = len(loaded.parts.blocks) + 1
+    keys = set(zip(rows["doc"].tolist(), rows["pos"].tolist(), rows["layer"].tolist(), strict=True))
+    assert len(keys) == len(rows["doc"]) == len(ids) * n_layers, (
+        "each (doc, pos, layer) exactly once"
+    )
+    # Window 2 emits positions 31+23 = 54.. with 8 carried tokens: check it against that input.
+    bos = loaded.tokenizer.bos_token_id
+    first, n_emit = 31 + 23, 23
+    window = ids[first - 8 : first + n_emit]
+    with torch.no_grad():
+        logits = (
+            loaded.model(torch.tensor([[bos] + window]), use_cache=False).logits[0, 9:].double()
+        )
+    want = torch.log_softmax(logits, -1)
+    last = rows["layer"] == n_layers - 1
+    sel = last & (rows["pos"] >= first) & (rows["pos"] < first + n_emit)
+    order = np.argsort(rows["pos"][sel])
+    tgt = np.array(ids[first + 1 : first + n_emit + 1])
+    got = rows["target_logprob"][sel][order][: len(tgt)]
+    expect = want[torch.arange(len(tgt)), torch.from_numpy(tgt)].numpy()
+    assert np.abs(got - expect).max() < 1e-4
+
+
+def assert_same_rows(a, b) -> None:
+    """Tables equal column by column, NaN equal to NaN (pyarrow's equals says NaN != NaN)."""
+    key = [("layer", "ascending"), ("doc", "ascending"), ("pos", "ascending")]
+    a, b = a.sort_by(key), b.sort_by(key)
+    assert a.schema == b.schema and a.num_rows == b.num_rows
+    for name in a.column_names:
+        x = a.column(name).to_numpy(zero_copy_only=False)
+        y = b.column(name).to_numpy(zero_copy_only=False)
+        if x.dtype == object:
+            x, y = np.stack(x), np.stack(y)
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def _snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in run_dir.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_resume_after_a_crash_and_finished_rerun_writes_nothing(tiny_model_dir, tmp_path):
+    spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+    run_job(spec, show_progress=False)
+    run_dir = tmp_path / "run"
+    full = pq.read_table(run_dir / "lens")
+    manifest = (run_dir / "_manifest.jsonl").read_text().splitlines()
+    assert len(manifest) >= 3, "the small shard size gives several shards"
+
+    # Simulate a crash after two shards: later parts and manifest lines never happened, and a
+    # torn manifest line was being written.
+    for line in manifest[2:]:
+        (run_dir / json.loads(line)["file"]).unlink()
+    (run_dir / "_manifest.jsonl").write_text("\n".join(manifest[:2]) + '\n{"shard": 2, "fi')
+    (run_dir / "summary.json").unlink()
+    outcome = run_job(spec, show_progress=False)
+    assert outcome.shards_run == len(manifest) - 2
+    # The resumed output equals the uninterrupted run, row for row and bit for bit.
+    assert_same_rows(pq.read_table(run_dir / "lens"), full)
+
+    before = _snapshot(run_dir)
+    assert run_job(spec, show_progress=False).state == "nothing to do"
+    assert _snapshot(run_dir) == before, "a finished job's rerun writes nothing"
+
+
+def test_different_job_refused_and_overwrite_loses_nothing_on_failure(tiny_model_dir, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    spec = make_spec(tiny_model_dir("llama"), corpus, tmp_path / "run")
+    run_job(spec, show_progress=False)
+    other = make_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", k=3)
+    with pytest.raises(RunDirError, match="different job"):
+        run_job(other, show_progress=False)
+    before = _snapshot(tmp_path / "run")
+    broken = make_spec(tiny_model_dir("llama"), tmp_path / "nowhere", tmp_path / "run", k=3)
+    with pytest.raises(CodelensError, match="matches no file"):
+        run_job(broken, overwrite=True, show_progress=False)
+    assert _snapshot(tmp_path / "run") == before, "a failing new job must not clear the old results"
+    run_job(other, overwrite=True, show_progress=False)
+    assert pq.read_table(tmp_path / "run" / "lens").schema.field("topk_ids").type.list_size == 3
+
+
+def test_summary_agrees_with_the_rows(tiny_model_dir, tmp_path):
+    spec = make_spec(tiny_model_dir("qwen2"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+    run_job(spec, show_progress=False)
+    rows = read_rows(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    n_layers = rows["layer"].max() + 1
+    final_top1 = {}
+    topk = np.stack(rows["topk_ids"])
+    for i in np.flatnonzero(rows["layer"] == n_layers - 1):
+        final_top1[rows["doc"][i], rows["pos"][i]] = topk[i, 0]
+    for entry in summary["layers"]:
+        m = rows["layer"] == entry["layer"]
+        has = m & (rows["target_id"] >= 0)
+        assert entry["count"] == has.sum() and entry["rows"] == m.sum()
+        assert np.isclose(
+            entry["mean_target_logprob"], rows["target_logprob"][has].mean(), atol=1e-5
+        )
+        assert np.isclose(entry["top1_accuracy"], (rows["target_rank"][has] == 0).mean())
+        assert np.isclose(entry["mean_kl_final"], rows["kl_final"][m].mean(), atol=1e-5)
+        assert np.isclose(entry["mean_entropy"], rows["entropy"][m].mean(), atol=1e-5)
+        agree = [
+            topk[i, 0] == final_top1[rows["doc"][i], rows["pos"][i]] for i in np.flatnonzero(m)
+        ]
+        assert np.isclose(entry["top1_agreement_final"], np.mean(agree))
+        median_rank = np.median(rows["target_rank"][has])
+        lo = entry["target_rank_quantiles"]["p50"]
+        assert lo <= median_rank < max(1, 2 * lo), "the median lies in the reported log2 bin"
+    assert summary["layers"][-1]["top1_agreement_final"] == 1.0
+    assert summary["layers"][-1]["mean_kl_final"] == 0.0
+
+
+def test_selected_layers_and_switched_off_columns(tiny_model_dir, tmp_path):
+    spec = make_spec(
+        tiny_model_dir("gpt2"),
+        write_corpus(tmp_path / "corpus"),
+        tmp_path / "run",
+        layers=[0, 2],
+        lookahead=[],
+        entropy=False,
+        kl_final=False,
+        token_sets={},
+    )
+    run_job(spec, show_progress=False)
+    table = pq.read_table(tmp_path / "run" / "lens")
+    assert sorted(set(table.column("layer").to_pylist())) == [0, 2]
+    for gone in ("entropy", "kl_final", "ahead_logprob", "ahead_rank", "set_kw"):
+        assert gone not in table.column_names
+    job = json.loads((tmp_path / "run" / "job.json").read_text())
+    assert job["resolved"]["impl"] == "torch" and job["resolved"]["family"] == "gpt2"
+    assert job["resolved"]["dtype"] == "float32" and job["resolved"]["device"] == "cpu"
+    assert job["versions"]["torch"] and job["spec"]["lens"]["layers"] == [0, 2]
+
+
+def test_nonfinite_residual_rows_are_flagged(tiny_model_dir, tmp_path, monkeypatch):
+    from codelens.engine.run.runner import LensRunner
+
+    original = LensRunner.forward_batch
+
+    def overflowing(self, batch):
+        hidden = original(self, batch).clone()
+        hidden[1:, 3] = torch.inf  # as an fp16 overflow in block 1 would leave it
+        return hidden
+
+    monkeypatch.setattr(LensRunner, "forward_batch", overflowing)
+    spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+    run_job(spec, show_progress=False)
+    rows = read_rows(tmp_path / "run")
+    bad = ~rows["residual_finite"]
+    assert bad.any() and (rows["layer"][bad] >= 1).all()
+    assert np.isnan(rows["lse"][bad]).all() and (rows["target_rank"][bad] == -1).all()
+    assert np.isfinite(rows["lse"][~bad]).all()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sum(layer["nonfinite_rows"] for layer in summary["layers"]) == bad.sum()
+    assert all(
+        layer["mean_entropy"] is None or np.isfinite(layer["mean_entropy"])
+        for layer in summary["layers"]
+    )
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"lens": {"layers": [0, 9]}}, "lens.layers: index 9 is out of range"),
+        ({"lens": {"k": 1000}}, "lens.k=1000 is larger than the vocabulary"),
+        ({"lens": {"token_sets": {"x": [100000]}}}, "lens.token_sets.x: id 100000 is outside"),
+    ],
+)
+def test_bad_lens_settings_are_named(tiny_model_dir, tmp_path, override, message):
+    spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+    data = spec.model_dump(mode="json")
+    data["lens"].update(override["lens"])
+    with pytest.raises(CodelensError, match=message):
+        run_job(validate_spec(data), show_progress=False)
+
+
+def test_failed_shard_is_reported_and_only_it_is_retried(tiny_model_dir, tmp_path, monkeypatch):
+    from codelens.engine.run.runner import LensRunner
+    from codelens.workers.job import JobFailedError
+
+    original = LensRunner.run_shard
+
+    def poisoned(self, task):
+        if task.index == 1:
+            raise RuntimeError("poisoned input")
+        return original(self, task)
+
+    monkeypatch.setattr(LensRunner, "run_shard", poisoned)
+    spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+    with pytest.raises(JobFailedError, match="shard 1: RuntimeError: poisoned input"):
+        run_job(spec, show_progress=False)
+    status = json.loads((tmp_path / "run" / "_status.json").read_text())
+    assert status["state"] == "failed" and status["failures"][0]["shard"] == 1
+    committed = [
+        json.loads(x)["shard"]
+        for x in (tmp_path / "run" / "_manifest.jsonl").read_text().splitlines()
+    ]
+    assert 1 not in committed and len(committed) >= 2
+    monkeypatch.setattr(LensRunner, "run_shard", original)
+    outcome = run_job(spec, show_progress=False)
+    assert outcome.shards_run == 1
+    assert json.loads((tmp_path / "run" / "_status.json").read_text())["state"] == "done"
+
+
+def test_output_dir_not_writable(tiny_model_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), blocker / "run")
+    with pytest.raises(RunDirError, match="not writable"):
+        run_job(spec, show_progress=False)
+
+
+def test_engine_never_needs_the_network(tiny_model_dir, tmp_path, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the engine tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    spec = make_spec(tiny_model_dir("mistral"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+    assert run_job(spec, show_progress=False).state == "done"
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -118,38 +118,31 @@ def _sync(device: torch.device) -> None:
 
 def targets_of(ids: Tensor) -> Tensor:
     """``[T, 1 + A]`` next-token and look-ahead targets of a 1-D id sequence (-1 past the end)."""
-    n = ids.numel()
-    out = torch.full((n, 1 + len(LOOKAHEAD)), -1, dtype=torch.long)
-    for c, offset in enumerate((1, *LOOKAHEAD)):
-        out[: n - offset, c] = ids[offset:]
-    return out
+    from codelens.engine.run.pipeline import TextInput
+
+    return torch.from_numpy(TextInput.of(ids.tolist(), LOOKAHEAD, bos_id=None).targets).long()
 
 
 def run_codelens(loaded, ids: Tensor, impl: str = "auto") -> MethodResult:
-    """Our engine on one sequence ``ids [T]``: capture all layers, then ``lens_stats``."""
-    from codelens.engine.model.capture import ResidualCapture
-    from codelens.kernels import LensRequest, lens_stats
+    """Our engine on one sequence ``ids [T]``: the lens pipeline, its capture and lens timed apart."""
+    from codelens.engine.run.pipeline import LensPipeline, TextInput
+    from codelens.engine.run.request import resolve_lens
+    from codelens.engine.schemas import LensSpec
 
-    model, parts = loaded.model, loaded.parts
     device = loaded.device
-    n_blocks = len(parts.blocks)
-    capture = ResidualCapture(parts.blocks, list(range(n_blocks + 1)))
-    inp = ids[None].to(device)
-    with torch.inference_mode():
-        _sync(device)
+    spec = LensSpec(layers="all", k=K, lookahead=list(LOOKAHEAD), impl=impl)
+    pipeline = LensPipeline(loaded, resolve_lens(spec, loaded))
+    text = TextInput.of(ids.tolist(), LOOKAHEAD, bos_id=None)
+    _sync(device)
+    start = time.perf_counter()
+    hidden = pipeline.capture([text])
+    _sync(device)
+    forward_s = time.perf_counter() - start
+    with peak_memory(device) as peak:
         start = time.perf_counter()
-        with capture.recording(1, ids.numel(), parts.head.d_model, loaded.dtype, device) as buffer:
-            model(input_ids=inp, use_cache=False)
+        stats = pipeline.statistics(hidden, targets_of(ids))
         _sync(device)
-        forward_s = time.perf_counter() - start
-        request = LensRequest(k=K)
-        with peak_memory(device) as peak:
-            start = time.perf_counter()
-            stats, _ = lens_stats(
-                buffer, parts.head, targets_of(ids).to(device), request, buffer[-1], impl=impl
-            )
-            _sync(device)
-            lens_s = time.perf_counter() - start
+        lens_s = time.perf_counter() - start
     return MethodResult(
         "codelens",
         ids.numel(),

@@ -15,10 +15,10 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from codelens.engine.model.loading import LoadedModel, load_model
-from codelens.engine.run.runner import LensRunner
-from codelens.engine.schemas import JobSpec
 from codelens.engine.data.windows import Shard
+from codelens.engine.model.loading import LoadedModel, load_model
+from codelens.engine.run.runner import ShardRunner
+from codelens.engine.schemas import JobSpec
 
 
 @dataclass
@@ -42,7 +42,7 @@ class LensWorker:
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
         self.loaded: LoadedModel | None = None
-        self.runner: LensRunner | None = None
+        self.runner: ShardRunner | None = None
 
     def load(self) -> dict[str, Any]:
         """Load the model (with the last-layer self-check) and prepare the runner.
@@ -59,21 +59,20 @@ class LensWorker:
             trust_remote_code=m.trust_remote_code,
         )
         parts = self.loaded.parts
-        self.runner = LensRunner(
-            self.spec, self.loaded.model, self.loaded.tokenizer, parts.blocks, parts.head
-        )
+        self.runner = ShardRunner(self.spec, self.loaded)
+        lens = self.runner.lens
         return {
             "family": self.loaded.family,
             "model_class": type(self.loaded.model).__name__,
             "device": str(self.loaded.device),
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
-            "impl": self.runner.impl.value,
-            "n_blocks": self.runner.n_blocks,
-            "layers": self.runner.layers,
+            "impl": lens.impl.value,
+            "n_blocks": lens.n_blocks,
+            "layers": list(lens.layers),
             "vocab_rows": parts.head.vocab_size,
             "tokenizer_vocab": len(self.loaded.tokenizer),
             "d_model": parts.head.d_model,
-            "token_sets": self.runner.token_set_ids,
+            "token_sets": lens.token_set_ids,
             "self_check_max_abs_err": self.loaded.self_check_max_abs_err,
         }
 

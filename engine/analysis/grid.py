@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from codelens.engine.data.tokenize import backend_tokenizer
 from codelens.engine.errors import CodelensError
-from codelens.engine.model.capture import ResidualCapture
 from codelens.engine.model.loading import LoadedModel
-from codelens.kernels import LensRequest, lens_stats
+from codelens.engine.run.pipeline import LensPipeline, TextInput
+from codelens.engine.run.request import resolve_lens
+from codelens.engine.schemas import LensSpec
 
 __all__ = [
     "METRICS",
@@ -216,7 +216,10 @@ def _token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
     return out
 
 
-@torch.inference_mode()
+GRID_LENS = LensSpec(layers="all", k=1, lookahead=[], entropy=True, kl_final=True)
+"""What a grid shows: every layer's top-1, target log-prob and rank, KL to the final layer, entropy."""
+
+
 def compute_grid(
     loaded: LoadedModel, text: str, *, add_bos: bool = True, first_line: int = 1
 ) -> LensGrid:
@@ -248,23 +251,12 @@ def compute_grid(
         bos = (
             tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         )
-    prefix = [] if bos is None else [bos]
-    blocks, head = loaded.parts.blocks, loaded.parts.head
-    layers = list(range(len(blocks) + 1))
-    capture = ResidualCapture(blocks, layers)
-    inp = torch.tensor([prefix + ids], device=loaded.device)
-    mask = torch.ones_like(inp)
-    dtype = next(loaded.model.parameters()).dtype
-    with capture.recording(1, inp.shape[1], head.d_model, dtype, loaded.device) as buffer:
-        loaded.model(input_ids=inp, attention_mask=mask, use_cache=False)
-    hidden = buffer[:, len(prefix) :]
-    targets = torch.tensor([[t] for t in ids[1:]] + [[-1]], device=loaded.device)
-    request = LensRequest(k=1, entropy=True, kl_final=True)
-    stats, _ = lens_stats(hidden, head, targets, request, hidden[-1])
-    stats = stats.to("cpu")
+    lens = resolve_lens(GRID_LENS, loaded)
+    batch = LensPipeline(loaded, lens)([TextInput.of(ids, (), bos)])
+    stats = batch.stats
     top1 = stats.topk_ids[..., 0].numpy()
     return LensGrid(
-        layers=layers,
+        layers=list(lens.captured),
         token_ids=list(ids),
         top1_ids=top1,
         top1_logprob=stats.topk_logprobs[..., 0].numpy(),

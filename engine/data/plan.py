@@ -24,7 +24,7 @@ from codelens.engine.data.windows import (
     plan_shards,
     target_columns,
 )
-from codelens.engine.run.rundir import DOCS_SCHEMA
+from codelens.engine.row_schema import DOCS_SCHEMA
 from codelens.engine.schemas import JobSpec
 
 

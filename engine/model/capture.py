@@ -11,7 +11,8 @@ pass runs, so the model's own activations can be freed layer by layer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -126,3 +127,54 @@ class _Recording:
         for handle in self.handles:
             handle.remove()
         self.capture._buffer = None
+
+
+class BlockReplay:
+    """Runs captured residuals through the model's last ``n`` blocks ("last blocks as decoder").
+
+    During the forward pass (inside :meth:`recording`) it records the ``(args, kwargs)`` each of
+    the last ``n`` blocks is called with (attention masks, positions, rotary embeddings, whatever
+    the family passes); :meth:`replay` then runs any ``[B, S, d]`` residual through those blocks
+    with the same arguments, as the model would have run it had it arrived at block ``L - n``.
+
+    Args:
+        blocks: the model's decoder blocks, in order (``L`` of them).
+        n: how many of the last blocks to replay (``1 <= n < L``).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], n: int) -> None:
+        if not 1 <= n < len(blocks):
+            raise ValueError(f"decoder blocks must be in 1..{len(blocks) - 1}, got {n}")
+        self.blocks = list(blocks)[len(blocks) - n :]
+        self._calls: list[tuple[tuple, dict]] = []
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the last blocks' call arguments during the forward pass inside the block."""
+        self._calls = []
+
+        def record(module, args, kwargs):
+            self._calls.append((args, kwargs))
+
+        handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in self.blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def replay(self, hidden: Tensor) -> Tensor:
+        """``hidden [B, S, d]`` run through the recorded blocks; returns ``[B, S, d]``."""
+        if len(self._calls) != len(self.blocks):
+            raise RuntimeError(
+                f"lens.decoder_blocks: recorded {len(self._calls)} calls of the last "
+                f"{len(self.blocks)} blocks"
+            )
+        x = hidden
+        for block, (args, kwargs) in zip(self.blocks, self._calls, strict=True):
+            if args:
+                out = block(x, *args[1:], **kwargs)
+            else:
+                out = block(**{**kwargs, "hidden_states": x})
+            x = _first_tensor(out)
+        return x

@@ -31,13 +31,18 @@ finite. A non-finite row at an earlier layer counts as disagreeing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
 from codelens.engine.data.syntax import CATEGORIES
+from codelens.engine.data.windows import WindowTask
+from codelens.engine.run.pipeline import LensBatch
+from codelens.engine.run.request import ATTN_SITE, BLOCK_SITE, ResolvedLens
+from codelens.kernels import LensStats
 
 RANK_BINS = 33
 LOGPROB_BIN_WIDTH = 0.125
@@ -70,7 +75,7 @@ def position_bucket(values: np.ndarray) -> np.ndarray:
     return np.where(v < 0, -1, np.minimum(b, N_POSITION_BUCKETS - 1)).astype(np.int64)
 
 
-GroupIds = Mapping[str, tuple[Tensor, Sequence[str]]]
+GroupIds = Mapping[str, tuple[np.ndarray, Sequence[str]]]
 """Groupings of a shard's tokens: kind (``category``, ``language``) -> ``(ids [T], names)``;
 ``ids[i]`` indexes ``names``; a negative id leaves the token out of that grouping."""
 
@@ -86,40 +91,95 @@ def _logprob_bin(logprob: np.ndarray) -> np.ndarray:
     return np.clip(idx, 0, LOGPROB_BINS - 1).astype(np.int64)
 
 
-def _np(x: Tensor | np.ndarray | None) -> np.ndarray | None:
-    if x is None or isinstance(x, np.ndarray):
-        return x
-    return x.detach().cpu().numpy()
+@dataclass(frozen=True)
+class RowValues:
+    """What the aggregates read of lens rows: n row kinds (layers) over the same T tokens.
+
+    Built from the lens statistics with :meth:`of`; every array is numpy on the CPU.
+
+    Attributes:
+        target_logprob, target_rank, top1, finite: ``[n, T]``.
+        entropy, kl_final: ``[n, T]``, or None when the job does not compute them.
+        ahead_logprob, ahead_rank: ``[n, T, A]``.
+        set_logmass: ``[n, T, S]``.
+        final_top1: ``[T]`` the final layer's top-1 id of each token.
+        target_id: ``[T]`` each token's next token (-1 without one).
+    """
+
+    target_logprob: np.ndarray
+    target_rank: np.ndarray
+    top1: np.ndarray
+    finite: np.ndarray
+    entropy: np.ndarray | None
+    kl_final: np.ndarray | None
+    ahead_logprob: np.ndarray
+    ahead_rank: np.ndarray
+    set_logmass: np.ndarray
+    final_top1: np.ndarray
+    target_id: np.ndarray
+
+    @classmethod
+    def of(
+        cls, stats: LensStats, slots: Sequence[int], *, final_slot: int, target_id: Tensor
+    ) -> RowValues:
+        """The rows of buffer ``slots`` of ``stats`` (``[n_slots, T, ...]``, CPU)."""
+
+        def pick(x: Tensor | None) -> np.ndarray | None:
+            return None if x is None else x[list(slots)].numpy()
+
+        top1 = stats.topk_ids[..., 0]
+        return cls(
+            target_logprob=pick(stats.target_logprob),
+            target_rank=pick(stats.target_rank),
+            top1=pick(top1),
+            finite=pick(stats.finite),
+            entropy=pick(stats.entropy),
+            kl_final=pick(stats.kl_final),
+            ahead_logprob=pick(stats.ahead_logprob),
+            ahead_rank=pick(stats.ahead_rank),
+            set_logmass=pick(stats.set_logmass),
+            final_top1=top1[final_slot].numpy(),
+            target_id=target_id.numpy(),
+        )
+
+    @property
+    def n_kinds(self) -> int:
+        """n, the row kinds (layers)."""
+        return self.target_logprob.shape[0]
+
+    def flat(self) -> RowValues:
+        """Every row as its own entry: ``[n * T, ...]`` arrays, layer-major; the per-token
+        ``final_top1``/``target_id`` repeated per layer."""
+        n, t = self.target_logprob.shape
+
+        def merge(x: np.ndarray | None) -> np.ndarray | None:
+            return None if x is None else x.reshape(n * t, *x.shape[2:])
+
+        per_row = {
+            f.name: merge(getattr(self, f.name))
+            for f in fields(self)
+            if f.name not in ("final_top1", "target_id")
+        }
+        return RowValues(
+            **per_row, final_top1=np.tile(self.final_top1, n), target_id=np.tile(self.target_id, n)
+        )
 
 
 def group_partials(
-    group: Tensor | np.ndarray,
+    group: np.ndarray,
     n_groups: int,
-    *,
-    target_logprob: Tensor,
-    target_rank: Tensor,
-    top1: Tensor,
-    final_top1: Tensor,
-    target_id: Tensor,
-    finite: Tensor,
-    entropy: Tensor | None,
-    kl_final: Tensor | None,
-    ahead_logprob: Tensor,
-    ahead_rank: Tensor,
-    set_logmass: Tensor,
+    rows: RowValues,
     set_names: Sequence[str],
+    *,
     logprob_hist: bool = False,
 ) -> list[dict[str, Any]]:
-    """Partial aggregates of one layer's rows, per group (one ``bincount`` per statistic).
+    """Partial aggregates of rows, per group (one ``bincount`` per statistic).
 
     Args:
-        group: ``[T]`` group index of each row in ``0 .. n_groups - 1``; rows with a negative
+        group: ``[R]`` group index of each row in ``0 .. n_groups - 1``; rows with a negative
             index are left out.
         n_groups: number of groups.
-        target_logprob, target_rank, top1, final_top1, target_id, finite, entropy, kl_final:
-            ``[T]`` per-row values (CPU); ``entropy``/``kl_final`` None when not computed.
-        ahead_logprob, ahead_rank: ``[T, A]``.
-        set_logmass: ``[T, S]``.
+        rows: the R rows, flat (:meth:`RowValues.flat`: ``[R]`` and ``[R, A|S]`` arrays).
         set_names: the ``S`` token-set names.
         logprob_hist: also histogram the target log-probs (512 bins; overall rows only).
 
@@ -133,10 +193,7 @@ def group_partials(
     # numpy, not torch: these are tiny sequential reductions, and torch's thread pool makes each
     # one ~100x slower on a busy CPU. np.bincount sums float64 weights in index order, so the
     # result is deterministic (a Ray worker computes the same numbers as the local one).
-    group, target_logprob, target_rank = _np(group), _np(target_logprob), _np(target_rank)
-    top1, final_top1, target_id, finite = _np(top1), _np(final_top1), _np(target_id), _np(finite)
-    entropy, kl_final, ahead_logprob = _np(entropy), _np(kl_final), _np(ahead_logprob)
-    ahead_rank, set_logmass = _np(ahead_rank), _np(set_logmass)
+    finite, target_id, target_rank = rows.finite, rows.target_id, rows.target_rank
     valid = group >= 0
     g = np.maximum(group, 0).astype(np.int64)
     has = (target_id >= 0) & finite & valid
@@ -153,32 +210,31 @@ def group_partials(
         flat = np.bincount(g[mask] * n_bins + bins[mask], minlength=n_groups * n_bins)
         return flat.reshape(n_groups, n_bins).tolist()
 
-    rows = count(valid)
+    n_rows = count(valid)
     nonfinite = count(~finite & valid)
     n_has = count(has)
-    sum_lp = total(has, target_logprob)
-    sum_ent = total(ok_rows, entropy) if entropy is not None else None
-    sum_kl = total(ok_rows, kl_final) if kl_final is not None else None
-    correct = count(has & (top1 == target_id))
+    sum_lp = total(has, rows.target_logprob)
+    sum_ent = total(ok_rows, rows.entropy) if rows.entropy is not None else None
+    sum_kl = total(ok_rows, rows.kl_final) if rows.kl_final is not None else None
+    correct = count(has & (rows.top1 == target_id))
     top10 = count(has & (target_rank < 10))
-    agree = count(ok_rows & (top1 == final_top1))
+    agree = count(ok_rows & (rows.top1 == rows.final_top1))
     rank_h = hist(has, _rank_bin(target_rank), RANK_BINS)
-    lp_h = hist(has, _logprob_bin(target_logprob), LOGPROB_BINS) if logprob_hist else None
-    n_ahead = ahead_logprob.shape[-1]
+    lp_h = hist(has, _logprob_bin(rows.target_logprob), LOGPROB_BINS) if logprob_hist else None
     ahead = []
-    for a in range(n_ahead):
-        ok = (ahead_rank[:, a] >= 0) & ok_rows
-        top1_ahead = count(ok & (ahead_rank[:, a] == 0))
-        ahead.append((count(ok), top1_ahead, total(ok, ahead_logprob[:, a])))
+    for a in range(rows.ahead_logprob.shape[-1]):
+        ok = (rows.ahead_rank[:, a] >= 0) & ok_rows
+        top1_ahead = count(ok & (rows.ahead_rank[:, a] == 0))
+        ahead.append((count(ok), top1_ahead, total(ok, rows.ahead_logprob[:, a])))
     masses = {
-        name: total(ok_rows, np.exp(set_logmass[:, j].astype(np.float64)))
+        name: total(ok_rows, np.exp(rows.set_logmass[:, j].astype(np.float64)))
         for j, name in enumerate(set_names)
     }
 
     out = []
     for i in range(n_groups):
         part = {
-            "rows": rows[i],
+            "rows": n_rows[i],
             "nonfinite": nonfinite[i],
             "count": n_has[i],
             "sum_logprob": sum_lp[i],
@@ -200,29 +256,16 @@ def group_partials(
 
 
 def layer_partials(
-    *,
+    rows: RowValues,
     layers: Sequence[int],
-    target_logprob: Tensor,
-    target_rank: Tensor,
-    top1: Tensor,
-    final_top1: Tensor,
-    target_id: Tensor,
-    finite: Tensor,
-    entropy: Tensor | None,
-    kl_final: Tensor | None,
-    ahead_logprob: Tensor,
-    ahead_rank: Tensor,
-    set_logmass: Tensor,
     set_names: Sequence[str],
     groups: GroupIds | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Partial aggregates of several layers over the same T tokens, in one pass per grouping.
 
     Args:
+        rows: the ``n`` layers' rows (``[n, T, ...]``).
         layers: the ``n`` layer numbers (the partials' keys).
-        target_logprob, target_rank, top1, finite, entropy, kl_final: ``[n, T]`` (CPU).
-        ahead_logprob, ahead_rank: ``[n, T, A]``; set_logmass: ``[n, T, S]``.
-        final_top1, target_id: ``[T]``.
         set_names: the ``S`` token-set names.
         groups: optional groupings of the T tokens (``{"category": (ids, names), ...}``); each
             adds a ``by_<kind>`` dict of the groups' partials (only groups with rows).
@@ -230,35 +273,17 @@ def layer_partials(
     Returns:
         ``{"<layer>": partial}``.
     """
-    n, t = target_logprob.shape
+    n, t = rows.target_logprob.shape
     # Rows of all layers in one flat batch, grouped by (layer, group): one bincount per statistic
     # for the whole shard instead of one per layer and group (what matters for 60-layer models).
     slot = np.repeat(np.arange(n, dtype=np.int64), t)
-
-    def flat(x: Tensor | np.ndarray | None) -> np.ndarray | None:
-        x = _np(x)
-        return None if x is None else x.reshape(n * t, *x.shape[2:])
-
-    stats = dict(
-        target_logprob=flat(target_logprob),
-        target_rank=flat(target_rank),
-        top1=flat(top1),
-        final_top1=np.tile(_np(final_top1), n),
-        target_id=np.tile(_np(target_id), n),
-        finite=flat(finite),
-        entropy=flat(entropy),
-        kl_final=flat(kl_final),
-        ahead_logprob=flat(ahead_logprob),
-        ahead_rank=flat(ahead_rank),
-        set_logmass=flat(set_logmass),
-        set_names=set_names,
-    )
-    overall = group_partials(slot, n, logprob_hist=True, **stats)
+    flat = rows.flat()
+    overall = group_partials(slot, n, flat, set_names, logprob_hist=True)
     out = {str(layer): overall[i] for i, layer in enumerate(layers)}
     for kind, (ids, names) in (groups or {}).items():
         g = len(names)
-        tiled = np.tile(_np(ids).astype(np.int64), n)
-        parts = group_partials(np.where(tiled >= 0, slot * g + tiled, -1), n * g, **stats)
+        tiled = np.tile(np.asarray(ids, dtype=np.int64), n)
+        parts = group_partials(np.where(tiled >= 0, slot * g + tiled, -1), n * g, flat, set_names)
         for i, layer in enumerate(layers):
             mine = parts[i * g : (i + 1) * g]
             out[str(layer)][f"by_{kind}"] = {
@@ -267,51 +292,7 @@ def layer_partials(
     return out
 
 
-def layer_partial(
-    *,
-    target_logprob: Tensor,
-    target_rank: Tensor,
-    top1: Tensor,
-    final_top1: Tensor,
-    target_id: Tensor,
-    finite: Tensor,
-    entropy: Tensor | None,
-    kl_final: Tensor | None,
-    ahead_logprob: Tensor,
-    ahead_rank: Tensor,
-    set_logmass: Tensor,
-    set_names: Sequence[str],
-    groups: GroupIds | None = None,
-) -> dict[str, Any]:
-    """Partial aggregates of one layer over T rows (tensors ``[T]`` or ``[T, A|S]``, CPU).
-
-    The one-layer case of :func:`layer_partials` (same arguments without the layer dimension).
-    """
-
-    def one(x: Tensor | None) -> Tensor | None:
-        return None if x is None else x.unsqueeze(0)
-
-    return layer_partials(
-        layers=[0],
-        target_logprob=one(target_logprob),
-        target_rank=one(target_rank),
-        top1=one(top1),
-        final_top1=final_top1,
-        target_id=target_id,
-        finite=one(finite),
-        entropy=one(entropy),
-        kl_final=one(kl_final),
-        ahead_logprob=one(ahead_logprob),
-        ahead_rank=one(ahead_rank),
-        set_logmass=one(set_logmass),
-        set_names=set_names,
-        groups=groups,
-    )["0"]
-
-
-def convergence_layers(
-    top1: Tensor | np.ndarray, finite: Tensor | np.ndarray, layers: Sequence[int]
-) -> np.ndarray:
+def convergence_layers(top1: np.ndarray, finite: np.ndarray, layers: Sequence[int]) -> np.ndarray:
     """Each token's convergence layer (see the module docstring).
 
     Args:
@@ -322,7 +303,7 @@ def convergence_layers(
     Returns:
         ``[T]`` int64 layer numbers; -1 where undefined (final-layer row not finite).
     """
-    top1, finite = _np(top1), _np(finite)
+    top1, finite = np.asarray(top1), np.asarray(finite)
     agree = (top1 == top1[-1]) & finite
     # stays[c, i]: the token agrees with the final top-1 at every captured layer from c on.
     stays = np.logical_and.accumulate(agree[::-1], axis=0)[::-1]
@@ -332,14 +313,14 @@ def convergence_layers(
 
 
 def convergence_partial(
-    conv: Tensor | np.ndarray, layers: Sequence[int], groups: GroupIds | None = None
+    conv: np.ndarray, layers: Sequence[int], groups: GroupIds | None = None
 ) -> dict[str, Any]:
     """Histograms of convergence layers: overall and per group (only groups with tokens).
 
     Args:
         conv: ``[T]`` from :func:`convergence_layers`.
         layers: the captured layer numbers (every one gets a bin, zeros included).
-        groups: as in :func:`layer_partial`.
+        groups: as in :func:`layer_partials`.
 
     Returns:
         ``{"all": {"<layer>": n}, "by_<kind>": {name: {"<layer>": n}}, "undefined": n}``.
@@ -348,7 +329,7 @@ def convergence_partial(
     lut = np.full(max(layers) + 1, -1, dtype=np.int64)
     for layer, i in slot.items():
         lut[layer] = i
-    conv = _np(conv).astype(np.int64)
+    conv = np.asarray(conv).astype(np.int64)
     defined = conv >= 0
     s = lut[np.maximum(conv, 0)]
     n = len(layers)
@@ -361,12 +342,79 @@ def convergence_partial(
         "undefined": int((~defined).sum()),
     }
     for kind, (ids, names) in (groups or {}).items():
-        ids = _np(ids).astype(np.int64)
+        ids = np.asarray(ids).astype(np.int64)
         ok = defined & (ids >= 0)
         flat = np.bincount(ids[ok] * n + s[ok], minlength=len(names) * n).reshape(len(names), n)
         out[f"by_{kind}"] = {
             name: as_dict(row) for name, row in zip(names, flat.tolist(), strict=True) if sum(row)
         }
+    return out
+
+
+def token_groups(windows: Sequence[WindowTask]) -> GroupIds:
+    """Each emitted token's syntax category, language and position buckets, as group ids."""
+
+    def per_token(value: Callable[[WindowTask], np.ndarray]) -> np.ndarray:
+        return np.concatenate([value(w) for w in windows] or [np.zeros(0, np.int64)])
+
+    def no_spans(w: WindowTask) -> np.ndarray:
+        return np.full(w.n_emit, -1, np.int64)
+
+    languages = sorted({w.language or UNKNOWN_LANGUAGE for w in windows})
+    index = {name: i for i, name in enumerate(languages)}
+    category = per_token(
+        lambda w: no_spans(w) if w.spans is None else w.spans.category.astype(np.int64)
+    )
+    language = per_token(
+        lambda w: np.full(w.n_emit, index[w.language or UNKNOWN_LANGUAGE], np.int64)
+    )
+    pos = per_token(lambda w: np.arange(w.first_pos, w.first_pos + w.n_emit))
+    column = per_token(
+        lambda w: (
+            no_spans(w)
+            if w.spans is None or w.spans.column is None
+            else w.spans.column.astype(np.int64)
+        )
+    )
+    buckets = bucket_names()
+    return {
+        "category": (category, CATEGORIES),
+        "language": (language, languages),
+        "position": (position_bucket(pos), buckets),
+        "column": (position_bucket(column), buckets),
+    }
+
+
+def shard_partials(lens: ResolvedLens, batch: LensBatch) -> dict[str, dict[str, Any]]:
+    """A shard's partial aggregates (for summary.json and the manifest).
+
+    Per written layer (``<layer>``, and ``attn:<layer>`` for the ``attn`` site): overall and by
+    group (:func:`token_groups`); then the histograms of the tokens' convergence layers over the
+    captured block layers (``convergence``).
+
+    Args:
+        lens: the resolved request (slot layout, token-set names).
+        batch: the shard's windows and their statistics (``LensBatch.concat`` of its batches).
+    """
+    groups = token_groups(batch.inputs)
+    target_id = batch.targets[:, 0]
+    out: dict[str, dict[str, Any]] = {}
+    for site, prefix in ((BLOCK_SITE, ""), (ATTN_SITE, ATTN_PREFIX)):
+        site_rows = lens.site_rows(site)
+        if not site_rows:
+            continue
+        rows = RowValues.of(
+            batch.stats,
+            [slot for _, slot in site_rows],
+            final_slot=lens.final_slot,
+            target_id=target_id,
+        )
+        part = layer_partials(rows, [layer for layer, _ in site_rows], lens.set_names, groups)
+        out.update({prefix + key: value for key, value in part.items()})
+    n_cap = len(lens.captured)
+    top1 = batch.stats.topk_ids[:n_cap, :, 0].numpy()
+    conv = convergence_layers(top1, batch.stats.finite[:n_cap].numpy(), lens.captured)
+    out[CONVERGENCE_KEY] = convergence_partial(conv, lens.captured, groups)
     return out
 
 

@@ -326,16 +326,16 @@ def test_selected_layers_and_switched_off_columns(tiny_model_dir, tmp_path):
 
 
 def test_nonfinite_residual_rows_are_flagged(tiny_model_dir, tmp_path, monkeypatch):
-    from codelens.engine.run.runner import LensRunner
+    from codelens.engine.run.pipeline import LensPipeline
 
-    original = LensRunner.forward_batch
+    original = LensPipeline.capture
 
     def overflowing(self, batch):
         hidden = original(self, batch).clone()
         hidden[1:, 3] = torch.inf  # as an fp16 overflow in block 1 would leave it
         return hidden
 
-    monkeypatch.setattr(LensRunner, "forward_batch", overflowing)
+    monkeypatch.setattr(LensPipeline, "capture", overflowing)
     spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
     run_job(spec, show_progress=False)
     rows = read_rows(tmp_path / "run")
@@ -368,17 +368,17 @@ def test_bad_lens_settings_are_named(tiny_model_dir, tmp_path, override, message
 
 
 def test_failed_shard_is_reported_and_only_it_is_retried(tiny_model_dir, tmp_path, monkeypatch):
-    from codelens.engine.run.runner import LensRunner
+    from codelens.engine.run.runner import ShardRunner
     from codelens.workers.job import JobFailedError
 
-    original = LensRunner.run_shard
+    original = ShardRunner.run_shard
 
     def poisoned(self, task):
         if task.index == 1:
             raise RuntimeError("poisoned input")
         return original(self, task)
 
-    monkeypatch.setattr(LensRunner, "run_shard", poisoned)
+    monkeypatch.setattr(ShardRunner, "run_shard", poisoned)
     spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
     with pytest.raises(JobFailedError, match="shard 1: RuntimeError: poisoned input"):
         run_job(spec, show_progress=False)
@@ -389,7 +389,7 @@ def test_failed_shard_is_reported_and_only_it_is_retried(tiny_model_dir, tmp_pat
         for x in (tmp_path / "run" / "_manifest.jsonl").read_text().splitlines()
     ]
     assert 1 not in committed and len(committed) >= 2
-    monkeypatch.setattr(LensRunner, "run_shard", original)
+    monkeypatch.setattr(ShardRunner, "run_shard", original)
     outcome = run_job(spec, show_progress=False)
     assert outcome.shards_run == 1
     assert json.loads((tmp_path / "run" / "_status.json").read_text())["state"] == "done"

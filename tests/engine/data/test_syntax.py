@@ -229,8 +229,8 @@ def test_run_writes_the_spans_of_each_token(tiny_model_dir, tmp_path):
 
 
 def test_hand_made_windows_without_spans_write_nulls(tiny_loaded_model):
-    from codelens.engine.data.windows import Shard
-    from codelens.engine.run.runner import LensRunner, WindowTask
+    from codelens.engine.data.windows import Shard, WindowTask
+    from codelens.engine.run.runner import ShardRunner
 
     loaded = tiny_loaded_model("llama")
     spec = validate_spec(
@@ -240,9 +240,7 @@ def test_hand_made_windows_without_spans_write_nulls(tiny_loaded_model):
             "lens": {"k": 2, "lookahead": [], "token_sets": {}},
         }
     )
-    runner = LensRunner(
-        spec, loaded.model, loaded.tokenizer, loaded.parts.blocks, loaded.parts.head
-    )
+    runner = ShardRunner(spec, loaded)
     ids = loaded.tokenizer("x = 1\n", add_special_tokens=False)["input_ids"]
     targets = np.array([[t] for t in ids[1:]] + [[-1]], dtype=np.int32)
     table, partials = runner.run_shard(Shard(0, (WindowTask(0, tuple(ids), 0, targets),), len(ids)))

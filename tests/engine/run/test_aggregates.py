@@ -17,7 +17,8 @@ from codelens.engine.run.aggregates import (
     convergence_layers,
     convergence_partial,
     finalize,
-    layer_partial,
+    RowValues,
+    layer_partials,
     merge_partials,
 )
 from codelens.workers.job import run_job
@@ -239,16 +240,13 @@ def test_partials_merge_exactly_when_a_shard_is_split():
 
     def part(sl):
         groups = {
-            "category": (cat[sl], [f"c{i}" for i in range(10)]),
-            "language": (lang[sl], ["x", "y"]),
+            "category": (cat[sl].numpy(), [f"c{i}" for i in range(10)]),
+            "language": (lang[sl].numpy(), ["x", "y"]),
         }
-        return {
-            "0": layer_partial(
-                **{k: (v[sl] if v is not None else None) for k, v in data.items()},
-                set_names=["s"],
-                groups=groups,
-            )
-        }
+        one_layer = {k: None if v is None else v[sl].numpy()[None] for k, v in data.items()}
+        final_top1, target_id = one_layer.pop("final_top1")[0], one_layer.pop("target_id")[0]
+        rows = RowValues(**one_layer, final_top1=final_top1, target_id=target_id)
+        return layer_partials(rows, [0], ["s"], groups)
 
     whole = finalize(merge_partials([part(slice(None))]), [2, 3])
     split = finalize(merge_partials([part(slice(0, 70)), part(slice(70, None))]), [2, 3])

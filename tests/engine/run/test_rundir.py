@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from codelens.engine.errors import RunDirError
-from codelens.engine.run.rundir import RunDir, lens_schema
+from codelens.engine.row_schema import lens_schema
+from codelens.engine.run.rundir import RunDir
 
 
 def _table(n: int) -> pa.Table:

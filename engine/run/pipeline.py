@@ -1,0 +1,186 @@
+"""The lens pipeline: token ids in, per-row lens statistics out. Every entry point runs through it.
+
+``codelens run`` (the shard runner), ``codelens plot`` and the notebook API (the grid, ``Lens``)
+and ``codelens bench`` all call :class:`LensPipeline`, so a fix here reaches every one of them.
+
+Per batch of model inputs (each: ``input_ids``, the last ``n_emit`` of which emit rows, and their
+``targets``; a :class:`~codelens.engine.data.windows.WindowTask` is one), right-padded to the
+longest::
+
+    ids [B, S] --forward + capture hooks--> residual [n_slots, B*S, d]
+        (--replay through the last n blocks, for lens.decoder_blocks = n--)
+        --keep the emitted positions--> hidden [n_slots, T, d]     T = sum of n_emit
+        --kernels.lens_stats(head, targets, final slot)--> LensStats [n_slots, T, ...]
+
+The slot layout (which layers and sites, the final layer L last among the block slots) is the
+:class:`~codelens.engine.run.request.ResolvedLens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from codelens.engine.data.windows import target_columns
+from codelens.engine.model.capture import BlockReplay, ResidualCapture
+from codelens.engine.model.loading import LoadedModel
+from codelens.engine.run.request import ResolvedLens
+from codelens.kernels import LensStats, lens_stats
+
+
+class LensInput(Protocol):
+    """One model input: ``input_ids``, of which the last ``n_emit`` emit rows with ``targets``."""
+
+    @property
+    def input_ids(self) -> Sequence[int]: ...
+
+    @property
+    def n_emit(self) -> int: ...
+
+    @property
+    def targets(self) -> np.ndarray:
+        """``[n_emit, 1 + A]`` int: next token, then the look-ahead tokens; -1 past the end."""
+        ...
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """A whole text as one model input: every token emits a row (the BOS, if any, does not).
+
+    Attributes:
+        input_ids: ``[bos] + ids``.
+        n_emit: ``len(ids)``.
+        targets: ``[n_emit, 1 + A]`` from the text itself (-1 past its end).
+    """
+
+    input_ids: tuple[int, ...]
+    n_emit: int
+    targets: np.ndarray
+
+    @classmethod
+    def of(cls, ids: Sequence[int], lookahead: Sequence[int], bos_id: int | None) -> TextInput:
+        """The input for token ids ``ids`` (no BOS) with look-ahead offsets ``lookahead``."""
+        columns = np.asarray(target_columns(ids, 0, len(ids), lookahead), dtype=np.int32)
+        prefix = () if bos_id is None else (bos_id,)
+        return cls(prefix + tuple(ids), len(ids), np.ascontiguousarray(columns.T))
+
+
+def concat_stats(parts: Sequence[LensStats]) -> LensStats:
+    """Concatenate statistics of consecutive token runs (dimension 1, tokens)."""
+    if len(parts) == 1:
+        return parts[0]
+    values = {}
+    for f in fields(LensStats):
+        items = [getattr(p, f.name) for p in parts]
+        values[f.name] = None if items[0] is None else torch.cat(items, dim=1)
+    return LensStats(**values)
+
+
+@dataclass(frozen=True)
+class LensBatch:
+    """Lens statistics of a run of consecutive inputs, on the CPU, with what they were fed.
+
+    Attributes:
+        inputs: the inputs, in order; their emitted tokens are the T tokens below, in that order.
+        stats: ``[n_slots, T, ...]`` (slot layout: the pipeline's ``ResolvedLens``).
+        token_ids: ``[T]`` int64 the emitted input tokens.
+        targets: ``[T, 1 + A]`` int64 their targets (column 0: the next token).
+    """
+
+    inputs: tuple[LensInput, ...]
+    stats: LensStats
+    token_ids: Tensor
+    targets: Tensor
+
+    @staticmethod
+    def concat(batches: Sequence[LensBatch]) -> LensBatch:
+        """One batch of consecutive batches (their tokens in order)."""
+        if len(batches) == 1:
+            return batches[0]
+        return LensBatch(
+            tuple(i for b in batches for i in b.inputs),
+            concat_stats([b.stats for b in batches]),
+            torch.cat([b.token_ids for b in batches]),
+            torch.cat([b.targets for b in batches]),
+        )
+
+
+class LensPipeline:
+    """Capture and lens for one loaded model and one resolved lens request.
+
+    Args:
+        loaded: the model from ``load_model`` (self-checked).
+        lens: the request resolved against it (``resolve_lens``).
+    """
+
+    def __init__(self, loaded: LoadedModel, lens: ResolvedLens) -> None:
+        self.loaded = loaded
+        self.lens = lens
+        self.model = loaded.model
+        self.head = loaded.parts.head
+        self.device = next(loaded.model.parameters()).device
+        self.dtype = next(loaded.model.parameters()).dtype
+        blocks = loaded.parts.blocks
+        self.capture_hooks = ResidualCapture(
+            blocks,
+            lens.captured,
+            attn_modules=lens.attn_modules,
+            attn_layers=lens.attn_layers,
+        )
+        decoder_blocks = lens.spec.decoder_blocks
+        self.replay = BlockReplay(blocks, decoder_blocks) if decoder_blocks else None
+
+    @torch.inference_mode()
+    def capture(self, inputs: Sequence[LensInput]) -> Tensor:
+        """Residual rows of the emitted tokens: ``[n_slots, T, d]`` on the model's device."""
+        n, seq = len(inputs), max(len(x.input_ids) for x in inputs)
+        ids = torch.full((n, seq), self.lens.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, seq), dtype=torch.long)
+        keep = []
+        for b, x in enumerate(inputs):
+            length = len(x.input_ids)
+            ids[b, :length] = torch.tensor(x.input_ids)
+            mask[b, :length] = 1
+            keep.append(torch.arange(b * seq + length - x.n_emit, b * seq + length))
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        d = self.head.d_model
+        recording = self.capture_hooks.recording(n, seq, d, self.dtype, self.device)
+        if self.replay is None:
+            with recording as buffer:
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        else:
+            with self.replay.recording(), recording as buffer:
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            for slot in self.lens.decoded_slots:
+                view = buffer[slot].view(n, seq, d)
+                view.copy_(self.replay.replay(view))
+        return buffer[:, torch.cat(keep).to(self.device)]
+
+    @torch.inference_mode()
+    def statistics(self, hidden: Tensor, targets: Tensor) -> LensStats:
+        """``kernels.lens_stats`` of ``hidden [n_slots, T, d]`` against ``targets [T, 1 + A]``
+        (on the model's device), KL against the final block slot."""
+        stats, _ = lens_stats(
+            hidden,
+            self.head,
+            targets.to(self.device),
+            self.lens.request,
+            hidden[self.lens.final_slot],
+            impl=self.lens.impl,
+        )
+        return stats
+
+    def __call__(self, inputs: Sequence[LensInput]) -> LensBatch:
+        """Capture, lens and copy to the CPU for a batch of inputs."""
+        hidden = self.capture(inputs)
+        targets = torch.from_numpy(np.concatenate([x.targets for x in inputs])).long()
+        stats = self.statistics(hidden, targets).to("cpu")
+        token_ids = torch.tensor(
+            [i for x in inputs for i in x.input_ids[len(x.input_ids) - x.n_emit :]]
+        )
+        return LensBatch(tuple(inputs), stats, token_ids, targets)

@@ -1,0 +1,189 @@
+"""The lens request resolved against a loaded model: which residuals to capture, which rows to write.
+
+``lens`` in a job spec names layers, sites and statistics; this module checks it against the model
+(layer range, ``k`` against the vocabulary, token-set entries to ids, the ``attn`` site's modules,
+the implementation for the device) and lays out the capture buffer:
+
+    slots 0 .. C-1      block layers ``captured`` (the selected layers plus the final layer L,
+                        which is the reference for ``kl_final`` and for the top-1 agreement)
+    slots C .. C+A-1    ``attn``-site layers (l >= 1), when ``lens.sites`` has ``attn``
+
+``rows`` lists, in written order, the ``(site, layer, slot)`` of every row kind a token emits.
+Every bad request raises :class:`SpecError` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from codelens.engine.errors import SpecError, UnsupportedArchitectureError
+from codelens.engine.model.loading import LoadedModel
+from codelens.engine.model.surgery import attn_residual_modules
+from codelens.engine.row_schema import SITES
+from codelens.engine.schemas import LensSpec
+from codelens.kernels import LensImpl, LensRequest, resolve_impl
+
+BLOCK_SITE, ATTN_SITE = SITES.index("block"), SITES.index("attn")
+
+
+def resolve_layers(spec_layers: str | Sequence[int], n_blocks: int) -> list[int]:
+    """Layer indices to write, validated against the model (raises SpecError)."""
+    if spec_layers == "all":
+        return list(range(n_blocks + 1))
+    bad = [layer for layer in spec_layers if layer > n_blocks]
+    if bad:
+        raise SpecError(
+            f"lens.layers: index {bad[0]} is out of range: this model has layers 0..{n_blocks} "
+            f"(0 = embeddings, {n_blocks} = last block); use 'all' or indices in that range"
+        )
+    return list(spec_layers)
+
+
+def resolve_token_sets(
+    token_sets: dict[str, list[str | int]], tokenizer, vocab_size: int
+) -> tuple[tuple[str, Tensor], ...]:
+    """Token-set entries to ids: a string counts the first token of its encoding (no specials)."""
+    resolved = []
+    for name, entries in token_sets.items():
+        ids: list[int] = []
+        for entry in entries:
+            if isinstance(entry, int):
+                if not 0 <= entry < vocab_size:
+                    raise SpecError(
+                        f"lens.token_sets.{name}: id {entry} is outside the vocabulary "
+                        f"[0, {vocab_size})"
+                    )
+                ids.append(entry)
+            else:
+                encoded = tokenizer.encode(entry, add_special_tokens=False)
+                if not encoded:
+                    raise SpecError(f"lens.token_sets.{name}: {entry!r} encodes to no tokens")
+                ids.append(encoded[0])
+        resolved.append((name, torch.tensor(sorted(set(ids)), dtype=torch.long)))
+    return tuple(resolved)
+
+
+@dataclass(frozen=True)
+class ResolvedLens:
+    """A job's ``lens`` section checked against one model.
+
+    Attributes:
+        spec: the ``lens`` section it came from.
+        n_blocks: the model's decoder blocks (L).
+        layers: block layers whose rows are written, as requested.
+        captured: block layers captured (``layers`` plus L), ascending; buffer slots 0..C-1.
+        attn_layers: layers whose post-attention residual is captured (slots C..); empty unless
+            ``attn`` is a site.
+        attn_modules: per block, the module whose input is the post-attention residual (None
+            without the ``attn`` site).
+        rows: ``(site index in SITES, layer, slot)`` of each written row kind, in written order.
+        decoded_slots: slots run through the last ``spec.decoder_blocks`` blocks before the head.
+        request: what the lens kernels compute (token-set ids on the model's device).
+        impl: the lens implementation for the model's device.
+        token_set_ids: token-set name -> sorted vocabulary ids (recorded in job.json).
+        pad_id: the id used to right-pad batches.
+    """
+
+    spec: LensSpec
+    n_blocks: int
+    layers: tuple[int, ...]
+    captured: tuple[int, ...]
+    attn_layers: tuple[int, ...]
+    attn_modules: tuple[nn.Module, ...] | None
+    rows: tuple[tuple[int, int, int], ...]
+    decoded_slots: tuple[int, ...]
+    request: LensRequest
+    impl: LensImpl
+    token_set_ids: dict[str, list[int]]
+    pad_id: int
+
+    @property
+    def final_slot(self) -> int:
+        """Buffer slot of the final block layer L (the KL and agreement reference)."""
+        return len(self.captured) - 1
+
+    @property
+    def n_slots(self) -> int:
+        """Rows of the capture buffer: captured block layers, then attn-site layers."""
+        return len(self.captured) + len(self.attn_layers)
+
+    @property
+    def set_names(self) -> list[str]:
+        """Token-set names, in spec order (the ``set_<name>`` columns)."""
+        return list(self.token_set_ids)
+
+    def site_rows(self, site: int) -> list[tuple[int, int]]:
+        """``(layer, slot)`` of the written rows of one site, in written order."""
+        return [(layer, slot) for s, layer, slot in self.rows if s == site]
+
+
+def resolve_lens(lens: LensSpec, loaded: LoadedModel) -> ResolvedLens:
+    """Check ``lens`` against the loaded model and lay out the capture buffer.
+
+    Raises:
+        SpecError: a layer out of range, ``k`` above the vocabulary, a bad token-set entry, the
+            ``attn`` site on an architecture without a post-attention point, ``decoder_blocks``
+            not below the number of blocks, or an implementation the device cannot run.
+    """
+    blocks, head = loaded.parts.blocks, loaded.parts.head
+    n_blocks = len(blocks)
+    layers = resolve_layers(lens.layers, n_blocks)
+    # Block layers are captured whatever the sites (the convergence layer is defined over them).
+    captured = sorted(set(layers) | {n_blocks})
+    attn_layers = [layer for layer in layers if layer >= 1] if "attn" in lens.sites else []
+    attn_modules = None
+    if "attn" in lens.sites:
+        try:
+            attn_modules = tuple(attn_residual_modules(loaded.model))
+        except UnsupportedArchitectureError as e:
+            raise SpecError(f"lens.sites: attn: {e}") from None
+    n_cap = len(captured)
+    block_rows = [(BLOCK_SITE, layer, captured.index(layer)) for layer in layers]
+    attn_rows = [(ATTN_SITE, layer, n_cap + i) for i, layer in enumerate(attn_layers)]
+    rows = (block_rows if "block" in lens.sites else []) + attn_rows
+    if lens.decoder_blocks >= n_blocks:
+        raise SpecError(
+            f"lens.decoder_blocks={lens.decoder_blocks} must be smaller than the model's "
+            f"{n_blocks} blocks (0 switches the variant off)"
+        )
+    start = n_blocks - lens.decoder_blocks
+    decoded = (
+        []
+        if not lens.decoder_blocks
+        else [i for i, layer in enumerate(captured) if layer < start]
+        + [n_cap + i for i, layer in enumerate(attn_layers) if layer <= start]
+    )
+    if lens.k > head.vocab_size:
+        raise SpecError(
+            f"lens.k={lens.k} is larger than the vocabulary ({head.vocab_size} rows); "
+            f"choose k <= {head.vocab_size}"
+        )
+    token_sets = resolve_token_sets(lens.token_sets, loaded.tokenizer, head.vocab_size)
+    try:
+        impl = resolve_impl(LensImpl(lens.impl), loaded.device)
+    except RuntimeError as exc:  # kernels/ cannot raise our errors; the reason names the fix
+        raise SpecError(str(exc)) from None
+    pad_id = loaded.tokenizer.pad_token_id
+    return ResolvedLens(
+        spec=lens,
+        n_blocks=n_blocks,
+        layers=tuple(layers),
+        captured=tuple(captured),
+        attn_layers=tuple(attn_layers),
+        attn_modules=attn_modules,
+        rows=tuple(rows),
+        decoded_slots=tuple(decoded),
+        request=LensRequest(
+            k=lens.k,
+            entropy=lens.entropy,
+            kl_final=lens.kl_final,
+            token_sets=tuple((name, ids.to(loaded.device)) for name, ids in token_sets),
+        ),
+        impl=impl,
+        token_set_ids={name: ids.tolist() for name, ids in token_sets},
+        pad_id=pad_id if pad_id is not None else 0,
+    )

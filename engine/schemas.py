@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from codelens.engine.errors import SpecError
 
 SCHEMA_VERSION = 1
+
+SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -204,10 +206,10 @@ class JobSpec(_Strict):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, *, section: str = "", what: str = "job spec") -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join([section] * bool(section) + [str(p) for p in e["loc"]]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `codelens schema` lists the allowed keys)"
@@ -216,7 +218,7 @@ def _format_error(err: ValidationError) -> str:
         value = e.get("input")
         shown = "" if e["type"] == "missing" else f" (got {value!r})"
         lines.append(f"  {loc}: {msg}{shown}")
-    return "invalid job spec:\n" + "\n".join(lines)
+    return f"invalid {what}:\n" + "\n".join(lines)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
@@ -269,6 +271,26 @@ def validate_spec(data: dict[str, Any]) -> JobSpec:
         return JobSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(_format_error(e)) from None
+
+
+def validate_section(
+    section: type[SectionT], data: dict[str, Any], name: str, *, what: str
+) -> SectionT:
+    """Validate one section of a job spec on its own (the notebook API's keyword arguments).
+
+    Args:
+        section: the section's model (``LensSpec``, ``TokensSpec``).
+        data: its raw fields.
+        name: its key in a job spec (``lens``): errors name ``lens.k`` as a job spec would.
+        what: what the data came from, for the error's first line.
+
+    Raises:
+        SpecError: one line per problem, as :func:`validate_spec` reports them.
+    """
+    try:
+        return section.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_error(e, section=name, what=what)) from None
 
 
 def load_spec(path: Path, overrides: list[str] | None = None) -> JobSpec:

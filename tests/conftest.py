@@ -9,6 +9,8 @@ directory before deleting files from it; never modify a loaded model's weights).
 A test argument named ``tiny_family`` is parametrized over every tiny-model family.
 
 ``ray_cluster`` starts one local Ray instance for the session (Ray tests only; skipped without Ray).
+
+``assert_same_rows(a, b)``: two lens tables hold the same rows (any row order, NaN equal to NaN).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import pytest  # noqa: E402
 
 from codelens.engine.model.loading import LoadedModel, load_model  # noqa: E402
@@ -113,3 +117,22 @@ def ray_cluster() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _assert_same_rows(a: pa.Table, b: pa.Table) -> None:
+    key = [("layer", "ascending"), ("doc", "ascending"), ("pos", "ascending")]
+    a, b = a.sort_by(key), b.sort_by(key)
+    assert a.schema == b.schema and a.num_rows == b.num_rows
+    for name in a.column_names:
+        x = a.column(name).to_numpy(zero_copy_only=False)
+        y = b.column(name).to_numpy(zero_copy_only=False)
+        if x.dtype == object:
+            x, y = np.stack(x), np.stack(y)
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+@pytest.fixture(scope="session")
+def assert_same_rows() -> Callable[[pa.Table, pa.Table], None]:
+    """``assert_same_rows(a, b)``: equal schemas and rows, column by column, in (layer, doc, pos)
+    order, NaN equal to NaN (pyarrow's ``equals`` says NaN != NaN)."""
+    return _assert_same_rows

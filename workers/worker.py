@@ -59,7 +59,9 @@ class LensWorker:
             trust_remote_code=m.trust_remote_code,
         )
         parts = self.loaded.parts
-        self.runner = ShardRunner(self.spec, self.loaded)
+        self.runner = ShardRunner(
+            self.spec.lens, self.loaded, batch_tokens=self.spec.execution.batch_tokens
+        )
         lens = self.runner.lens
         return {
             "family": self.loaded.family,

@@ -34,6 +34,7 @@ __all__ = [
     "METRICS",
     "LensGrid",
     "compute_grid",
+    "grid_figure",
     "read_lines",
     "render_html",
     "render_png",
@@ -298,6 +299,18 @@ def _text_color(rgba) -> str:
 
 def render_png(grid: LensGrid, metric: str, path: str | Path, *, title: str = "") -> Path:
     """Draw the grid as a PNG (wide figure, small font; readable at 40+ tokens)."""
+    path = Path(path)
+    grid_figure(grid, metric, title=title).savefig(path, dpi=110, format="png")
+    return path
+
+
+def grid_figure(grid: LensGrid, metric: str, *, title: str = ""):
+    """The grid as a matplotlib ``Figure`` (what ``render_png`` saves; a notebook displays it).
+
+    Rows are layers (the embeddings at the bottom), columns positions; each cell shows the layer's
+    top-1 next-token guess, coloured by ``metric`` (one of :data:`METRICS`), bold where it is the
+    true next token.
+    """
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
@@ -359,9 +372,7 @@ def render_png(grid: LensGrid, metric: str, path: str | Path, *, title: str = ""
         x=0.005,
         ha="left",
     )
-    path = Path(path)
-    fig.savefig(path, dpi=110, format="png")
-    return path
+    return fig
 
 
 def _hex(rgba) -> str:

@@ -50,6 +50,7 @@ __all__ = [
     "expand_globs",
     "language_from_path",
     "read_corpus",
+    "text_document",
 ]
 
 CORPUS_KINDS = ("files", "jsonl", "parquet")
@@ -341,6 +342,18 @@ def read_corpus(
     else:
         records = _iter_parquet(files, text_field, id_field, language_field, max_doc_bytes)
     return _numbered(records)
+
+
+def text_document(
+    text: str, *, language: str | None, source: str = "<text>", max_doc_bytes: int = 8 << 20
+) -> Document:
+    """One text as document 0 of a corpus, checked exactly as a JSONL record's text is.
+
+    A leading UTF-8 BOM is dropped; a text that is empty, binary, not valid UTF-8 or larger than
+    ``max_doc_bytes`` gets that ``status`` (and no text), as it would in a corpus.
+    """
+    checked, status = _classify_text(text, max_doc_bytes)
+    return Document(doc=0, source=source, text=checked, language=language, status=status)
 
 
 def _numbered(records: Iterator[_Record]) -> Iterator[Document]:

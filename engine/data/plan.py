@@ -8,14 +8,14 @@ keeps only that shard's windows in memory, so the corpus can be larger than memo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from codelens.engine.data.corpus import read_corpus
+from codelens.engine.data.corpus import Document, read_corpus
 from codelens.engine.data.tokenize import tokenize_documents
 from codelens.engine.data.windows import (
     Shard,
@@ -25,7 +25,7 @@ from codelens.engine.data.windows import (
     target_columns,
 )
 from codelens.engine.row_schema import DOCS_SCHEMA
-from codelens.engine.schemas import JobSpec
+from codelens.engine.schemas import JobSpec, TokensSpec
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,9 @@ class CorpusPlan:
         return sum(self.shard_tokens)
 
 
-def _bos_id(spec: JobSpec, tokenizer: Any) -> int | None:
-    if not spec.tokens.add_bos:
+def bos_id(tokens: TokensSpec, tokenizer: Any) -> int | None:
+    """The id every window starts with (``tokens.add_bos``), or None."""
+    if not tokens.add_bos:
         return None
     bos = tokenizer.bos_token_id
     # Tokenizers without a BOS (GPT-2 style) conventionally use EOS as the document separator.
@@ -66,18 +67,31 @@ def _documents(spec: JobSpec):
     )
 
 
-def _window_tasks(
-    spec: JobSpec, tokenizer: Any, docs_sink: list | None, *, annotate: bool = True
+def plan_windows(
+    documents: Iterable[Document],
+    tokenizer: Any,
+    tokens: TokensSpec,
+    lookahead: Sequence[int],
+    *,
+    docs_sink: list | None = None,
+    annotate: bool = True,
 ) -> Iterator[WindowTask]:
     """Windows with their targets, in corpus order; records each document in ``docs_sink``.
 
     With ``annotate`` each window also carries its emitted tokens' byte spans, lines and syntax
-    categories (``codelens.engine.data.syntax``), from the same single tokenizer pass as the ids. The
-    counting pass (``plan_corpus``) needs only the ids and skips that work (and the lexer).
+    categories (``codelens.engine.data.syntax``), from the same single tokenizer pass as the ids.
+    The counting pass (``plan_corpus``) needs only the ids and skips that work (and the lexer).
+
+    Args:
+        documents: the corpus, in order.
+        tokenizer: the model's (fast) tokenizer.
+        tokens: the job's ``tokens`` section (window, overlap, BOS).
+        lookahead: the look-ahead offsets of the targets (``lens.lookahead``).
+        docs_sink: when given, gets one docs.parquet row per document.
+        annotate: compute the spans.
     """
-    bos_id = _bos_id(spec, tokenizer)
-    offsets = spec.lens.lookahead
-    tokenized = tokenize_documents(_documents(spec), tokenizer, spans=annotate)
+    bos = bos_id(tokens, tokenizer)
+    tokenized = tokenize_documents(documents, tokenizer, spans=annotate)
     for document, ids, spans in tokenized:
         status = document.status
         if document.ok and not ids:
@@ -89,11 +103,11 @@ def _window_tasks(
         if not ids:
             continue
         for w in make_windows(
-            document.doc, ids, window=spec.tokens.window, overlap=spec.tokens.overlap, bos_id=bos_id
+            document.doc, ids, window=tokens.window, overlap=tokens.overlap, bos_id=bos
         ):
             # [1 + A, n_emit] -> [n_emit, 1 + A]; one list per offset is far faster than per row.
             columns = np.asarray(
-                target_columns(ids, w.first_pos, w.n_emit, offsets), dtype=np.int32
+                target_columns(ids, w.first_pos, w.n_emit, lookahead), dtype=np.int32
             )
             yield WindowTask(
                 w.doc,
@@ -103,6 +117,20 @@ def _window_tasks(
                 language=document.language,
                 spans=None if spans is None else spans.slice(w.first_pos, w.first_pos + w.n_emit),
             )
+
+
+def _window_tasks(
+    spec: JobSpec, tokenizer: Any, docs_sink: list | None, *, annotate: bool = True
+) -> Iterator[WindowTask]:
+    """:func:`plan_windows` over the job's corpus."""
+    return plan_windows(
+        _documents(spec),
+        tokenizer,
+        spec.tokens,
+        spec.lens.lookahead,
+        docs_sink=docs_sink,
+        annotate=annotate,
+    )
 
 
 def iter_shards(spec: JobSpec, tokenizer: Any) -> Iterator[Shard]:

@@ -34,7 +34,7 @@ from codelens.engine.run.aggregates import shard_partials
 from codelens.engine.run.pipeline import LensBatch, LensPipeline
 from codelens.engine.run.request import resolve_lens
 from codelens.engine.run.rows import lens_table
-from codelens.engine.schemas import JobSpec
+from codelens.engine.schemas import LensSpec
 
 
 def batches(windows: Sequence[WindowTask], batch_tokens: int) -> list[list[WindowTask]]:
@@ -58,17 +58,18 @@ class ShardRunner:
     """Runs shards of a job through one loaded model.
 
     Args:
-        spec: the validated job.
+        lens: the job's ``lens`` section.
         loaded: the model from ``load_model`` (self-checked).
+        batch_tokens: the most padded tokens in one forward pass (``execution.batch_tokens``).
 
     Raises:
-        SpecError: the job's ``lens`` section does not fit the model (``resolve_lens``).
+        SpecError: the ``lens`` section does not fit the model (``resolve_lens``).
     """
 
-    def __init__(self, spec: JobSpec, loaded: LoadedModel) -> None:
-        self.spec = spec
-        self.lens = resolve_lens(spec.lens, loaded)
+    def __init__(self, lens: LensSpec, loaded: LoadedModel, *, batch_tokens: int) -> None:
+        self.lens = resolve_lens(lens, loaded)
         self.pipeline = LensPipeline(loaded, self.lens)
+        self.batch_tokens = batch_tokens
 
     def run_shard(self, task: Shard) -> tuple[pa.Table, dict[str, dict]]:
         """Rows (layer-major, then document order) and partial aggregates of a shard.
@@ -80,6 +81,6 @@ class ShardRunner:
         """
         # Batches are runs of consecutive windows, so the shard's token order is window order.
         batch = LensBatch.concat(
-            [self.pipeline(b) for b in batches(task.windows, self.spec.execution.batch_tokens)]
+            [self.pipeline(b) for b in batches(task.windows, self.batch_tokens)]
         )
         return lens_table(self.lens, batch), shard_partials(self.lens, batch)

@@ -240,7 +240,7 @@ def test_hand_made_windows_without_spans_write_nulls(tiny_loaded_model):
             "lens": {"k": 2, "lookahead": [], "token_sets": {}},
         }
     )
-    runner = ShardRunner(spec, loaded)
+    runner = ShardRunner(spec.lens, loaded, batch_tokens=spec.execution.batch_tokens)
     ids = loaded.tokenizer("x = 1\n", add_special_tokens=False)["input_ids"]
     targets = np.array([[t] for t in ids[1:]] + [[-1]], dtype=np.int32)
     table, partials = runner.run_shard(Shard(0, (WindowTask(0, tuple(ids), 0, targets),), len(ids)))

@@ -39,8 +39,8 @@ def lens_schema(
         pa.field("site", SITE_TYPE, nullable=False),
         pa.field("token_id", pa.int32(), nullable=False),
         pa.field("target_id", pa.int32(), nullable=False),
-        # Where the token is in its source (codelens.engine.data.syntax); null only for windows planned
-        # without spans (hand-made WindowTasks).
+        # Where the token is in its source (codelens.engine.data.syntax); null only for windows
+        # planned without spans (hand-made WindowTasks).
         pa.field("line", pa.int32()),
         pa.field("byte_start", pa.int32()),
         pa.field("byte_end", pa.int32()),

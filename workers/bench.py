@@ -124,7 +124,7 @@ def targets_of(ids: Tensor) -> Tensor:
 
 
 def run_codelens(loaded, ids: Tensor, impl: str = "auto") -> MethodResult:
-    """Our engine on one sequence ``ids [T]``: the lens pipeline, its capture and lens timed apart."""
+    """Our engine on one sequence ``ids [T]``: the lens pipeline, capture and lens timed apart."""
     from codelens.engine.run.pipeline import LensPipeline, TextInput
     from codelens.engine.run.request import resolve_lens
     from codelens.engine.schemas import LensSpec

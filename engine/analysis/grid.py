@@ -218,7 +218,8 @@ def _token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 GRID_LENS = LensSpec(layers="all", k=1, lookahead=[], entropy=True, kl_final=True)
-"""What a grid shows: every layer's top-1, target log-prob and rank, KL to the final layer, entropy."""
+"""What a grid shows: each layer's top-1, the target's log-prob and rank, KL to the final layer
+and the entropy."""
 
 
 def compute_grid(

@@ -1,8 +1,8 @@
 """Code-aware tokens: each token's byte span, line and syntax category in its source document.
 
 Computed at planning time, once per document, from the same single tokenizer pass that gives the
-ids (:func:`codelens.engine.data.tokenize.tokenize_documents`), then sliced per window, so workers (and Ray actors) receive them
-with the shard and never re-tokenize or re-lex.
+ids (:func:`codelens.engine.data.tokenize.tokenize_documents`), then sliced per window, so
+workers (and Ray actors) receive them with the shard and never re-tokenize or re-lex.
 
 **Spans.** The Rust tokenizer reports each token's character offsets. They are turned into spans
 that *tile* the document (concatenating ``source[byte_start:byte_end]`` over positions gives the
@@ -149,8 +149,8 @@ PYGMENTS_ALIASES: dict[str, str] = {
     "dockerfile": "docker",
     "starlark": "starlark",
 }
-"""Our language names (``codelens.engine.data.corpus``) -> Pygments lexer aliases. ``text`` is absent
-on purpose: it is read as plain text. A language not listed here (e.g. from a corpus
+"""Our language names (``codelens.engine.data.corpus``) -> Pygments lexer aliases. ``text`` is
+absent on purpose: it is read as plain text. A language not listed here (e.g. from a corpus
 ``language_field``) is looked up as a Pygments alias, lower-cased; when that fails, plain text."""
 
 

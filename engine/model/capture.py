@@ -5,8 +5,8 @@ Layer 0 is the input of the first block (the embedding output after any embeddin
 the last block's output *before* the final norm. HF's ``output_hidden_states`` is not used: its
 last entry is already normalised, and it keeps every layer alive at once.
 
-Hooks copy each selected layer into one preallocated ``[n_selected, B * S, d]`` buffer as the forward
-pass runs, so the model's own activations can be freed layer by layer.
+Hooks copy each selected layer into one preallocated ``[n_selected, B * S, d]`` buffer as the
+forward pass runs, so the model's own activations can be freed layer by layer.
 """
 
 from __future__ import annotations

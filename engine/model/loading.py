@@ -18,7 +18,8 @@
 
 Attention: ``sdpa`` where the model class supports it, else ``eager`` (CodeGen, Gemma-2). Both give
 the same logits at the real positions of a right-padded batch as an unpadded run (checked in
-``tests/engine/model/test_loading.py``); with right padding no real position can attend to a pad anyway.
+``tests/engine/model/test_loading.py``); with right padding no real position can attend to a pad
+anyway.
 """
 
 from __future__ import annotations

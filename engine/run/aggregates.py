@@ -15,8 +15,9 @@ A layer partial holds the sums over all of the layer's rows, plus the same sums 
 (``by_category``), per document language (``by_language``; ``unknown`` for none) and per log2
 bucket of the token's document position (``by_position``) and byte column in its line
 (``by_column``), each group listed only when it has rows. ``attn``-site rows (``lens.sites``) have
-their own layer partials keyed ``attn:<layer>`` (finalized into ``attn_layers``). Merging adds numbers, adds lists element-wise and takes the union of
-dict keys (a language seen in one shard only is simply carried over).
+their own layer partials keyed ``attn:<layer>`` (finalized into ``attn_layers``). Merging adds
+numbers, adds lists element-wise and takes the union of dict keys (a language seen in one shard
+only is simply carried over).
 
 Quantiles come from histograms: target ranks in log2 bins (bin 0 holds rank 0, bin b >= 1 ranks
 ``[2^(b-1), 2^b)``), target log-probs in bins of 1/8 nat down to -64 (overall rows only, not per

@@ -1,4 +1,5 @@
-"""The lens request resolved against a loaded model: which residuals to capture, which rows to write.
+"""The lens request resolved against a loaded model: which residuals to capture, which rows to
+write.
 
 ``lens`` in a job spec names layers, sites and statistics; this module checks it against the model
 (layer range, ``k`` against the vocabulary, token-set entries to ids, the ``attn`` site's modules,

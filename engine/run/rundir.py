@@ -98,9 +98,9 @@ class RunDir:
             return False
         if not overwrite:
             raise RunDirError(
-                f"{self.path} holds results of a different job ({existing.get('name')!r}, fingerprint "
-                f"{existing.get('fingerprint')} != {fingerprint}); rerun with --overwrite to replace "
-                "them, or choose another output.dir"
+                f"{self.path} holds results of a different job ({existing.get('name')!r}, "
+                f"fingerprint {existing.get('fingerprint')} != {fingerprint}); rerun with "
+                "--overwrite to replace them, or choose another output.dir"
             )
         return True
 

@@ -1,9 +1,9 @@
 """The bundled default model ``codelens-stdlib-py`` and its train / held-out file split.
 
 The model (a 4-layer Llama-style code LM with a 4096-token byte-level BPE, trained from scratch by
-:mod:`codelens.engine.zoo.train_default`) ships as package data in ``engine/zoo/assets/codelens-stdlib-py``;
-``codelens demo`` runs the lens over it, and ``MODEL_CARD.md`` there documents its size, data and
-held-out figures.
+:mod:`codelens.engine.zoo.train_default`) ships as package data in
+``engine/zoo/assets/codelens-stdlib-py``; ``codelens demo`` runs the lens over it, and
+``MODEL_CARD.md`` there documents its size, data and held-out figures.
 
 Data: every ``*.py`` file under the running interpreter's standard library
 (``sysconfig.get_paths()["stdlib"]``), except

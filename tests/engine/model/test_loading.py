@@ -13,8 +13,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from codelens.engine.model import loading
 from codelens.engine.errors import ModelLoadError, SelfCheckError, UnsupportedArchitectureError
+from codelens.engine.model import loading
 from codelens.engine.model.loading import (
     SELF_CHECK_TOLERANCE,
     load_model,

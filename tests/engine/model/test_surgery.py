@@ -10,8 +10,8 @@ import torch
 import transformers
 from torch import nn
 
-from codelens.engine.model.capture import ResidualCapture
 from codelens.engine.errors import SelfCheckError, UnsupportedArchitectureError
+from codelens.engine.model.capture import ResidualCapture
 from codelens.engine.model.loading import probe_batch, run_self_check
 from codelens.engine.model.surgery import SUPPORTED, ModelParts, model_parts
 from codelens.engine.zoo.tiny_models import TINY_FAMILIES, tiny_config

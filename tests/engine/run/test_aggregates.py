@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from codelens.engine.schemas import validate_spec
 from codelens.engine.run.aggregates import (
+    RowValues,
     convergence_layers,
     convergence_partial,
     finalize,
-    RowValues,
     layer_partials,
     merge_partials,
 )
+from codelens.engine.schemas import validate_spec
 from codelens.workers.job import run_job
 
 README = Path(__file__).resolve().parents[3] / "README.md"

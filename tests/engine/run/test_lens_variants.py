@@ -18,8 +18,8 @@ import torch
 
 from codelens.engine.errors import CodelensError
 from codelens.engine.model.loading import load_model
-from codelens.engine.schemas import validate_spec
 from codelens.engine.run.aggregates import bucket_names, position_bucket
+from codelens.engine.schemas import validate_spec
 from codelens.kernels import LensRequest, lens_stats_from_logits
 from codelens.workers.job import run_job
 
@@ -270,7 +270,7 @@ def test_summary_by_position_and_column_agrees_with_the_rows(tiny_model_dir, tmp
     rows = read(tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     data = TEXT.encode()
-    # Column: bytes from the line's start, from the document bytes (independent of engine/data/syntax).
+    # Column: bytes from the line's start, from the document bytes (not from engine/data/syntax).
     column = np.array([b - (data.rfind(b"\n", 0, b) + 1) for b in rows["byte_start"].tolist()])
     names = bucket_names()
     for kind, values in (("position", rows["pos"]), ("column", column)):

@@ -31,6 +31,8 @@ import torch
 from safetensors import safe_open
 
 from codelens.engine.model.capture import ResidualCapture
+from codelens.engine.model.loading import load_model
+from codelens.engine.schemas import JobSpec
 from codelens.engine.zoo.default_model import (
     HELD_OUT_MODULUS,
     default_model_dir,
@@ -40,8 +42,6 @@ from codelens.engine.zoo.default_model import (
     split_files,
     stdlib_root,
 )
-from codelens.engine.model.loading import load_model
-from codelens.engine.schemas import JobSpec
 from codelens.workers.job import run_job
 
 TOP1_THRESHOLD = 0.25

@@ -245,17 +245,6 @@ METHODS: dict[str, Callable[..., MethodResult]] = {
 }
 
 
-def agreement(result: MethodResult, reference: MethodResult) -> dict[str, float | None]:
-    """Top-1 agreement and max |target log-prob difference| against ``reference`` (codelens)."""
-    if result.top1 is None or reference.top1 is None:
-        return {"top1_agree": None, "max_logprob_diff": None}
-    diff = np.abs(result.target_logprob - reference.target_logprob)
-    return {
-        "top1_agree": float((result.top1 == reference.top1).mean()),
-        "max_logprob_diff": float(np.nanmax(diff)),
-    }
-
-
 def bench_tokens(vocab_size: int, n_tokens: int, seed: int = 0) -> Tensor:
     """Deterministic token ids for a benchmark sequence."""
     gen = torch.Generator().manual_seed(seed)

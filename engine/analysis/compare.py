@@ -21,15 +21,15 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from codelens.engine.analysis.report import (
-    _CSS,
+from codelens.engine.analysis.pages import (
     PANELS,
-    _figure,
-    _fmt,
-    _load,
-    _nan,
-    _save,
-    _table,
+    float_or_nan,
+    format_number,
+    html_page,
+    html_table,
+    load_run,
+    new_figure,
+    save_png,
 )
 from codelens.engine.errors import RunDirError
 
@@ -38,7 +38,10 @@ __all__ = ["build_comparison", "corpus_differences"]
 
 def _label(run_dir: Path, summary: dict[str, Any], job: dict[str, Any], used: set[str]) -> str:
     resolved = job.get("resolved", {})
-    base = f"{summary.get('name') or run_dir.name} ({resolved.get('family', '?')}, L={summary.get('n_blocks')})"
+    base = (
+        f"{summary.get('name') or run_dir.name} "
+        f"({resolved.get('family', '?')}, L={summary.get('n_blocks')})"
+    )
     label, i = base, 2
     while label in used:
         label, i = f"{base} #{i}", i + 1
@@ -57,12 +60,12 @@ def corpus_differences(run_dirs: Sequence[Path]) -> list[str]:
     """Why the runs' corpora differ (empty when they are the same; see the module docstring)."""
     first_dir = Path(run_dirs[0])
     first = _docs(first_dir)
-    first_job = _load(first_dir)[1].get("resolved", {})
+    first_job = load_run(first_dir)[1].get("resolved", {})
     problems = []
     for other_dir in run_dirs[1:]:
         other_dir = Path(other_dir)
         other = _docs(other_dir)
-        job = _load(other_dir)[1].get("resolved", {})
+        job = load_run(other_dir)[1].get("resolved", {})
         a = [(d["source"], d["status"]) for d in first]
         b = [(d["source"], d["status"]) for d in other]
         if a != b:
@@ -90,13 +93,15 @@ def _relative(entries: list[dict[str, Any]], n_blocks: int) -> list[float]:
 
 
 def _comparison_figure(path: Path, runs: list[tuple[str, dict[str, Any]]]) -> str:
-    fig, axes = _figure(2, 2, 12, 8)
+    fig, axes = new_figure(2, 2, 12, 8)
     fig.suptitle("Per-layer curves of several runs, on relative depth (layer / L)", fontsize=13)
     for ax, (key, label, unit) in zip(axes.flat, PANELS, strict=True):
         for name, summary in runs:
             rows = summary["layers"]
             xs = _relative(rows, summary["n_blocks"])
-            ax.plot(xs, [_nan(r.get(key)) for r in rows], marker="o", markersize=3, label=name)
+            ax.plot(
+                xs, [float_or_nan(r.get(key)) for r in rows], marker="o", markersize=3, label=name
+            )
         ax.set_title(label, fontsize=11)
         ax.set_ylabel(unit)
         ax.set_xlabel("relative depth: layer / L (0 = embeddings, 1 = last block)")
@@ -104,7 +109,7 @@ def _comparison_figure(path: Path, runs: list[tuple[str, dict[str, Any]]]) -> st
         ax.grid(True, alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", fontsize=9, ncols=min(3, len(runs)))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def build_comparison(
@@ -121,7 +126,7 @@ def build_comparison(
         raise RunDirError("codelens compare needs at least two run directories")
     loaded = []
     for d in dirs:
-        summary, job, _ = _load(d)
+        summary, job, _ = load_run(d)
         n_blocks = summary.get("n_blocks") or job.get("resolved", {}).get("n_blocks")
         if not n_blocks:
             raise RunDirError(f"{d}/summary.json does not say how many blocks the model has")
@@ -166,7 +171,7 @@ def build_comparison(
     ]
     info = "".join(
         f"<dt>{html.escape(name)}</dt><dd>{html.escape(str(d))} · {s.get('tokens', 0):,} tokens · "
-        f"final top-1 {_fmt(s['layers'][-1].get('top1_accuracy'))}</dd>"
+        f"final top-1 {format_number(s['layers'][-1].get('top1_accuracy'))}</dd>"
         for (name, s), (d, _, _) in zip(runs, loaded, strict=True)
     )
     warning = ""
@@ -176,13 +181,9 @@ def build_comparison(
             "(--allow-different-corpora): " + html.escape("; ".join(problems)) + "</p>"
         )
     title = "Logit-lens comparison: " + ", ".join(name for name, _ in runs)
-    page = "\n".join(
+    page = html_page(
+        title,
         [
-            "<!DOCTYPE html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body><main>",
-            f"<h1>{html.escape(title)}</h1>",
             '<p class="lead">Several runs of the logit lens over the same corpus, each model\'s '
             "layers placed at their relative depth (layer / L), so that models of different "
             "depths share one axis.</p>",
@@ -197,9 +198,9 @@ def build_comparison(
             'one line per run"></figure></section>',
             '<section id="table"><h2>Numbers per layer</h2>',
             "<p class=\"explain\">The figure's numbers, from each run's summary.json.</p>",
-            f'<div class="scroll">{_table(header, body)}</div></section>',
-            "<footer>Generated by codelens compare.</footer></main></body></html>",
-        ]
+            f'<div class="scroll">{html_table(header, body)}</div></section>',
+        ],
+        "Generated by codelens compare.",
     )
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")

@@ -12,7 +12,6 @@ through ``pyplot``, so building a report touches no global backend state and nee
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from codelens.engine.errors import RunDirError
+from codelens.engine.analysis.pages import (
+    PANELS,
+    float_or_nan,
+    format_number,
+    html_page,
+    html_table,
+    load_run,
+    new_figure,
+    save_png,
+)
 
 __all__ = ["CATEGORY_COLORS", "build_report"]
 
@@ -41,7 +49,6 @@ CATEGORY_COLORS: dict[str, str] = {
 MIN_GROUP_SHARE = 0.002
 """Categories and languages with fewer than this share of the tokens are left out of the curves
 (their means are noise); the tables still list them."""
-DPI = 110
 
 
 @dataclass(frozen=True)
@@ -56,39 +63,7 @@ class Section:
     table_html: str = ""
 
 
-def _load(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
-    summary_file = run_dir / "summary.json"
-    if not summary_file.exists():
-        what = "is not a directory" if not run_dir.is_dir() else "has no summary.json"
-        raise RunDirError(
-            f"{run_dir} {what}: a report needs a finished run. Run the job first "
-            "(codelens run JOB.yaml) and point codelens report at its output.dir."
-        )
-    summary = json.loads(summary_file.read_text())
-    if not summary.get("layers") and summary.get("attn_layers"):
-        summary["layers"] = summary["attn_layers"]  # lens.sites: [attn] only
-    if not summary.get("layers"):
-        raise RunDirError(f"{summary_file} lists no layers: the run wrote no rows to report on.")
-    job_file = run_dir / "job.json"
-    job = json.loads(job_file.read_text()) if job_file.exists() else {}
-    docs: dict[str, int] = dict(summary.get("docs_by_status") or {})
-    return summary, job, docs
-
-
 # -- figures --------------------------------------------------------------------------------------
-
-
-def _figure(n_rows: int, n_cols: int, width: float, height: float):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    return fig, axes
-
-
-def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=DPI, format="png")  # Agg, the default canvas for PNG
-    return path.name
 
 
 def _layer_axis(ax, layers: Sequence[int]) -> None:
@@ -97,18 +72,6 @@ def _layer_axis(ax, layers: Sequence[int]) -> None:
     ax.set_xticks(list(layers)[::step])
     ax.set_xlim(min(layers) - 0.3, max(layers) + 0.3)
     ax.grid(True, alpha=0.3)
-
-
-def _nan(x: float | None) -> float:
-    return math.nan if x is None else float(x)
-
-
-PANELS: tuple[tuple[str, str, str], ...] = (
-    ("mean_target_logprob", "mean log-prob of the true next token", "nats (higher is better)"),
-    ("top1_accuracy", "top-1 accuracy (lens top-1 = true next token)", "fraction of tokens"),
-    ("mean_kl_final", "KL divergence to the final layer", "nats (0 at the last layer)"),
-    ("mean_entropy", "entropy of the lens distribution", "nats"),
-)
 
 
 def _curves_figure(
@@ -120,11 +83,11 @@ def _curves_figure(
     legend_title: str,
 ) -> str:
     """2 x 2 panels (PANELS), one line per series; ``series[name]`` is a per-layer list of stats."""
-    fig, axes = _figure(2, 2, 12, 8)
+    fig, axes = new_figure(2, 2, 12, 8)
     fig.suptitle(title, fontsize=13)
     for ax, (key, label, unit) in zip(axes.flat, PANELS, strict=True):
         for name, per_layer in series.items():
-            ys = [_nan(s.get(key)) if s else math.nan for s in per_layer]
+            ys = [float_or_nan(s.get(key)) if s else math.nan for s in per_layer]
             color = colors.get(name) if colors else None
             ax.plot(layers, ys, marker="o", markersize=3, label=name, color=color)
         ax.set_title(label, fontsize=11)
@@ -133,13 +96,13 @@ def _curves_figure(
     if len(series) > 1:
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right center", fontsize=9, title=legend_title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _overall_figure(path: Path, summary: dict[str, Any]) -> str:
     rows = summary["layers"]
     layers = [r["layer"] for r in rows]
-    fig, axes = _figure(2, 2, 12, 8)
+    fig, axes = new_figure(2, 2, 12, 8)
     fig.suptitle("What each layer predicts, over the whole corpus", fontsize=13)
     extra = {
         "top1_accuracy": [
@@ -149,28 +112,38 @@ def _overall_figure(path: Path, summary: dict[str, Any]) -> str:
     }
     for ax, (key, label, unit) in zip(axes.flat, PANELS, strict=True):
         main = "top-1 accuracy" if key == "top1_accuracy" else None
-        ax.plot(layers, [_nan(r.get(key)) for r in rows], marker="o", color="#1f77b4", label=main)
+        ax.plot(
+            layers,
+            [float_or_nan(r.get(key)) for r in rows],
+            marker="o",
+            color="#1f77b4",
+            label=main,
+        )
         for other, name, style in extra.get(key, []):
-            ax.plot(layers, [_nan(r.get(other)) for r in rows], style, marker=".", label=name)
+            ax.plot(
+                layers, [float_or_nan(r.get(other)) for r in rows], style, marker=".", label=name
+            )
         if key in extra:
             ax.legend(fontsize=9)
         ax.set_title(label, fontsize=11)
         ax.set_ylabel(unit)
         _layer_axis(ax, layers)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _sites_figure(path: Path, summary: dict[str, Any]) -> str:
     """Block-output rows at x = l, attention-site rows at x = l - 0.5 (inside block l)."""
     blocks, attn = summary["layers"], summary["attn_layers"]
-    fig, axes = _figure(2, 2, 12, 8)
+    fig, axes = new_figure(2, 2, 12, 8)
     fig.suptitle("Inside each block: after attention vs after the whole block", fontsize=13)
     layers = [r["layer"] for r in blocks]
     for ax, (key, label, unit) in zip(axes.flat, PANELS, strict=True):
-        ax.plot(layers, [_nan(r.get(key)) for r in blocks], marker="o", label="block output (l)")
+        ax.plot(
+            layers, [float_or_nan(r.get(key)) for r in blocks], marker="o", label="block output (l)"
+        )
         ax.plot(
             [r["layer"] - 0.5 for r in attn],
-            [_nan(r.get(key)) for r in attn],
+            [float_or_nan(r.get(key)) for r in attn],
             marker="s",
             linestyle="--",
             label="after attention in block l (l - 0.5)",
@@ -181,18 +154,18 @@ def _sites_figure(path: Path, summary: dict[str, Any]) -> str:
         ax.set_xticks(layers[:: max(1, math.ceil(len(layers) / 16))])
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", fontsize=9, ncols=2)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _rank_figure(path: Path, summary: dict[str, Any]) -> str:
     rows = summary["layers"]
     layers = [r["layer"] for r in rows]
-    fig, axes = _figure(1, 1, 10, 4.8)
+    fig, axes = new_figure(1, 1, 10, 4.8)
     ax = axes[0, 0]
 
     def q(name: str) -> list[float]:
         # Ranks start at 0; the plot shows rank + 1 so that rank 0 fits a log axis.
-        return [_nan(r["target_rank_quantiles"].get(name)) + 1 for r in rows]
+        return [float_or_nan(r["target_rank_quantiles"].get(name)) + 1 for r in rows]
 
     ax.fill_between(
         layers, q("p10"), q("p90"), alpha=0.15, color="#1f77b4", label="10th-90th percentile"
@@ -209,7 +182,7 @@ def _rank_figure(path: Path, summary: dict[str, Any]) -> str:
     ax.set_title("Where the true next token ranks in each layer's lens distribution", fontsize=12)
     _layer_axis(ax, layers)
     ax.legend(fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _convergence_figure(path: Path, conv: dict[str, Any], shown: list[str]) -> str:
@@ -218,9 +191,9 @@ def _convergence_figure(path: Path, conv: dict[str, Any], shown: list[str]) -> s
     layers = conv["layers"]
     overall = conv["overall"]
     n_panels = 2 if shown else 1
-    fig, axes = _figure(1, n_panels, 7 * n_panels, max(4.5, 0.45 * len(shown) + 2))
+    fig, axes = new_figure(1, n_panels, 7 * n_panels, max(4.5, 0.45 * len(shown) + 2))
     ax = axes[0, 0]
-    fractions = [_nan(f) for f in overall["fraction"]]
+    fractions = [float_or_nan(f) for f in overall["fraction"]]
     ax.bar(layers, fractions, color="#1f77b4")
     for x, f in zip(layers, fractions, strict=True):
         if not math.isnan(f):
@@ -234,11 +207,11 @@ def _convergence_figure(path: Path, conv: dict[str, Any], shown: list[str]) -> s
         "Convergence layer: from which layer on the final prediction stays on top", fontsize=13
     )
     if not shown:
-        return _save(fig, path)
+        return save_png(fig, path)
 
     ax = axes[0, 1]
     by_cat = conv["by_category"]
-    grid = np.array([[_nan(f) for f in by_cat[c]["fraction"]] for c in shown])
+    grid = np.array([[float_or_nan(f) for f in by_cat[c]["fraction"]] for c in shown])
     image = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(len(shown)))
     ax.set_yticklabels([f"{c} (mean {by_cat[c]['mean_layer']:.1f})" for c in shown], fontsize=9)
@@ -253,32 +226,35 @@ def _convergence_figure(path: Path, conv: dict[str, Any], shown: list[str]) -> s
     ax.set_xlabel("convergence layer")
     ax.set_title("By syntax category (% of the category's tokens)", fontsize=11)
     fig.colorbar(image, ax=ax, label="fraction of the category's tokens", shrink=0.8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _token_set_figure(path: Path, summary: dict[str, Any]) -> str:
     rows = summary["layers"]
     layers = [r["layer"] for r in rows]
     names = sorted({name for r in rows for name in r.get("token_set_mean_mass", {})})
-    fig, axes = _figure(1, 1, 10, 4.8)
+    fig, axes = new_figure(1, 1, 10, 4.8)
     ax = axes[0, 0]
     for name in names:
         ax.plot(
-            layers, [_nan(r["token_set_mean_mass"].get(name)) for r in rows], marker="o", label=name
+            layers,
+            [float_or_nan(r["token_set_mean_mass"].get(name)) for r in rows],
+            marker="o",
+            label=name,
         )
     ax.set_yscale("log")
     ax.set_ylabel("mean probability mass on the set (log scale)")
     ax.set_title("Token-set mass per layer (the 'detour' measure)", fontsize=12)
     _layer_axis(ax, layers)
     ax.legend(title="token set", fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _lookahead_figure(path: Path, summary: dict[str, Any]) -> str:
     rows = summary["layers"]
     layers = [r["layer"] for r in rows]
     offsets = [a["offset"] for a in rows[0]["lookahead"]]
-    fig, axes = _figure(1, 2, 13, 4.8)
+    fig, axes = new_figure(1, 2, 13, 4.8)
     for ax, key, label, unit in (
         (
             axes[0, 0],
@@ -289,11 +265,13 @@ def _lookahead_figure(path: Path, summary: dict[str, Any]) -> str:
         (axes[0, 1], "mean_logprob", "mean log-prob of the token o positions ahead", "nats"),
     ):
         own = "top1_accuracy" if key == "top1_accuracy" else "mean_target_logprob"
-        ax.plot(layers, [_nan(r.get(own)) for r in rows], marker="o", label="o = 1 (next token)")
+        ax.plot(
+            layers, [float_or_nan(r.get(own)) for r in rows], marker="o", label="o = 1 (next token)"
+        )
         for a, off in enumerate(offsets):
             ax.plot(
                 layers,
-                [_nan(r["lookahead"][a].get(key)) for r in rows],
+                [float_or_nan(r["lookahead"][a].get(key)) for r in rows],
                 marker="o",
                 label=f"o = {off}",
             )
@@ -302,7 +280,7 @@ def _lookahead_figure(path: Path, summary: dict[str, Any]) -> str:
         _layer_axis(ax, layers)
         ax.legend(fontsize=9)
     fig.suptitle("Look-ahead: does a layer already encode tokens further ahead?", fontsize=13)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _positions_figure(
@@ -316,7 +294,7 @@ def _positions_figure(
     column in the line (bottom)."""
     from matplotlib import colormaps
 
-    fig, axes = _figure(2, 2, 12, 8)
+    fig, axes = new_figure(2, 2, 12, 8)
     fig.suptitle("Per-layer curves by position bucket (log2)", fontsize=13)
     for row, (kind, names, what) in enumerate(
         (("position", positions, "position in the document"), ("column", columns, "column"))
@@ -324,7 +302,10 @@ def _positions_figure(
         cmap = colormaps["viridis"]
         for ax, (key, label, unit) in zip(axes[row], PANELS[:2], strict=True):
             for i, name in enumerate(names):
-                ys = [_nan(s.get(key)) if s else math.nan for s in _per_layer(summary, kind, name)]
+                ys = [
+                    float_or_nan(s.get(key)) if s else math.nan
+                    for s in _per_layer(summary, kind, name)
+                ]
                 color = cmap(i / max(1, len(names) - 1))
                 ax.plot(layers, ys, marker="o", markersize=3, color=color, label=name)
             ax.set_title(f"{label}, by {what}", fontsize=11)
@@ -332,7 +313,7 @@ def _positions_figure(
             _layer_axis(ax, layers)
         if names:
             axes[row, 1].legend(fontsize=8, title=what, loc="center left", bbox_to_anchor=(1, 0.5))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -353,35 +334,13 @@ def _sites_table(summary: dict[str, Any]) -> str:
         ]
         for layer, _, site, r in sorted(rows, key=lambda x: (x[0], x[1]))
     ]
-    return _table(
+    return html_table(
         ["layer (site)", "tokens", "mean log-prob", "top-1 acc", "KL to final", "entropy"], body
     )
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return f"{x:.{digits}f}"
-
-
 def _sci(x: Any) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2g}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td>{html.escape(c) if isinstance(c, str) else _fmt(c)}</td>" for c in row)
-        + "</tr>"
-        for row in rows
-    )
-    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return (
-        f'<table class="numbers">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-    )
 
 
 def _layer_table(summary: dict[str, Any]) -> str:
@@ -418,7 +377,7 @@ def _layer_table(summary: dict[str, Any]) -> str:
                 *[r["token_set_mean_mass"].get(s) for s in sets],
             ]
         )
-    return _table(header, body)
+    return html_table(header, body)
 
 
 def _group_table(summary: dict[str, Any], kind: str) -> str:
@@ -452,7 +411,7 @@ def _group_table(summary: dict[str, Any], kind: str) -> str:
                 c.get("median_layer"),
             ]
         )
-    return _table(header, body)
+    return html_table(header, body)
 
 
 # -- page -----------------------------------------------------------------------------------------
@@ -483,7 +442,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         RunDirError: the directory holds no finished run (no summary.json).
     """
     run_dir = Path(run_dir)
-    summary, job, docs = _load(run_dir)
+    summary, job, docs = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
@@ -680,8 +639,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         ),
         (
             "final layer",
-            f"top-1 accuracy {_fmt(last.get('top1_accuracy'))}, mean log-prob "
-            f"{_fmt(last.get('mean_target_logprob'))}",
+            f"top-1 accuracy {format_number(last.get('top1_accuracy'))}, mean log-prob "
+            f"{format_number(last.get('mean_target_logprob'))}",
         ),
         ("syntax", f"Pygments {summary.get('syntax', {}).get('pygments') or '?'}"),
     ]
@@ -689,41 +648,10 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     return out / "index.html"
 
 
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0;
-       color: #1d2430; background: #f6f7f9; }
-main { max-width: 1240px; margin: 0 auto; padding: 24px 32px 64px; }
-h1 { font-size: 26px; margin: 8px 0 4px; }
-h2 { font-size: 20px; margin: 36px 0 6px; border-bottom: 1px solid #d8dce3; padding-bottom: 4px; }
-p.lead { color: #4a5568; margin-top: 0; }
-p.explain { max-width: 980px; line-height: 1.45; color: #2d3748; }
-dl.info { display: grid; grid-template-columns: max-content 1fr; gap: 4px 18px; background: #fff;
-          border: 1px solid #d8dce3; border-radius: 6px; padding: 12px 16px; }
-dl.info dt { font-weight: 600; color: #4a5568; } dl.info dd { margin: 0; }
-nav a { margin-right: 14px; color: #2b6cb0; text-decoration: none; }
-figure { margin: 8px 0; background: #fff; border: 1px solid #d8dce3; border-radius: 6px;
-         padding: 8px; }
-figure img { width: 100%; height: auto; display: block; }
-table.numbers { border-collapse: collapse; background: #fff; font-size: 13px; margin: 8px 0;
-                font-variant-numeric: tabular-nums; }
-table.numbers th, table.numbers td { border: 1px solid #d8dce3; padding: 4px 8px;
-                                     text-align: right; }
-table.numbers th { background: #edf0f5; position: sticky; top: 0; }
-table.numbers td:first-child, table.numbers th:first-child { text-align: left; }
-.scroll { overflow-x: auto; }
-footer { color: #718096; font-size: 12px; margin-top: 40px; }
-"""
-
-
 def _page(summary: dict[str, Any], info: list[tuple[str, Any]], sections: list[Section]) -> str:
     title = f"Logit-lens report: {summary.get('name') or 'run'}"
     nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections)
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body><main>",
-        f"<h1>{html.escape(title)}</h1>",
         '<p class="lead">What each layer of the model predicts about the next token of source '
         "code, read through the model's own output head (the logit lens), aggregated over the "
         "whole corpus.</p>",
@@ -743,8 +671,8 @@ def _page(summary: dict[str, Any], info: list[tuple[str, Any]], sections: list[S
             parts.append(f'<div class="scroll">{s.table_html}</div>')
         parts.append("</section>")
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    parts.append(
-        f"<footer>Generated by codelens report at {stamp} from summary.json "
-        f"({html.escape(summary.get('quantile_method', ''))}).</footer></main></body></html>"
+    footer = (
+        f"Generated by codelens report at {stamp} from summary.json "
+        f"({html.escape(summary.get('quantile_method', ''))})."
     )
-    return "\n".join(parts)
+    return html_page(title, parts, footer)

@@ -107,7 +107,12 @@ def _postprocess(
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
-    """``post(z) = c * tanh(scale * (z + b) / c)``, the terms switched by the constexpr flags."""
+    """``post(z) = c * tanh(scale * (z + b) / c)``, the terms switched by the constexpr flags.
+
+    ``z``: a logit tile (any shape, fp32); ``bias``: ``b_U`` broadcast to it; ``logit_scale``
+    (Granite's ``logits_scaling``, Cohere's ``logit_scale``) and ``softcap`` (Gemma-2's ``c``):
+    scalars, read only when their flag is set.
+    """
     if HAS_BIAS:
         z = z + bias
     if HAS_SCALE:
@@ -159,7 +164,21 @@ def _norm_stage_kernel(
 
     ``x_hat = (x - mean) / sqrt(var + eps) * (w + offset) + b`` (LayerNorm) or
     ``x / sqrt(mean(x^2) + eps) * (w + offset)`` (RMSNorm), fp32, then rounded to the operand
-    dtype; ``z~[r, c] = post(x_hat_r . W_U[t_rc] + b_U[t_rc])`` from the rounded row.
+    dtype; ``z~[r, c] = post(x_hat_r . W_U[t_rc] + b_U[t_rc])`` from the rounded row, the logit
+    a vocabulary entry must beat to rank above target ``c`` of slot ``r``.
+
+    Grid: ``(R_pad / BLOCK_R,)``; each program loads its slots' rows from ``hidden`` or
+    ``final_hidden`` (the slot map says which), so the ``[R_pad, d]`` operand of the main kernel
+    is written once and the final layer's rows sit beside the rows they are compared with.
+
+    Arguments, by group:
+        sources: ``h_ptr [L, T, d]``, ``f_ptr [T, d]``, per-slot ``src_off``/``src_kind``, strides.
+        norm: weight ``[d]``, bias ``[d]``, weight offset (Gemma's ``1 + w``), ``eps``.
+        outputs: ``x_ptr [R_pad, d]`` (operand dtype), ``finite_ptr [R_pad]`` int8.
+        targets: ``tgt_ptr [R_pad, CP]`` int32 ids (-1 none) -> ``thr_ptr [R_pad, CP]`` fp32.
+        head: ``W_U [V, d]`` (row stride), ``b_U [V]``, logit scale, soft-cap.
+        sizes and switches: ``R_pad``, ``D``; constexpr ``C`` targets (``CP`` padded), block
+            sizes, ``IS_LAYER`` (LayerNorm vs RMSNorm) and the ``HAS_*`` flags.
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)

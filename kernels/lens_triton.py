@@ -110,7 +110,7 @@ def _postprocess(
     """``post(z) = c * tanh(scale * (z + b) / c)``, the terms switched by the constexpr flags.
 
     ``z``: a logit tile (any shape, fp32); ``bias``: ``b_U`` broadcast to it; ``logit_scale``
-    (Granite's ``logits_scaling``, Cohere's ``logit_scale``) and ``softcap`` (Gemma-2's ``c``):
+    (``Head.logit_scale``, Granite: ``1 / logits_scaling``) and ``softcap`` (Gemma-2's ``c``):
     scalars, read only when their flag is set.
     """
     if HAS_BIAS:

@@ -181,8 +181,8 @@ def plot(
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
 ) -> None:
     """Per-prompt logit-lens grid: layers x positions, each cell the layer's top-1 next token."""
-    from codelens.engine.model.loading import load_model
     from codelens.engine.analysis.grid import METRICS, PlotError, compute_grid, read_lines
+    from codelens.engine.model.loading import load_model
 
     try:
         if (text is None) == (file is None):

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from codelens.engine.zoo.default_model import default_model_dir, held_out_sample
 from codelens.engine.schemas import load_spec
+from codelens.engine.zoo.default_model import default_model_dir, held_out_sample
 from codelens.workers.job import JobOutcome, run_job
 
 DEMO_MAX_FILE_BYTES = 40_000

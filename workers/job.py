@@ -16,12 +16,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from codelens.engine.data.plan import iter_shards, plan_corpus
 from codelens.engine.errors import CodelensError
 from codelens.engine.model.loading import load_tokenizer
-from codelens.engine.run.rundir import RunDir, write_json_atomic
-from codelens.engine.data.plan import iter_shards, plan_corpus
-from codelens.engine.schemas import JobSpec
 from codelens.engine.run.aggregates import finalize, merge_partials
+from codelens.engine.run.rundir import RunDir, write_json_atomic
+from codelens.engine.schemas import JobSpec
 from codelens.workers.progress import ProgressTracker
 from codelens.workers.worker import ShardResult
 

@@ -7,9 +7,9 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from codelens.engine.data.windows import Shard
 from codelens.engine.errors import CodelensError
 from codelens.engine.schemas import JobSpec
-from codelens.engine.data.windows import Shard
 from codelens.workers.progress import ProgressTracker
 from codelens.workers.worker import LensWorker, ShardResult
 

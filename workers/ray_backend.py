@@ -56,9 +56,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from codelens.engine.data.windows import Shard
 from codelens.engine.errors import CodelensError
 from codelens.engine.schemas import JobSpec
-from codelens.engine.data.windows import Shard
 from codelens.workers.progress import ProgressTracker
 from codelens.workers.worker import LensWorker, ShardResult
 

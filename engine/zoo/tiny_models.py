@@ -117,15 +117,14 @@ def default_tokenizer_texts() -> tuple[str, ...]:
     return tuple(texts) or (_FALLBACK_TEXT,)
 
 
-@functools.lru_cache(maxsize=8)
-def _train_tokenizer_json(texts: tuple[str, ...], target_size: int) -> str:
-    """Train a byte-level BPE on ``texts``; cached per process (training is the slow part)."""
+def _bpe_json(texts: Iterable[str], vocab_size: int) -> str:
+    """A byte-level BPE trained on ``texts``, as tokenizer.json text."""
     tokenizer = Tokenizer(models.BPE())
     # Byte-level like GPT-2 / StarCoder / Llama-3: every string is encodable, no unknown token.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=target_size,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -134,27 +133,49 @@ def _train_tokenizer_json(texts: tuple[str, ...], target_size: int) -> str:
     return tokenizer.to_str()
 
 
+def _fast_tokenizer(tokenizer_json: str, max_length: int) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer_json),
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=max_length,
+    )
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, *, max_length: int = 2048
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with ``<s>`` / ``</s>`` / ``<pad>`` (ids 0, 1, 2) trained on ``texts``.
+
+    The tokenizer of every tiny model and of the bundled default model. It does not add BOS/EOS
+    by itself: the corpus tokenizer decides that.
+
+    Args:
+        texts: training texts.
+        vocab_size: BPE vocabulary size to train to (including the 256 byte symbols).
+        max_length: the tokenizer's ``model_max_length``.
+    """
+    return _fast_tokenizer(_bpe_json(texts, vocab_size), max_length)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_bpe_json(texts: tuple[str, ...], vocab_size: int) -> str:
+    """:func:`_bpe_json`, cached per process (tests build many tiny models from the same texts)."""
+    return _bpe_json(texts, vocab_size)
+
+
 def build_tiny_tokenizer(
     texts: Iterable[str] | None = None, target_size: int = TOKENIZER_TARGET_SIZE
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with ``<s>``, ``</s>`` and ``<pad>`` special tokens.
+    """The tiny models' tokenizer (:func:`train_bpe_tokenizer`), trained once per process.
 
     Args:
         texts: training texts; the standard-library files of ``DEFAULT_CORPUS_FILES`` if None.
         target_size: BPE vocabulary size to train to (including the 256 byte symbols).
-
-    Returns:
-        A fast tokenizer. It does not add BOS/EOS by itself: the corpus tokenizer decides that.
     """
     texts = default_tokenizer_texts() if texts is None else tuple(texts)
-    tokenizer = Tokenizer.from_str(_train_tokenizer_json(texts, target_size))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        model_max_length=2048,
-    )
+    return _fast_tokenizer(_cached_bpe_json(texts, target_size), 2048)
 
 
 # --------------------------------------------------------------------------------------------------

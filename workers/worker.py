@@ -17,6 +17,7 @@ import torch
 
 from codelens.engine.data.windows import Shard
 from codelens.engine.model.loading import LoadedModel, load_model
+from codelens.engine.run.pipeline import LensBatch
 from codelens.engine.run.runner import ShardRunner
 from codelens.engine.schemas import JobSpec
 
@@ -29,6 +30,15 @@ class ShardResult:
     table: pa.Table
     partials: dict[str, dict[str, Any]]
     n_tokens: int
+    seconds: float
+
+
+@dataclass
+class ComputedShard:
+    """A shard after its device work: its statistics on the host, rows not yet built."""
+
+    task: Shard
+    batch: LensBatch
     seconds: float
 
 
@@ -78,13 +88,28 @@ class LensWorker:
             "self_check_max_abs_err": self.loaded.self_check_max_abs_err,
         }
 
+    def _runner(self) -> ShardRunner:
+        if self.runner is None:
+            raise RuntimeError("LensWorker used before load()")
+        return self.runner
+
+    def compute(self, task: Shard) -> ComputedShard:
+        """The device part of a shard (forward, capture, lens, copies to the host)."""
+        start = time.perf_counter()
+        batch = self._runner().compute(task)
+        return ComputedShard(task, batch, time.perf_counter() - start)
+
+    def finish(self, computed: ComputedShard) -> ShardResult:
+        """The host part of a shard: rows and partial aggregates (may run on another thread)."""
+        start = time.perf_counter()
+        table, partials = self._runner().finish(computed.batch)
+        task = computed.task
+        seconds = computed.seconds + time.perf_counter() - start
+        return ShardResult(task.index, table, partials, task.n_tokens, seconds)
+
     def run_shard(self, task: Shard) -> ShardResult:
         """Compute one shard's rows and partial aggregates."""
-        if self.runner is None:
-            raise RuntimeError("LensWorker.run_shard called before load()")
-        start = time.perf_counter()
-        table, partials = self.runner.run_shard(task)
-        return ShardResult(task.index, table, partials, task.n_tokens, time.perf_counter() - start)
+        return self.finish(self.compute(task))
 
     def shutdown(self) -> None:
         """Release the model and any device memory."""

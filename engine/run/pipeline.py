@@ -175,12 +175,56 @@ class LensPipeline:
         )
         return stats
 
-    def __call__(self, inputs: Sequence[LensInput]) -> LensBatch:
-        """Capture, lens and copy to the CPU for a batch of inputs."""
+    def launch(self, inputs: Sequence[LensInput]) -> PendingBatch:
+        """Capture and lens for a batch, with the copy to the host started but not awaited.
+
+        On a GPU the kernels are queued and the statistics are copied into pinned host buffers
+        without blocking, so the caller can launch the next batch before it waits for this one
+        (:meth:`PendingBatch.result`). On a CPU everything has happened when this returns.
+        """
         hidden = self.capture(inputs)
         targets = torch.from_numpy(np.concatenate([x.targets for x in inputs])).long()
-        stats = self.statistics(hidden, targets).to("cpu")
+        stats = self.statistics(hidden, targets)
         token_ids = torch.tensor(
             [i for x in inputs for i in x.input_ids[len(x.input_ids) - x.n_emit :]]
         )
-        return LensBatch(tuple(inputs), stats, token_ids, targets)
+        host, done = _copy_to_host(stats)
+        return PendingBatch(LensBatch(tuple(inputs), host, token_ids, targets), done)
+
+    def __call__(self, inputs: Sequence[LensInput]) -> LensBatch:
+        """Capture, lens and copy to the CPU for a batch of inputs."""
+        return self.launch(inputs).result()
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    """A batch whose statistics may still be on their way to the host (``LensPipeline.launch``)."""
+
+    batch: LensBatch
+    done: torch.cuda.Event | None
+
+    def result(self) -> LensBatch:
+        """The batch, once its device-to-host copies have finished."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.batch
+
+
+def _copy_to_host(stats: LensStats) -> tuple[LensStats, torch.cuda.Event | None]:
+    """``stats`` on the CPU: as is when already there, else copied into pinned buffers on the
+    current stream without blocking, with an event that marks the copies' end."""
+    tensors = [getattr(stats, f.name) for f in fields(LensStats)]
+    device = next(t.device for t in tensors if t is not None)
+    if device.type != "cuda":
+        return stats, None
+    host = {}
+    for f, t in zip(fields(LensStats), tensors, strict=True):
+        if t is None:
+            host[f.name] = None
+            continue
+        pinned = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        pinned.copy_(t, non_blocking=True)
+        host[f.name] = pinned
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    return LensStats(**host), done

@@ -31,7 +31,7 @@ import pyarrow as pa
 from codelens.engine.data.windows import Shard, WindowTask
 from codelens.engine.model.loading import LoadedModel
 from codelens.engine.run.aggregates import shard_partials
-from codelens.engine.run.pipeline import LensBatch, LensPipeline
+from codelens.engine.run.pipeline import LensBatch, LensPipeline, PendingBatch
 from codelens.engine.run.request import resolve_lens
 from codelens.engine.run.rows import lens_table
 from codelens.engine.schemas import LensSpec
@@ -71,6 +71,28 @@ class ShardRunner:
         self.pipeline = LensPipeline(loaded, self.lens)
         self.batch_tokens = batch_tokens
 
+    def compute(self, task: Shard) -> LensBatch:
+        """The device part of a shard: every batch's statistics, on the host, in window order.
+
+        Batch i + 1 is launched before batch i's copy to the host is awaited, so on a GPU the
+        device never waits for the host between batches.
+        """
+        results: list[LensBatch] = []
+        pending: PendingBatch | None = None
+        for inputs in batches(task.windows, self.batch_tokens):
+            launched = self.pipeline.launch(inputs)
+            if pending is not None:
+                results.append(pending.result())
+            pending = launched
+        if pending is not None:
+            results.append(pending.result())
+        # Batches are runs of consecutive windows, so the shard's token order is window order.
+        return LensBatch.concat(results)
+
+    def finish(self, batch: LensBatch) -> tuple[pa.Table, dict[str, dict]]:
+        """The host part of a shard: its rows and partial aggregates (no device work)."""
+        return lens_table(self.lens, batch), shard_partials(self.lens, batch)
+
     def run_shard(self, task: Shard) -> tuple[pa.Table, dict[str, dict]]:
         """Rows (layer-major, then document order) and partial aggregates of a shard.
 
@@ -79,8 +101,4 @@ class ShardRunner:
             layer (overall, by syntax category, by language, ...) and the convergence-layer
             histograms.
         """
-        # Batches are runs of consecutive windows, so the shard's token order is window order.
-        batch = LensBatch.concat(
-            [self.pipeline(b) for b in batches(task.windows, self.batch_tokens)]
-        )
-        return lens_table(self.lens, batch), shard_partials(self.lens, batch)
+        return self.finish(self.compute(task))

@@ -371,14 +371,14 @@ def test_failed_shard_is_reported_and_only_it_is_retried(tiny_model_dir, tmp_pat
     from codelens.engine.run.runner import ShardRunner
     from codelens.workers.job import JobFailedError
 
-    original = ShardRunner.run_shard
+    original = ShardRunner.compute
 
     def poisoned(self, task):
         if task.index == 1:
             raise RuntimeError("poisoned input")
         return original(self, task)
 
-    monkeypatch.setattr(ShardRunner, "run_shard", poisoned)
+    monkeypatch.setattr(ShardRunner, "compute", poisoned)
     spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
     with pytest.raises(JobFailedError, match="shard 1: RuntimeError: poisoned input"):
         run_job(spec, show_progress=False)
@@ -389,7 +389,7 @@ def test_failed_shard_is_reported_and_only_it_is_retried(tiny_model_dir, tmp_pat
         for x in (tmp_path / "run" / "_manifest.jsonl").read_text().splitlines()
     ]
     assert 1 not in committed and len(committed) >= 2
-    monkeypatch.setattr(ShardRunner, "run_shard", original)
+    monkeypatch.setattr(ShardRunner, "compute", original)
     outcome = run_job(spec, show_progress=False)
     assert outcome.shards_run == 1
     assert json.loads((tmp_path / "run" / "_status.json").read_text())["state"] == "done"

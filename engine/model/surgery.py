@@ -186,12 +186,17 @@ class ModelParts:
             share storage with the model's parameters (no copies).
         tied_embeddings: whether ``W_U`` is the input embedding matrix (the layer-0 lens then
             mostly reads back the current token).
+        backbone: the model without its LM head (HF's ``base_model``: embeddings, blocks, final
+            norm). The runner calls it instead of the whole model, so the model's own
+            ``[tokens, V]`` logits, which the lens does not read, are never computed; None when
+            the model has no separate backbone (then the whole model runs).
     """
 
     family: str
     blocks: Sequence[nn.Module]
     head: Head
     tied_embeddings: bool = False
+    backbone: nn.Module | None = None
 
     @property
     def n_layers(self) -> int:
@@ -336,7 +341,22 @@ def model_parts(model: nn.Module) -> ModelParts:
     in_embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     in_weight = getattr(in_embed, "weight", None)
     tied = isinstance(in_weight, Tensor) and in_weight.data_ptr() == unembed.data_ptr()
-    return ModelParts(family=spec.family, blocks=list(blocks), head=head, tied_embeddings=tied)
+    return ModelParts(
+        family=spec.family,
+        blocks=list(blocks),
+        head=head,
+        tied_embeddings=tied,
+        backbone=_backbone(model, blocks),
+    )
+
+
+def _backbone(model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module | None:
+    """HF's ``base_model`` when it is a proper part of the model that holds every block."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        return None
+    inside = {id(m) for m in base.modules()}
+    return base if all(id(b) in inside for b in blocks) else None
 
 
 def attn_residual_modules(model: nn.Module) -> list[nn.Module]:

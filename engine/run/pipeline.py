@@ -121,7 +121,9 @@ class LensPipeline:
     def __init__(self, loaded: LoadedModel, lens: ResolvedLens) -> None:
         self.loaded = loaded
         self.lens = lens
-        self.model = loaded.model
+        # The backbone skips the LM head: its [tokens, V] logits are never read.
+        backbone = loaded.parts.backbone
+        self.model = loaded.model if backbone is None else backbone
         self.head = loaded.parts.head
         self.device = next(loaded.model.parameters()).device
         self.dtype = next(loaded.model.parameters()).dtype

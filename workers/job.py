@@ -22,6 +22,7 @@ from codelens.engine.model.loading import load_tokenizer
 from codelens.engine.run.aggregates import finalize, merge_partials
 from codelens.engine.run.rundir import RunDir, write_json_atomic
 from codelens.engine.schemas import JobSpec
+from codelens.workers.executor import Executor
 from codelens.workers.progress import ProgressTracker
 from codelens.workers.worker import ShardResult
 
@@ -64,7 +65,7 @@ def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
     return versions
 
 
-def make_executor(spec: JobSpec):
+def make_executor(spec: JobSpec) -> Executor:
     """The executor for ``execution.backend`` (Ray is imported only when asked for)."""
     if spec.execution.backend == "local":
         from codelens.workers.local import LocalExecutor
@@ -110,7 +111,11 @@ def write_summary(
 
 
 def run_job(
-    spec: JobSpec, *, overwrite: bool = False, show_progress: bool | None = None
+    spec: JobSpec,
+    *,
+    overwrite: bool = False,
+    show_progress: bool | None = None,
+    executor: Executor | None = None,
 ) -> JobOutcome:
     """Run (or resume) ``spec``; raises ``JobFailedError`` if any shard failed.
 
@@ -118,6 +123,9 @@ def run_job(
         spec: the validated job.
         overwrite: replace the results of a different job in ``output.dir``.
         show_progress: draw a progress bar (default: when stderr is a terminal).
+        executor: what computes the shards, not yet started (default: ``make_executor(spec)``,
+            from ``execution.backend``). ``run_job`` starts it and shuts it down (it is never
+            started when every shard is already committed).
     """
     started = time.perf_counter()
     run_dir = RunDir(spec.output.dir)
@@ -138,7 +146,8 @@ def run_job(
     if not pending and run_dir.summary_file.exists():
         return JobOutcome(run_dir.path, "nothing to do")
 
-    executor = make_executor(spec)
+    if executor is None:
+        executor = make_executor(spec)
     resolved: dict[str, Any] = {}
     try:
         if pending:

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 class LocalExecutor:
-    """Runs every shard through one in-process ``LensWorker``.
+    """Runs every shard through one in-process ``LensWorker`` (an ``Executor``).
 
     A shard that raises is recorded as failed and the job goes on with the next one (a poisoned
     document must not stop a corpus-scale run); errors in the job's own set-up (``CodelensError``)
@@ -25,10 +25,11 @@ class LocalExecutor:
 
     Args:
         spec: the validated job.
+        worker_cls: the worker to build (``LensWorker``, or a subclass such as a test's).
     """
 
-    def __init__(self, spec: JobSpec) -> None:
-        self.worker = LensWorker(spec)
+    def __init__(self, spec: JobSpec, *, worker_cls: type[LensWorker] = LensWorker) -> None:
+        self.worker = worker_cls(spec)
 
     def start(self) -> dict[str, Any]:
         """Load the model; returns what the worker resolved (family, device, impl, ...)."""

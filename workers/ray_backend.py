@@ -38,9 +38,8 @@ Actor logs (each remote method logs failures with the worker's slot, pid, node a
 re-raising) go to Ray's session log directory (``/tmp/ray/session_latest/logs/worker-*.err`` on
 each node); the driver logs every failure it handles with the same context.
 
-Fault injection (tests only): ``CODELENS_CRASH_SHARDS=3,7`` in the driver's environment is
-forwarded to the actors, and a worker process that starts one of those shards kills itself with
-``SIGKILL``, exactly as the kernel's OOM killer would. Unset, it changes nothing.
+The actors build ``RayExecutor``'s ``worker_cls`` (``LensWorker`` unless told otherwise), so a test
+can inject faults from its own ``LensWorker`` subclass; this module has no test-only code path.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import socket
 import time
 from collections import deque
@@ -98,9 +96,6 @@ MAX_REVIVE_DELAY_S = 2.0
 WAIT_S = 1.0
 """``ray.wait`` timeout: how often the driver loop wakes up when nothing completes."""
 
-CRASH_SHARDS_ENV = "CODELENS_CRASH_SHARDS"
-"""Fault-injection hook for tests: comma-separated shard indices whose worker kills itself."""
-
 _CONSISTENT_KEYS = (
     "family",
     "model_class",
@@ -138,16 +133,6 @@ def _require_ray() -> None:
         )
 
 
-def _shard_set(text: str) -> frozenset[int]:
-    """Parse ``"1, 2,3"`` into shard indices (empty text: none)."""
-    try:
-        return frozenset(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise CodelensError(
-            f"{CRASH_SHARDS_ENV}={text!r}: expected comma-separated shard indices"
-        ) from None
-
-
 def _short(err: BaseException) -> str:
     """First line of an error, for logs and status (Ray's messages run to many lines)."""
     text = str(err).strip().splitlines()
@@ -170,9 +155,17 @@ class _LensActor:
         spec_json: the job spec as JSON (small, so Ray can keep it for restarts).
         slot: this actor's number among the job's actors (for logs).
         torch_threads: intra-op threads for torch, or None to leave torch's default.
+        worker_cls: the worker to build (``LensWorker``, or a subclass); Ray pickles the class,
+            so it must be importable in the actor's process or pickled by value.
     """
 
-    def __init__(self, spec_json: str, slot: int, torch_threads: int | None) -> None:
+    def __init__(
+        self,
+        spec_json: str,
+        slot: int,
+        torch_threads: int | None,
+        worker_cls: type[LensWorker] = LensWorker,
+    ) -> None:
         logging.basicConfig(
             level=logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -185,9 +178,8 @@ class _LensActor:
 
         hf_logging.disable_progress_bar()  # per-file loading bars would flood the worker logs
         self.slot = slot
-        self.worker = LensWorker(JobSpec.model_validate_json(spec_json))
+        self.worker = worker_cls(JobSpec.model_validate_json(spec_json))
         self.resolved: dict[str, Any] | None = None
-        self.crash_shards = _shard_set(os.environ.get(CRASH_SHARDS_ENV, ""))
 
     def describe(self) -> dict[str, Any]:
         """Where this actor runs: slot, pid, node, GPUs, torch threads, whether it was restarted."""
@@ -224,14 +216,6 @@ class _LensActor:
         try:
             if self.resolved is None:
                 self.load()
-            if shard.index in self.crash_shards:
-                log.warning(
-                    "%s: %s names shard %d: killing this process",
-                    self._where(),
-                    CRASH_SHARDS_ENV,
-                    shard.index,
-                )
-                os.kill(os.getpid(), signal.SIGKILL)
             return self.worker.run_shard(shard)
         except Exception:
             log.exception("%s: shard %d (attempt %d) failed", self._where(), shard.index, attempt)
@@ -274,12 +258,14 @@ class _Task:
 
 
 class RayExecutor:
-    """Runs a job's shards on Ray actors, each holding one ``LensWorker``.
+    """Runs a job's shards on Ray actors, each holding one ``LensWorker`` (an ``Executor``).
 
     Args:
         spec: the validated job.
         max_attempts: failed attempts after which a shard is reported as failed.
         in_flight_per_worker: shards submitted to one actor at a time.
+        worker_cls: the worker each actor builds (``LensWorker``, or a subclass such as a test's
+            fault-injecting one); Ray pickles it into the actor processes.
 
     Raises:
         CodelensError: Ray is not installed.
@@ -291,11 +277,13 @@ class RayExecutor:
         *,
         max_attempts: int = MAX_ATTEMPTS,
         in_flight_per_worker: int = IN_FLIGHT_PER_WORKER,
+        worker_cls: type[LensWorker] = LensWorker,
     ) -> None:
         _require_ray()
         self.spec = spec
         self.max_attempts = max_attempts
         self.in_flight_per_worker = in_flight_per_worker
+        self.worker_cls = worker_cls
         # Actors may run in another working directory, or on another node where the model lies
         # at the same absolute path: resolve a relative model path here, as the local backend
         # would resolve it against the driver's current directory.
@@ -320,18 +308,13 @@ class RayExecutor:
         """
         self._connect()
         n_workers, options, torch_threads = self._plan_actors()
-        env = os.environ.get(CRASH_SHARDS_ENV)
-        if env:
-            _shard_set(env)  # fail early on a malformed value
-            # Actor processes inherit the raylet's environment, not the driver's: forward it.
-            options["runtime_env"] = {"env_vars": {CRASH_SHARDS_ENV: env}}
         remote_cls = ray.remote(_LensActor)
         # max_restarts=-1: Ray restarts a dead actor process whenever it dies (the driver bounds
         # the damage: attempts per shard, reloads per actor). max_task_retries=0: Ray never
         # re-runs a task on its own; the driver resubmits, so it always knows where a shard is.
         actors = [
             remote_cls.options(max_restarts=-1, max_task_retries=0, **options).remote(
-                self._spec_json, i, torch_threads
+                self._spec_json, i, torch_threads, self.worker_cls
             )
             for i in range(n_workers)
         ]

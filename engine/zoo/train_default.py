@@ -1,7 +1,7 @@
 """Train the bundled default model ``codelens-stdlib-py`` from scratch on a CPU.
 
     python -m codelens.engine.zoo.train_default --out DIR [--seed 0] [--minutes 36] [--steps N]
-    python -m codelens.engine.zoo.train_default --out DIR --card-only   # (re)write MODEL_CARD.md
+    python -m codelens.workers.model_card DIR   # then (re)write DIR/MODEL_CARD.md
 
 What it does (everything local; nothing is downloaded):
 
@@ -24,8 +24,10 @@ What it does (everything local; nothing is downloaded):
    full held-out loss of the weights *as shipped* (cast to ``--save-dtype`` and back to fp32, as
    ``load_model`` reads them on a CPU).
 6. Output: ``config.json``, ``model.safetensors`` (bf16 by default), tokenizer files and
-   ``training_log.json`` in ``--out``. ``MODEL_CARD.md`` is written separately (it also quotes
-   the lens figures of a ``codelens run`` over the held-out files).
+   ``training_log.json`` in ``--out``. ``MODEL_CARD.md`` is written separately, by
+   ``python -m codelens.workers.model_card DIR``: it also quotes the lens figures of a lens run
+   over the held-out files, and running a job is the workers' business, not the engine's. This
+   module only formats the card (:func:`write_model_card`) from the ``summary.json`` it is given.
 
 Run it with one thread (``OMP_NUM_THREADS=1``; the script also calls ``torch.set_num_threads``).
 """
@@ -378,41 +380,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# MODEL_CARD.md: training figures from training_log.json + lens figures from a real `codelens run`.
+# MODEL_CARD.md: training figures from training_log.json + lens figures from a lens run's summary
+# (the run itself: codelens.workers.model_card).
 # --------------------------------------------------------------------------------------------------
-
-
-def lens_job_data(model_dir: Path, files: list[Path], run_dir: Path) -> dict[str, Any]:
-    """The held-out lens job whose summary.json the model card quotes."""
-    return {
-        "schema_version": 1,
-        "name": "codelens-stdlib-py-held-out",
-        "model": {"path": str(model_dir), "dtype": "auto", "device": "cpu"},
-        "corpus": {"kind": "files", "paths": [str(p) for p in files]},
-        "tokens": {"window": 256, "overlap": 32, "add_bos": True},
-        "lens": {"layers": "all", "k": 5, "lookahead": [], "kl_final": True, "entropy": True},
-        "output": {"dir": str(run_dir), "shard_tokens": 16384},
-        "execution": {"backend": "local", "batch_tokens": 4096},
-    }
-
-
-def run_lens_job(model_dir: Path, work: Path) -> dict[str, Any]:
-    """Run ``codelens run`` (the installed console script) over every held-out file."""
-    import subprocess
-
-    import yaml
-
-    from codelens.engine.zoo.default_model import held_out_files
-
-    work.mkdir(parents=True, exist_ok=True)
-    job = work / "job.yaml"
-    data = lens_job_data(model_dir, held_out_files(), work / "run")
-    job.write_text(yaml.safe_dump(data, sort_keys=False))
-    exe = Path(sys.executable).parent / "codelens"
-    subprocess.run([str(exe), "run", str(job), "--overwrite"], check=True)
-    summary = json.loads((work / "run" / "summary.json").read_text())
-    summary["_files"] = len(data["corpus"]["paths"])
-    return summary
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -420,7 +390,11 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 
 def write_model_card(model_dir: Path, summary: dict[str, Any]) -> Path:
-    """Write ``MODEL_CARD.md`` from ``training_log.json`` and a lens run's ``summary.json``."""
+    """Write ``MODEL_CARD.md`` from ``training_log.json`` and a lens run's ``summary.json``.
+
+    ``summary`` also carries ``_files``, the number of files the run read (the card quotes it);
+    ``codelens.workers.model_card`` runs the job and passes it here.
+    """
     log = json.loads((model_dir / "training_log.json").read_text())
     m, d, t, f = log["model"], log["data"], log["training"], log["final"]
     size = (model_dir / "model.safetensors").stat().st_size
@@ -452,6 +426,11 @@ def write_model_card(model_dir: Path, summary: dict[str, Any]) -> Path:
         f"{a['ctx']} tokens (`max_position_embeddings` {a['max_positions']}: RoPE; longer windows "
         "run but were never trained)"
     )
+    training_command = (
+        f"python -m codelens.engine.zoo.train_default --out DIR --seed {a['seed']} "
+        f"--minutes {a['minutes']:g}"
+    )
+    checked_by = "`tests/engine/zoo/test_default_model.py`"  # (named here to keep lines short)
     weights = (
         f"`model.safetensors`, {m['save_dtype']}, {size / 2**20:.2f} MiB (`load_model` upcasts to "
         "float32 on a CPU)"
@@ -486,7 +465,7 @@ what the lens shows and to test the pipeline, not to study a real code LLM.
 
 ## Training
 
-`python -m codelens.engine.zoo.train_default --out DIR --seed {a["seed"]} --minutes {a["minutes"]:g}`
+`{training_command}`
 (one CPU thread). AdamW (betas 0.9/0.95, weight decay {a["weight_decay"]} on matrices), peak
 learning rate {a["lr"]:g}, {a["warmup"]} warmup steps then cosine decay to 10%, gradient clipping
 1.0, batch {a["batch"]} x {a["ctx"]} = {a["batch"] * a["ctx"]:,} tokens per step.
@@ -522,7 +501,7 @@ Top-1 accuracy and ranks are of the true next token; median rank is the lower ed
 power-of-two histogram bin (rank 0 = top-1). Layer 0 is the embedding output read through the
 final norm and `lm_head`; layer {m["layers"]} is
 the model's own output (its top-1 accuracy, {_fmt(last["top1_accuracy"])}, is the model's
-next-token accuracy on held-out code). `tests/engine/zoo/test_default_model.py` checks these trends on a
+next-token accuracy on held-out code). {checked_by} checks these trends on a
 small held-out sample.
 
 ## Limitations
@@ -536,20 +515,8 @@ near-duplicate files (e.g. the `encodings/cp*.py` code pages) can sit on both si
     return path
 
 
-def card_main(model_dir: Path, work: Path) -> None:
-    """``--card-only``: run the held-out lens job and (re)write MODEL_CARD.md."""
-    summary = run_lens_job(model_dir, work)
-    print(write_model_card(model_dir, summary))
-
-
 if __name__ == "__main__":
     if "--card-only" in sys.argv:
-        argv = [a for a in sys.argv[1:] if a != "--card-only"]
-        parsed = parse_args(argv)
-        import tempfile
-
-        # The lens run goes to a temporary directory, never next to the packaged model.
-        with tempfile.TemporaryDirectory(prefix="codelens-card-") as tmp:
-            card_main(parsed.out, Path(tmp))
-    else:
-        main(sys.argv[1:])
+        # The card quotes a lens run, and the engine runs no jobs: that step is a workers module.
+        sys.exit("MODEL_CARD.md is written by: python -m codelens.workers.model_card MODEL_DIR")
+    main(sys.argv[1:])

@@ -3,13 +3,15 @@
 Every Ray run is compared with the local backend's run of the same job: rows must be equal, row
 for row and bit for bit, and summary.json identical. Faults are real ones: worker processes killed
 with SIGKILL from the test, the driver (a ``codelens run`` subprocess) killed with SIGKILL, and a
-document the model genuinely cannot run (a token id beyond its embedding table). One fault needs
-the test-only hook ``CODELENS_CRASH_SHARDS``: a worker that dies every time it touches one shard.
+document the model genuinely cannot run (a token id beyond its embedding table). One fault is
+injected through ``run_job(spec, executor=RayExecutor(spec, worker_cls=...))`` with a worker class
+from conftest.py (``shard_killing_worker``): a worker that dies every time it touches one shard.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -32,7 +34,10 @@ import yaml
 pytest.importorskip("ray")
 
 from codelens.engine.schemas import JobSpec, validate_spec  # noqa: E402
+from codelens.workers.executor import Executor  # noqa: E402
 from codelens.workers.job import JobFailedError, run_job  # noqa: E402
+from codelens.workers.local import LocalExecutor  # noqa: E402
+from codelens.workers.ray_backend import RayExecutor  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -324,14 +329,24 @@ def test_poisoned_shard_fails_after_three_attempts_and_only_it_is_retried(
     assert st["shards_done"] == st["shards_total"] - 1 and st["retries"] == 2
 
 
+def test_local_and_ray_executors_implement_the_executor_protocol(tiny_model_dir, corpus, tmp_path):
+    protocol_methods = ("start", "run", "shutdown")
+    for backend, cls in (("local", LocalExecutor), ("ray", RayExecutor)):
+        executor = cls(make_spec(tiny_model_dir("llama"), corpus, tmp_path, backend=backend))
+        assert isinstance(executor, Executor), cls
+        for name in protocol_methods:
+            wanted = inspect.signature(getattr(Executor, name))
+            assert inspect.signature(getattr(cls, name)) == wanted, f"{cls.__name__}.{name}"
+
+
 def test_shard_that_kills_every_worker_is_given_up_and_later_completed(
-    ray_cluster, tiny_model_dir, corpus, local_run, tmp_path, monkeypatch
+    ray_cluster, tiny_model_dir, corpus, local_run, tmp_path, shard_killing_worker
 ):
     out = tmp_path / "run"
     spec = make_spec(tiny_model_dir("llama"), corpus, out)
-    monkeypatch.setenv("CODELENS_CRASH_SHARDS", "5")
+    killed_by_shard_5 = RayExecutor(spec, worker_cls=shard_killing_worker(5))
     with pytest.raises(JobFailedError, match=r"1 shard\(s\) failed \(shard 5: worker died"):
-        run_job(spec, show_progress=False)
+        run_job(spec, show_progress=False, executor=killed_by_shard_5)
     st = status(out)
     assert [f["shard"] for f in st["failures"]] == [5]
     assert st["failures"][0]["error"].endswith("(after 3 attempts)")
@@ -340,7 +355,7 @@ def test_shard_that_kills_every_worker_is_given_up_and_later_completed(
     assert sorted(manifest_shards(out)) == [i for i in range(total) if i != 5]
     assert st["retries"] >= 2
 
-    monkeypatch.delenv("CODELENS_CRASH_SHARDS")
+    # Without the fault (the default executor), the rerun completes the shard given up on.
     assert run_job(spec, show_progress=False).shards_run == 1
     assert_same_rows(pq.read_table(out / "lens"), pq.read_table(local_run / "lens"))
     assert (out / "summary.json").read_text() == (local_run / "summary.json").read_text()

@@ -23,8 +23,11 @@ layer  top-1 accuracy mean target log-prob mean KL to final
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +46,7 @@ from codelens.engine.zoo.default_model import (
     stdlib_root,
 )
 from codelens.workers.job import run_job
+from codelens.workers.model_card import write_card
 
 TOP1_THRESHOLD = 0.25
 LOGPROB_GAIN_THRESHOLD = 3.0
@@ -151,3 +155,40 @@ def test_logprob_rises_and_kl_falls_with_depth(held_out_summary) -> None:
     assert all(b >= a - MONOTONE_TOL for a, b in zip(lp, lp[1:], strict=False)), lp
     assert kl[-1] < 1e-3 < kl[0], kl
     assert all(b <= a + MONOTONE_TOL for a, b in zip(kl, kl[1:], strict=False)), kl
+
+
+def test_training_script_runs_and_imports_no_workers() -> None:
+    """The engine's training script neither imports nor starts ``codelens.workers`` code.
+
+    (tests/test_packaging.py checks imports; this also catches a ``codelens`` CLI subprocess.)
+    """
+    import codelens.engine.zoo.train_default as train_default
+
+    source = Path(train_default.__file__).read_text()
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert not {m for m in imported if m and m.startswith("codelens.workers")}, imported
+    assert "subprocess" not in imported
+
+
+def test_model_card_is_written_from_a_held_out_lens_run(tmp_path) -> None:
+    """``codelens.workers.model_card`` runs the held-out job, then writes the card (1 file here)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(MODEL, model_dir)
+    (model_dir / "MODEL_CARD.md").unlink()
+    card = write_card(model_dir, tmp_path / "work", files=held_out_sample(1))
+
+    assert card == model_dir / "MODEL_CARD.md"
+    text = card.read_text()
+    summary = json.loads((tmp_path / "work" / "run" / "summary.json").read_text())
+    log = json.loads((model_dir / "training_log.json").read_text())
+    assert "over all 1 held-out files" in text
+    assert f"({summary['tokens']:,}" in text
+    assert "python -m codelens.engine.zoo.train_default --out DIR" in text
+    assert f"{log['final']['held_out_loss']:.3f} nats/token" in text
+    last = summary["layers"][-1]
+    assert f"| {last['layer']} | {last['top1_accuracy']:.3f} |" in text

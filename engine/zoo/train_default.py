@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from codelens.engine.zoo.default_model import (
@@ -53,7 +52,7 @@ from codelens.engine.zoo.default_model import (
     split_files,
     stdlib_root,
 )
-from codelens.engine.zoo.tiny_models import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+from codelens.engine.zoo.tiny_models import train_bpe_tokenizer
 
 
 def read_texts(root: Path, rel_paths: list[str]) -> list[str]:
@@ -67,27 +66,6 @@ def read_texts(root: Path, rel_paths: list[str]) -> list[str]:
         if text.strip():
             texts.append(text)
     return texts
-
-
-def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with ``<s>`` / ``</s>`` / ``<pad>`` (ids 0, 1, 2) trained on ``texts``."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        model_max_length=max_length,
-    )
 
 
 def token_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
@@ -191,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     held_texts = read_texts(root, held_rel)
     print(f"data: {len(train_texts)} train / {len(held_texts)} held-out files", flush=True)
 
-    tokenizer = train_tokenizer(train_texts, args.vocab, args.max_positions)
+    tokenizer = train_bpe_tokenizer(train_texts, args.vocab, max_length=args.max_positions)
     assert len(tokenizer) <= args.vocab, (len(tokenizer), args.vocab)
     train_stream = token_stream(tokenizer, train_texts)
     held_stream = token_stream(tokenizer, held_texts)

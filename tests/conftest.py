@@ -10,7 +10,31 @@ A test argument named ``tiny_family`` is parametrized over every tiny-model fami
 
 ``ray_cluster`` starts one local Ray instance for the session (Ray tests only; skipped without Ray).
 
-``assert_same_rows(a, b)``: two lens tables hold the same rows (any row order, NaN equal to NaN).
+``assert_same_rows(a, b, atol=None)``: two lens tables hold the same rows (any row order, NaN equal
+to NaN); with ``atol``, float columns agree within it instead of bit for bit.
+
+Jobs and run directories (each a factory, shared by the engine, kernel and workers tests):
+
+- ``write_corpus(root, {"a.py": "...", "sub/b.bin": b"..."})``: writes the files (str as UTF-8,
+  bytes as they are, parent folders made) under ``root`` and returns ``root``.
+- ``job_spec(model_dir, corpus, out, base=None, *, glob="*.py", device="cpu", **sections)``: the
+  validated ``JobSpec`` of a job over the files ``corpus / glob`` with the model at ``model_dir``
+  on ``device`` (``None``: left out, i.e. ``auto``), writing to ``out``.
+  ``base`` and then ``sections`` (``name=``, ``model=``, ``tokens=``, ``lens=``, ``output=``,
+  ``execution=``, ...) are laid over that: a dict is merged into the section it names, key by key,
+  anything else replaces it. A test module keeps its own settings in a ``base`` dict and passes
+  only what a test changes: ``job_spec(model, corpus, out, JOB, lens={"k": 3})``.
+- ``job_file(path, model_dir, corpus, out, base=None, **same)``: the same job, as the user writes
+  it (the unvalidated sections, not every default), saved as YAML at ``path``; returns ``path``.
+- ``read_rows(run_dir, stack=())``: a run's ``lens/`` part files as ``{column: numpy array}``
+  (list columns as arrays of arrays, or stacked into 2-D arrays for the names in ``stack``;
+  dictionary columns such as ``category`` as object arrays of str, a null as None).
+- ``read_status(run_dir)``: ``_status.json`` as a dict.
+- ``read_manifest(run_dir, running=False)``: the entries (dicts) of ``_manifest.jsonl`` in file
+  order. ``running=True`` reads a job that may still be writing: no manifest yet is ``[]`` and a
+  torn line is passed over (without it, either is an error).
+
+``dead_pid``: the pid of a process of this host that has exited (a killed driver's, for locks).
 """
 
 from __future__ import annotations
@@ -25,16 +49,22 @@ import shutil
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Callable, Iterable, Iterator, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 from codelens.engine.model.loading import LoadedModel, load_model  # noqa: E402
+from codelens.engine.schemas import JobSpec, validate_spec  # noqa: E402
 from codelens.engine.zoo.tiny_models import TINY_FAMILIES, build_tiny_model  # noqa: E402
 
 
@@ -119,7 +149,7 @@ def ray_cluster() -> Iterator[str]:
                 os.environ[key] = value
 
 
-def _assert_same_rows(a: pa.Table, b: pa.Table) -> None:
+def _assert_same_rows(a: pa.Table, b: pa.Table, atol: float | None = None) -> None:
     key = [("layer", "ascending"), ("doc", "ascending"), ("pos", "ascending")]
     a, b = a.sort_by(key), b.sort_by(key)
     assert a.schema == b.schema and a.num_rows == b.num_rows
@@ -128,11 +158,158 @@ def _assert_same_rows(a: pa.Table, b: pa.Table) -> None:
         y = b.column(name).to_numpy(zero_copy_only=False)
         if x.dtype == object:
             x, y = np.stack(x), np.stack(y)
-        np.testing.assert_array_equal(x, y, err_msg=name)
+        if atol is not None and x.dtype.kind == "f":
+            assert np.array_equal(np.isnan(x), np.isnan(y)), name
+            assert np.nanmax(np.abs(x - y)) < atol, name
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=name)
 
 
 @pytest.fixture(scope="session")
-def assert_same_rows() -> Callable[[pa.Table, pa.Table], None]:
-    """``assert_same_rows(a, b)``: equal schemas and rows, column by column, in (layer, doc, pos)
-    order, NaN equal to NaN (pyarrow's ``equals`` says NaN != NaN)."""
+def assert_same_rows() -> Callable[..., None]:
+    """``assert_same_rows(a, b, atol=None)``: equal schemas and rows, column by column, in (layer,
+    doc, pos) order, NaN equal to NaN (pyarrow's ``equals`` says NaN != NaN). With ``atol``, float
+    columns need NaN in the same places and ``max |a - b| < atol`` elsewhere (two computations of
+    the same statistics); the other columns are still compared exactly."""
     return _assert_same_rows
+
+
+# --- jobs and run directories ---------------------------------------------------------------------
+
+
+def _write_corpus(root: Path, files: Mapping[str, str | bytes]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_corpus() -> Callable[[Path, Mapping[str, str | bytes]], Path]:
+    """``write_corpus(root, files) -> root``: each ``name: text`` of ``files`` written under
+    ``root`` (str as UTF-8, bytes as they are; ``root`` and sub-folders of names are made)."""
+    return _write_corpus
+
+
+def _job_data(
+    model_dir: Path | str,
+    corpus: Path,
+    out: Path | str,
+    base: Mapping[str, Any] | None = None,
+    *,
+    glob: str = "*.py",
+    device: str | None = "cpu",
+    **sections: Any,
+) -> dict[str, Any]:
+    model: dict[str, Any] = {"path": str(model_dir)}
+    if device is not None:
+        model["device"] = device
+    data: dict[str, Any] = {
+        "model": model,
+        "corpus": {"kind": "files", "paths": [str(corpus / glob)]},
+        "output": {"dir": str(out)},
+    }
+    for layer in (base or {}, sections):
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(data.get(key), Mapping):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = dict(value) if isinstance(value, Mapping) else value
+    return data
+
+
+@pytest.fixture(scope="session")
+def job_spec() -> Callable[..., JobSpec]:
+    """``job_spec(model_dir, corpus, out, base=None, *, glob="*.py", device="cpu", **sections)``:
+    the validated spec of a files job (see this module's docstring for how sections combine)."""
+
+    def make(*args: Any, **kwargs: Any) -> JobSpec:
+        return validate_spec(_job_data(*args, **kwargs))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def job_file() -> Callable[..., Path]:
+    """``job_file(path, model_dir, corpus, out, base=None, **same as job_spec) -> path``: the job
+    written as YAML, only the sections given (what a user writes; the CLI validates it)."""
+
+    def write(path: Path, *args: Any, **kwargs: Any) -> Path:
+        path.write_text(yaml.safe_dump(_job_data(*args, **kwargs)))
+        return path
+
+    return write
+
+
+def _read_rows(run_dir: Path, stack: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    table = pq.read_table(run_dir / "lens")
+    stack = set(stack)
+    rows = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_dictionary(column.type):  # to_numpy would fill a null with a category
+            rows[name] = np.array(column.to_pylist(), dtype=object)
+        elif name in stack:
+            rows[name] = np.stack(column.to_numpy(zero_copy_only=False))
+        else:
+            rows[name] = column.to_numpy(zero_copy_only=False)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def read_rows() -> Callable[..., dict[str, np.ndarray]]:
+    """``read_rows(run_dir, stack=())``: the rows of ``run_dir/lens`` as ``{column: array}``, in
+    file order. A list column is an object array of arrays, or a 2-D array if named in ``stack``;
+    a dictionary column (``category``) is an object array of str (None for a null)."""
+    return _read_rows
+
+
+@pytest.fixture(scope="session")
+def read_status() -> Callable[[Path], dict[str, Any]]:
+    """``read_status(run_dir)``: the run's ``_status.json``."""
+
+    def read(run_dir: Path) -> dict[str, Any]:
+        return json.loads((run_dir / "_status.json").read_text())
+
+    return read
+
+
+@pytest.fixture(scope="session")
+def read_manifest() -> Callable[..., list[dict[str, Any]]]:
+    """``read_manifest(run_dir, running=False)``: the entries of ``_manifest.jsonl``, in order.
+
+    ``running=True`` is for a job still being written: a missing manifest reads as ``[]`` and a
+    line that is not JSON (torn, being appended) is passed over. Otherwise both raise.
+    """
+
+    def read(run_dir: Path, running: bool = False) -> list[dict[str, Any]]:
+        path = run_dir / "_manifest.jsonl"
+        if running and not path.exists():
+            return []
+        entries = []
+        for line in path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not running:
+                    raise
+        return entries
+
+    return read
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process (a Python child of this one) that has exited."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(done.stdout)

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from codelens.engine.errors import CodelensError, ModelLoadError
@@ -74,24 +73,21 @@ def test_triton_36_interpreter_needs_numpy_below_24(installed, monkeypatch):
     assert triton_unavailable_reason(torch.device("cpu")) is None
 
 
-def write_job(tmp_path, model_dir, **lens) -> str:
-    """A one-file job over ``model_dir`` writing to ``tmp_path/run``; returns the spec's path."""
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.py").write_text("def f(x):\n    return x\n")
-    job = tmp_path / "job.yaml"
-    spec = {
-        "model": {"path": str(model_dir), "device": "cpu"},
-        "corpus": {"paths": [str(src / "*.py")]},
-        "lens": lens,
-        "output": {"dir": str(tmp_path / "run")},
-    }
-    job.write_text(yaml.safe_dump(spec))
-    return str(job)
+@pytest.fixture
+def write_job(tiny_model_dir, tmp_path, write_corpus, job_file):
+    """``write_job(**lens)``: a one-file job over the tiny llama writing to ``tmp_path/run``;
+    returns the spec's path."""
+
+    def write(**lens) -> str:
+        src = write_corpus(tmp_path / "src", {"a.py": "def f(x):\n    return x\n"})
+        model = tiny_model_dir("llama")
+        return str(job_file(tmp_path / "job.yaml", model, src, tmp_path / "run", lens=lens))
+
+    return write
 
 
-def test_run_with_an_unsupported_triton_fails_before_any_shard(installed, tiny_model_dir, tmp_path):
-    job = write_job(tmp_path, tiny_model_dir("llama"), impl="triton")
+def test_run_with_an_unsupported_triton_fails_before_any_shard(installed, write_job, tmp_path):
+    job = write_job(impl="triton")
     installed(triton="3.5.0")
     result = CliRunner().invoke(app, ["run", job])
     assert result.exit_code == 2, result.output
@@ -116,9 +112,9 @@ def test_old_ray_is_refused_by_name(monkeypatch):
         ray_backend._require_ray()
 
 
-def test_job_json_records_the_versions(tiny_model_dir, tmp_path):
+def test_job_json_records_the_versions(write_job, tmp_path):
     """The versions a run used are in job.json, so its numbers can be traced to a lock."""
-    result = CliRunner().invoke(app, ["run", write_job(tmp_path, tiny_model_dir("llama"))])
+    result = CliRunner().invoke(app, ["run", write_job()])
     assert result.exit_code == 0, result.output
     versions = json.loads((tmp_path / "run" / "job.json").read_text())["versions"]
     for name in ("torch", "transformers", "pyarrow"):

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from codelens.workers.cli import app
@@ -17,28 +16,26 @@ from codelens.workers.cli import app
 runner = CliRunner()
 
 
-def write_job(tmp_path: Path, model_dir: Path, **lens) -> Path:
-    corpus = tmp_path / "src"
-    corpus.mkdir(exist_ok=True)
-    (corpus / "m.py").write_text("def f(x):\n    return x + 1\n\nprint(f(2))\n")
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"path": str(model_dir)},
-                "corpus": {"paths": [str(corpus / "*.py")]},
-                "tokens": {"window": 64, "overlap": 8},
-                "lens": {"k": 3, **lens},
-                "output": {"dir": str(tmp_path / "run")},
-                "execution": {"batch_tokens": 128},
-            }
-        )
+@pytest.fixture
+def job(tiny_model_dir, tmp_path: Path, write_corpus, job_file) -> Path:
+    """``tmp_path/job.yaml``: the tiny llama (device left to ``auto``) over one file in
+    ``tmp_path/src``, writing ``tmp_path/run``."""
+    corpus = write_corpus(
+        tmp_path / "src", {"m.py": "def f(x):\n    return x + 1\n\nprint(f(2))\n"}
     )
-    return job
+    return job_file(
+        tmp_path / "job.yaml",
+        tiny_model_dir("llama"),
+        corpus,
+        tmp_path / "run",
+        device=None,
+        tokens={"window": 64, "overlap": 8},
+        lens={"k": 3},
+        execution={"batch_tokens": 128},
+    )
 
 
-def test_console_script_runs_a_job_and_reports_status(tiny_model_dir, tmp_path):
-    job = write_job(tmp_path, tiny_model_dir("llama"))
+def test_console_script_runs_a_job_and_reports_status(job, tmp_path):
     env = {**os.environ, "COLUMNS": "200"}
     done = subprocess.run(
         ["codelens", "run", str(job)], capture_output=True, text=True, env=env, timeout=300
@@ -54,8 +51,7 @@ def test_console_script_runs_a_job_and_reports_status(tiny_model_dir, tmp_path):
     assert again.returncode == 0 and "nothing to do" in again.stderr
 
 
-def test_set_overrides_and_overwrite(tiny_model_dir, tmp_path):
-    job = write_job(tmp_path, tiny_model_dir("llama"))
+def test_set_overrides_and_overwrite(job, tmp_path):
     assert runner.invoke(app, ["run", str(job)]).exit_code == 0
     refused = runner.invoke(app, ["run", str(job), "--set", "lens.k=2"])
     assert (
@@ -80,8 +76,7 @@ def test_set_overrides_and_overwrite(tiny_model_dir, tmp_path):
         (["--set", "model.dtype=int4"], "model.dtype"),
     ],
 )
-def test_bad_input_exits_2_with_a_clear_message(tiny_model_dir, tmp_path, setting, message):
-    job = write_job(tmp_path, tiny_model_dir("llama"))
+def test_bad_input_exits_2_with_a_clear_message(job, setting, message):
     result = runner.invoke(app, ["run", str(job), *setting])
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())

@@ -33,7 +33,7 @@ import yaml
 
 pytest.importorskip("ray")
 
-from codelens.engine.schemas import JobSpec, validate_spec  # noqa: E402
+from codelens.engine.schemas import JobSpec  # noqa: E402
 from codelens.workers.executor import Executor  # noqa: E402
 from codelens.workers.job import JobFailedError, run_job  # noqa: E402
 from codelens.workers.local import LocalExecutor  # noqa: E402
@@ -44,47 +44,22 @@ pytestmark = pytest.mark.ray
 N_DOCS = 8
 
 
-def write_corpus(root: Path, extra: dict[str, str] | None = None) -> Path:
-    """Eight Python files of ~230 tokens: with 64-token windows, about 33 shards of 48 tokens."""
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(N_DOCS):
-        body = "".join(
-            f"def f{j}_{i}(x, y):\n    if x > {j}:\n        return x * {i} + y\n    return None\n\n"
-            for j in range(6)
-        )
-        (root / f"m{i}.py").write_text(body)
-    for name, text in (extra or {}).items():
-        (root / name).write_text(text)
-    return root
-
-
-def make_spec(
-    model_dir: Path, corpus: Path, out: Path, *, backend: str = "ray", **execution: Any
-) -> JobSpec:
-    return validate_spec(
-        {
-            "name": "ray-test",
-            "model": {"path": str(model_dir), "device": "cpu"},
-            "corpus": {"kind": "files", "paths": [str(corpus / "*.py")]},
-            "tokens": {"window": 64, "overlap": 8},
-            "lens": {"k": 5, "lookahead": [2], "token_sets": {"kw": ["def", "return"]}},
-            "output": {"dir": str(out), "shard_tokens": 48},
-            "execution": {"backend": backend, "workers": 2, "batch_tokens": 256, **execution},
-        }
+# Eight Python files of ~230 tokens: with 64-token windows, about 33 shards of 48 tokens.
+FILES = {
+    f"m{i}.py": "".join(
+        f"def f{j}_{i}(x, y):\n    if x > {j}:\n        return x * {i} + y\n    return None\n\n"
+        for j in range(6)
     )
-
-
-def assert_same_rows(a: pa.Table, b: pa.Table) -> None:
-    """Tables equal column by column, NaN equal to NaN (pyarrow's equals says NaN != NaN)."""
-    key = [("layer", "ascending"), ("doc", "ascending"), ("pos", "ascending")]
-    a, b = a.sort_by(key), b.sort_by(key)
-    assert a.schema == b.schema and a.num_rows == b.num_rows
-    for name in a.column_names:
-        x = a.column(name).to_numpy(zero_copy_only=False)
-        y = b.column(name).to_numpy(zero_copy_only=False)
-        if x.dtype == object:
-            x, y = np.stack(x), np.stack(y)
-        np.testing.assert_array_equal(x, y, err_msg=name)
+    for i in range(N_DOCS)
+}
+# The Ray job of these tests: ``job_spec(model, corpus, out, JOB, execution={...})``.
+JOB = {
+    "name": "ray-test",
+    "tokens": {"window": 64, "overlap": 8},
+    "lens": {"k": 5, "lookahead": [2], "token_sets": {"kw": ["def", "return"]}},
+    "output": {"shard_tokens": 48},
+    "execution": {"backend": "ray", "workers": 2, "batch_tokens": 256},
+}
 
 
 def assert_each_row_once(table: pa.Table) -> None:
@@ -92,21 +67,8 @@ def assert_each_row_once(table: pa.Table) -> None:
     assert len(np.unique(keys, axis=0)) == table.num_rows, "a (doc, pos, layer) row is duplicated"
 
 
-def manifest_shards(run_dir: Path) -> list[int]:
-    path = run_dir / "_manifest.jsonl"
-    if not path.exists():
-        return []
-    shards = []
-    for line in path.read_text().splitlines():
-        try:
-            shards.append(json.loads(line)["shard"])
-        except json.JSONDecodeError:
-            pass  # a torn last line, being written
-    return shards
-
-
-def status(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "_status.json").read_text())
+def shards(entries: list[dict[str, Any]]) -> list[int]:
+    return [entry["shard"] for entry in entries]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -118,8 +80,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("ray-corpus"))
+def corpus(tmp_path_factory: pytest.TempPathFactory, write_corpus) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("ray-corpus"), FILES)
 
 
 @contextlib.contextmanager
@@ -144,24 +106,28 @@ def run_local(spec: JobSpec) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_run(tiny_model_dir, corpus, tmp_path_factory) -> Path:
+def local_run(tiny_model_dir, corpus, tmp_path_factory, job_spec, read_manifest) -> Path:
     """The reference: the same job on the local backend."""
     out = tmp_path_factory.mktemp("ray-ref") / "run"
-    run_local(make_spec(tiny_model_dir("llama"), corpus, out, backend="local"))
-    assert len(manifest_shards(out)) > 20, "the job must have many shards for the fault tests"
+    run_local(job_spec(tiny_model_dir("llama"), corpus, out, JOB, execution={"backend": "local"}))
+    assert len(shards(read_manifest(out, running=True))) > 20, (
+        "the job must have many shards for the fault tests"
+    )
     return out
 
 
-def test_missing_ray_is_named(tiny_model_dir, corpus, tmp_path, monkeypatch):
+def test_missing_ray_is_named(tiny_model_dir, corpus, tmp_path, monkeypatch, job_spec):
     from codelens.engine.errors import CodelensError
     from codelens.workers import ray_backend
 
     monkeypatch.setattr(ray_backend, "ray", None)
     with pytest.raises(CodelensError, match=r"pip install 'code-llm-lens\[ray\]'"):
-        run_job(make_spec(tiny_model_dir("llama"), corpus, tmp_path / "run"), show_progress=False)
+        run_job(
+            job_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", JOB), show_progress=False
+        )
 
 
-def test_cpu_workers_share_the_cores(ray_cluster, tiny_model_dir, corpus, tmp_path):
+def test_cpu_workers_share_the_cores(ray_cluster, tiny_model_dir, corpus, tmp_path, job_spec):
     import ray
 
     from codelens.workers.ray_backend import RayExecutor
@@ -170,7 +136,9 @@ def test_cpu_workers_share_the_cores(ray_cluster, tiny_model_dir, corpus, tmp_pa
     wait_for(lambda: ray.available_resources().get("CPU", 0) == 2, 30, "the CPUs to be free")
     model = tiny_model_dir("llama")
     plans = {
-        n: RayExecutor(make_spec(model, corpus, tmp_path, workers=n))._plan_actors()
+        n: RayExecutor(
+            job_spec(model, corpus, tmp_path, JOB, execution={"workers": n})
+        )._plan_actors()
         for n in (1, 2, 4)
     }
     # (actors, resources per actor, torch threads per actor)
@@ -179,9 +147,19 @@ def test_cpu_workers_share_the_cores(ray_cluster, tiny_model_dir, corpus, tmp_pa
     assert plans[4] == (4, {"num_cpus": 0.5, "num_gpus": 0, "scheduling_strategy": "SPREAD"}, 1)
 
 
-def test_ray_run_equals_the_local_run(ray_cluster, tiny_model_dir, corpus, local_run, tmp_path):
+def test_ray_run_equals_the_local_run(
+    ray_cluster,
+    tiny_model_dir,
+    corpus,
+    local_run,
+    tmp_path,
+    job_spec,
+    read_manifest,
+    read_status,
+    assert_same_rows,
+):
     out = tmp_path / "run"
-    outcome = run_job(make_spec(tiny_model_dir("llama"), corpus, out), show_progress=False)
+    outcome = run_job(job_spec(tiny_model_dir("llama"), corpus, out, JOB), show_progress=False)
 
     assert outcome.state == "done" and outcome.resolved["backend"] == "ray"
     workers = outcome.resolved["workers"]
@@ -190,13 +168,23 @@ def test_ray_run_equals_the_local_run(ray_cluster, tiny_model_dir, corpus, local
     assert outcome.resolved["ray"]["started_local_cluster"] is False  # attached to the session's
     assert_same_rows(pq.read_table(out / "lens"), pq.read_table(local_run / "lens"))
     assert (out / "summary.json").read_text() == (local_run / "summary.json").read_text()
-    assert sorted(manifest_shards(out)) == sorted(manifest_shards(local_run))
-    st = status(out)
+    assert sorted(shards(read_manifest(out, running=True))) == sorted(
+        shards(read_manifest(local_run, running=True))
+    )
+    st = read_status(out)
     assert (st["state"], st["workers_alive"], st["retries"], st["failures"]) == ("done", 2, 0, [])
 
 
 def test_killed_workers_are_restarted_and_every_row_is_written_once(
-    ray_cluster, tiny_model_dir, corpus, local_run, tmp_path
+    ray_cluster,
+    tiny_model_dir,
+    corpus,
+    local_run,
+    tmp_path,
+    job_spec,
+    read_manifest,
+    read_status,
+    assert_same_rows,
 ):
     from typer.testing import CliRunner
 
@@ -207,15 +195,21 @@ def test_killed_workers_are_restarted_and_every_row_is_written_once(
 
     def job() -> None:
         try:
-            run_job(make_spec(tiny_model_dir("llama"), corpus, out), show_progress=False)
+            run_job(job_spec(tiny_model_dir("llama"), corpus, out, JOB), show_progress=False)
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(e)
 
     driver = threading.Thread(target=job)
     driver.start()
-    wait_for(lambda: len(manifest_shards(out)) >= 1 or not driver.is_alive(), 180, "a first commit")
-    total = len(manifest_shards(local_run))
-    assert len(manifest_shards(out)) < total, "the job ended before the workers could be killed"
+    wait_for(
+        lambda: len(shards(read_manifest(out, running=True))) >= 1 or not driver.is_alive(),
+        180,
+        "a first commit",
+    )
+    total = len(shards(read_manifest(local_run, running=True)))
+    assert len(shards(read_manifest(out, running=True))) < total, (
+        "the job ended before the workers could be killed"
+    )
     pids = [w["pid"] for w in json.loads((out / "job.json").read_text())["resolved"]["workers"]]
     for pid in pids:  # both: the job can only finish on restarted processes that reloaded the model
         os.kill(pid, signal.SIGKILL)
@@ -228,8 +222,10 @@ def test_killed_workers_are_restarted_and_every_row_is_written_once(
     assert_each_row_once(table)
     assert_same_rows(table, pq.read_table(local_run / "lens"))
     assert (out / "summary.json").read_text() == (local_run / "summary.json").read_text()
-    assert sorted(manifest_shards(out)) == list(range(total)), "each shard committed exactly once"
-    st = status(out)
+    assert sorted(shards(read_manifest(out, running=True))) == list(range(total)), (
+        "each shard committed exactly once"
+    )
+    st = read_status(out)
     assert st["state"] == "done" and st["failures"] == []
     assert st["retries"] >= 2, "each killed worker held at least one shard that had to run again"
     assert 1 <= st["workers_alive"] <= 2
@@ -243,10 +239,20 @@ def test_killed_workers_are_restarted_and_every_row_is_written_once(
 
 
 def test_killed_driver_resumes_with_each_row_once(
-    ray_cluster, tiny_model_dir, corpus, local_run, tmp_path
+    ray_cluster,
+    tiny_model_dir,
+    corpus,
+    local_run,
+    tmp_path,
+    job_spec,
+    read_manifest,
+    read_status,
+    assert_same_rows,
 ):
     out = tmp_path / "run"
-    spec = make_spec(tiny_model_dir("llama"), corpus, out, ray_address=ray_cluster)
+    spec = job_spec(
+        tiny_model_dir("llama"), corpus, out, JOB, execution={"ray_address": ray_cluster}
+    )
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     command = [sys.executable, "-m", "codelens.workers.cli", "run", str(job_file)]
@@ -254,7 +260,10 @@ def test_killed_driver_resumes_with_each_row_once(
     with open(log_file, "wb") as sink:
         driver = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        ended = lambda: len(manifest_shards(out)) >= 2 or driver.poll() is not None  # noqa: E731
+
+        def ended() -> bool:
+            return len(shards(read_manifest(out, running=True))) >= 2 or driver.poll() is not None
+
         wait_for(ended, 180, "two commits")
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
@@ -262,10 +271,10 @@ def test_killed_driver_resumes_with_each_row_once(
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == -signal.SIGKILL, log_file.read_text()[-2000:]
-    before = manifest_shards(out)
-    total = len(manifest_shards(local_run))
+    before = shards(read_manifest(out, running=True))
+    total = len(shards(read_manifest(local_run, running=True)))
     assert 2 <= len(before) < total, "the driver must die mid-run"
-    assert status(out)["state"] == "running", "a killed driver leaves its last status behind"
+    assert read_status(out)["state"] == "running", "a killed driver leaves its last status behind"
 
     # The same job again (in this process, which attaches to the same Ray instance).
     outcome = run_job(spec, show_progress=False)
@@ -273,12 +282,12 @@ def test_killed_driver_resumes_with_each_row_once(
     table = pq.read_table(out / "lens")
     assert_each_row_once(table)
     assert_same_rows(table, pq.read_table(local_run / "lens"))
-    assert sorted(set(manifest_shards(out))) == list(range(total))
-    assert status(out)["state"] == "done"
+    assert sorted(set(shards(read_manifest(out, running=True)))) == list(range(total))
+    assert read_status(out)["state"] == "done"
 
 
 @pytest.fixture(scope="module")
-def poisoned(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+def poisoned(tiny_model_dir, tmp_path_factory, write_corpus) -> tuple[Path, Path]:
     """A model whose tokenizer has a token its embedding table lacks, and a corpus that uses it.
 
     A real-world mismatch: a tokenizer given extra special tokens without resizing the model's
@@ -294,45 +303,51 @@ def poisoned(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     tokenizer.save_pretrained(model_dir)
     assert tokenizer.convert_tokens_to_ids("<|extra|>") == 400
     corpus = tmp_path_factory.mktemp("poisoned-corpus")
-    write_corpus(corpus, {"m3b.py": "marker = '<|extra|>'\n"})
+    write_corpus(corpus, {**FILES, "m3b.py": "marker = '<|extra|>'\n"})
     return model_dir, corpus
 
 
 def test_poisoned_shard_fails_after_three_attempts_and_only_it_is_retried(
-    ray_cluster, poisoned, tmp_path
+    ray_cluster, poisoned, tmp_path, job_spec, read_manifest, read_status, assert_same_rows
 ):
     model_dir, corpus = poisoned
     local_out, out = tmp_path / "local", tmp_path / "run"
     with pytest.raises(JobFailedError):
-        run_local(make_spec(model_dir, corpus, local_out, backend="local"))
-    [expected] = status(local_out)["failures"]
+        run_local(job_spec(model_dir, corpus, local_out, JOB, execution={"backend": "local"}))
+    [expected] = read_status(local_out)["failures"]
     assert expected["error"] == "IndexError: index out of range in self"
 
     named = rf"shard {expected['shard']}: IndexError: index out of range"
     with pytest.raises(JobFailedError, match=named):
-        run_job(make_spec(model_dir, corpus, out), show_progress=False)
-    st = status(out)
+        run_job(job_spec(model_dir, corpus, out, JOB), show_progress=False)
+    st = read_status(out)
     assert st["state"] == "failed"
     error = f"{expected['error']} (after 3 attempts)"
     assert st["failures"] == [{"shard": expected["shard"], "error": error}]
     assert st["retries"] == 2, "two retries, then the third failure is final"
     # Everything else is committed, and equal to what the local backend committed.
-    assert sorted(manifest_shards(out)) == sorted(manifest_shards(local_out))
+    assert sorted(shards(read_manifest(out, running=True))) == sorted(
+        shards(read_manifest(local_out, running=True))
+    )
     assert_same_rows(pq.read_table(out / "lens"), pq.read_table(local_out / "lens"))
 
     # A rerun runs that shard alone (the committed parts are untouched) and names it again.
     parts = {p.name: p.stat().st_mtime_ns for p in (out / "lens").glob("part-*.parquet")}
     with pytest.raises(JobFailedError, match=rf"1 shard\(s\) failed \(shard {expected['shard']}:"):
-        run_job(make_spec(model_dir, corpus, out), show_progress=False)
+        run_job(job_spec(model_dir, corpus, out, JOB), show_progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "lens").glob("part-*.parquet")} == parts
-    st = status(out)
+    st = read_status(out)
     assert st["shards_done"] == st["shards_total"] - 1 and st["retries"] == 2
 
 
-def test_local_and_ray_executors_implement_the_executor_protocol(tiny_model_dir, corpus, tmp_path):
+def test_local_and_ray_executors_implement_the_executor_protocol(
+    tiny_model_dir, corpus, tmp_path, job_spec
+):
     protocol_methods = ("start", "run", "shutdown")
     for backend, cls in (("local", LocalExecutor), ("ray", RayExecutor)):
-        executor = cls(make_spec(tiny_model_dir("llama"), corpus, tmp_path, backend=backend))
+        executor = cls(
+            job_spec(tiny_model_dir("llama"), corpus, tmp_path, JOB, execution={"backend": backend})
+        )
         assert isinstance(executor, Executor), cls
         for name in protocol_methods:
             wanted = inspect.signature(getattr(Executor, name))
@@ -340,19 +355,28 @@ def test_local_and_ray_executors_implement_the_executor_protocol(tiny_model_dir,
 
 
 def test_shard_that_kills_every_worker_is_given_up_and_later_completed(
-    ray_cluster, tiny_model_dir, corpus, local_run, tmp_path, shard_killing_worker
+    ray_cluster,
+    tiny_model_dir,
+    corpus,
+    local_run,
+    tmp_path,
+    shard_killing_worker,
+    job_spec,
+    read_manifest,
+    read_status,
+    assert_same_rows,
 ):
     out = tmp_path / "run"
-    spec = make_spec(tiny_model_dir("llama"), corpus, out)
+    spec = job_spec(tiny_model_dir("llama"), corpus, out, JOB)
     killed_by_shard_5 = RayExecutor(spec, worker_cls=shard_killing_worker(5))
     with pytest.raises(JobFailedError, match=r"1 shard\(s\) failed \(shard 5: worker died"):
         run_job(spec, show_progress=False, executor=killed_by_shard_5)
-    st = status(out)
+    st = read_status(out)
     assert [f["shard"] for f in st["failures"]] == [5]
     assert st["failures"][0]["error"].endswith("(after 3 attempts)")
     # The shards queued behind shard 5 on the dying workers were requeued without blame.
-    total = len(manifest_shards(local_run))
-    assert sorted(manifest_shards(out)) == [i for i in range(total) if i != 5]
+    total = len(shards(read_manifest(local_run, running=True)))
+    assert sorted(shards(read_manifest(out, running=True))) == [i for i in range(total) if i != 5]
     assert st["retries"] >= 2
 
     # Without the fault (the default executor), the rerun completes the shard given up on.

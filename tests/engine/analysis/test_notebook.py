@@ -3,18 +3,13 @@ there, gives the rows of a `codelens run` over the same text; bad options are na
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pyarrow.parquet as pq
 import pytest
 
 from codelens.engine import Lens, open_run
 from codelens.engine.errors import RunDirError, SpecError
-from codelens.engine.schemas import validate_spec
 from codelens.workers.job import run_job
 
-README = Path(__file__).resolve().parents[3] / "README.md"
 SOURCE = (
     "import os\n\n\nclass Store:\n    def __init__(self):\n        self.items = []\n\n"
     "    def add(self, x):\n        if x not in self.items:\n            self.items.append(x)\n"
@@ -22,37 +17,22 @@ SOURCE = (
 ) * 3
 
 
-def readme_example() -> str:
-    section = README.read_text().split("<!-- notebook-example:start -->", 1)[1]
-    section = section.split("<!-- notebook-example:end -->", 1)[0]
-    [block] = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    return block
-
-
 @pytest.fixture(scope="module")
-def notebook_run(tiny_model_dir, tmp_path_factory):
+def notebook_run(tiny_model_dir, tmp_path_factory, write_corpus, job_spec):
     """A `codelens run` over one file, with the options the README example passes."""
     root = tmp_path_factory.mktemp("notebook")
-    (root / "corpus").mkdir()
-    (root / "corpus" / "store.py").write_text(SOURCE)
-    spec = validate_spec(
-        {
-            "model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
-            "corpus": {"kind": "files", "paths": [str(root / "corpus" / "*.py")]},
-            "lens": {"k": 10, "lookahead": [2]},
-            "output": {"dir": str(root / "run")},
-        }
-    )
+    corpus = write_corpus(root / "corpus", {"store.py": SOURCE})
+    spec = job_spec(tiny_model_dir("llama"), corpus, root / "run", lens={"k": 10, "lookahead": [2]})
     run_job(spec, show_progress=False)
     return root
 
 
 def test_readme_example_gives_the_rows_of_codelens_run(
-    notebook_run, tiny_model_dir, monkeypatch, tmp_path, assert_same_rows, capsys
+    notebook_run, tiny_model_dir, monkeypatch, tmp_path, assert_same_rows, capsys, readme_blocks
 ):
     pytest.importorskip("duckdb")
     pytest.importorskip("pandas")
-    block = readme_example()
+    [block] = readme_blocks("notebook-example")
     for written in ('"runs/demo/model"', '"engine/data/windows.py"', '"runs/demo/run"'):
         assert written in block
     block = (

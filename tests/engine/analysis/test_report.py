@@ -6,17 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from codelens.engine.schemas import validate_spec
-from codelens.workers.cli import app
 from codelens.workers.job import run_job
 
 CODE = (
@@ -30,49 +25,39 @@ CODE = (
     "    return None\n"
 )
 JS = "function add(a, b) {\n  return a + b; // sum\n}\nconsole.log(add(1, 2));\n"
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model_dir, tmp_path_factory):
+def run(tiny_model_dir, tmp_path_factory, write_corpus, job_spec):
     """A finished run over two Python files and a JavaScript file; returns (run dir, model dir)."""
     root = tmp_path_factory.mktemp("report")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    (corpus / "walk.py").write_text(CODE)
-    (corpus / "more.py").write_text(CODE.replace("walk", "scan") * 2)
-    (corpus / "add.js").write_text(JS)
+    corpus = write_corpus(
+        root / "corpus",
+        {"walk.py": CODE, "more.py": CODE.replace("walk", "scan") * 2, "add.js": JS},
+    )
     model = tiny_model_dir("llama")
-    spec = validate_spec(
-        {
-            "name": "report-test",
-            "model": {"path": str(model), "device": "cpu"},
-            "corpus": {"kind": "files", "paths": [str(corpus / "*")]},
-            "tokens": {"window": 512, "overlap": 16},
-            "lens": {
-                "k": 3,
-                "lookahead": [2],
-                "token_sets": {"py": ["def", "self"], "js": ["function"]},
-            },
-            "output": {"dir": str(root / "run"), "shard_tokens": 200},
-        }
+    spec = job_spec(
+        model,
+        corpus,
+        root / "run",
+        glob="*",
+        name="report-test",
+        tokens={"window": 512, "overlap": 16},
+        lens={"k": 3, "lookahead": [2], "token_sets": {"py": ["def", "self"], "js": ["function"]}},
+        output={"shard_tokens": 200},
     )
     run_job(spec, show_progress=False)
     return root / "run", model, corpus
 
 
 @pytest.fixture(scope="module")
-def report_index(run) -> Path:
+def report_index(run, invoke) -> Path:
     """The report of the run, built once from the CLI for the tests that read it."""
     run_dir, _, _ = run
     result = invoke("report", run_dir)
     assert result.exit_code == 0, result.output
     assert result.output.strip().endswith("index.html")
     return run_dir / "report" / "index.html"
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 class _Collector(HTMLParser):
@@ -138,25 +123,22 @@ def test_report_from_the_cli(run, report_index):
     assert "Convergence layer" in text and "javascript" in text
 
 
-def test_report_of_a_lean_run_leaves_out_what_was_not_computed(tiny_model_dir, run, tmp_path):
+def test_report_of_a_lean_run_leaves_out_what_was_not_computed(
+    tiny_model_dir, run, tmp_path, job_spec, invoke
+):
     """Selected layers, no look-ahead, token sets, entropy or KL: the page says what there is."""
     _, _, corpus = run
-    spec = validate_spec(
-        {
-            "model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
-            "corpus": {"kind": "files", "paths": [str(corpus / "*.py")]},
-            "lens": {
-                "layers": [0, 1],
-                "k": 1,
-                "lookahead": [],
-                "token_sets": {},
-                "entropy": False,
-                "kl_final": False,
-            },
-            "output": {"dir": str(tmp_path / "lean")},
-        }
+    lens = {
+        "layers": [0, 1],
+        "k": 1,
+        "lookahead": [],
+        "token_sets": {},
+        "entropy": False,
+        "kl_final": False,
+    }
+    run_job(
+        job_spec(tiny_model_dir("llama"), corpus, tmp_path / "lean", lens=lens), show_progress=False
     )
-    run_job(spec, show_progress=False)
     summary = json.loads((tmp_path / "lean" / "summary.json").read_text())
     assert summary["layers"][0]["mean_entropy"] is None
     n_blocks = summary["n_blocks"]
@@ -169,68 +151,16 @@ def test_report_of_a_lean_run_leaves_out_what_was_not_computed(tiny_model_dir, r
     assert "convergence" in page.sections and (tmp_path / "page" / "convergence.png").exists()
 
 
-def test_report_names_the_problem_without_a_run(tmp_path):
+def test_report_names_the_problem_without_a_run(tmp_path, invoke):
     result = invoke("report", tmp_path)
     assert result.exit_code == 2
     assert "has no summary.json" in result.output and "codelens run" in result.output
 
 
-def _browser() -> str | None:
-    for name in BROWSERS:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-    ]
-    return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=90)
-
-
-def test_report_renders_in_headless_chromium(run, report_index, tmp_path):
-    binary = _browser()
-    if binary is None:
-        pytest.skip(
-            "no Chromium here (apt-get install -y chromium; .ci/run installs it when run as root)"
-        )
+def test_report_renders_in_headless_chromium(run, report_index, tmp_path, chromium):
     run_dir, _, _ = run
     index = report_index.resolve()
-    # A probe page loads the report in a frame and writes what the browser made of it (decoded
-    # image sizes, tables, headings) into its own DOM, which --dump-dom prints.
-    probe = tmp_path / "probe.html"
-    probe.write_text(
-        f'<!DOCTYPE html><html><body><iframe id="f" src="{index.as_uri()}" width="1400" '
-        'height="2000"></iframe><pre id="out">pending</pre><script>'
-        "document.getElementById('f').addEventListener('load', () => {"
-        "const d = document.getElementById('f').contentDocument;"
-        "document.getElementById('out').textContent = JSON.stringify({"
-        "imgs: [...d.images].map(i => [i.getAttribute('src'), i.naturalWidth, i.naturalHeight]),"
-        "tables: [...d.querySelectorAll('table')].map(t => t.rows.length),"
-        "h2: [...d.querySelectorAll('h2')].map(h => h.textContent)});});"
-        "</script></body></html>"
-    )
-    done = _chromium(
-        binary,
-        tmp_path / "profile",
-        "--allow-file-access-from-files",
-        "--virtual-time-budget=10000",
-        "--dump-dom",
-        probe.as_uri(),
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    dom = done.stdout
-    seen = json.loads(dom.split('<pre id="out">', 1)[1].split("</pre>", 1)[0].replace("&amp;", "&"))
+    seen = chromium.inspect(index, tmp_path)
     assert len(seen["imgs"]) == 8
     for src, width, height in seen["imgs"]:
         assert width > 500 and height > 300, f"{src} did not load or decode in the browser"
@@ -239,8 +169,7 @@ def test_report_renders_in_headless_chromium(run, report_index, tmp_path):
     assert seen["h2"][0] == "Per-layer curves"
 
     shot = tmp_path / "report.png"
-    done = _chromium(
-        binary,
+    done = chromium.run(
         tmp_path / "profile",
         f"--screenshot={shot}",
         "--window-size=1400,2000",
@@ -257,27 +186,9 @@ def test_report_renders_in_headless_chromium(run, report_index, tmp_path):
         shutil.copy(shot, Path(os.environ["CODELENS_KEEP_SCREENSHOTS"]) / "report.png")
 
 
-def _run_rows_for_text(model: Path, text: str, tmp_path: Path, name: str) -> dict[str, np.ndarray]:
-    """Rows of a one-document run over ``text`` (one window, as the plot sees it)."""
-    corpus = tmp_path / f"{name}-corpus"
-    corpus.mkdir()
-    (corpus / "snippet.py").write_text(text)
-    spec = validate_spec(
-        {
-            "name": name,
-            "model": {"path": str(model), "device": "cpu"},
-            "corpus": {"kind": "files", "paths": [str(corpus / "*.py")]},
-            "tokens": {"window": 1024, "overlap": 0},
-            "lens": {"k": 1, "lookahead": [], "token_sets": {}},
-            "output": {"dir": str(tmp_path / f"{name}-run")},
-        }
-    )
-    run_job(spec, show_progress=False)
-    table = pq.read_table(tmp_path / f"{name}-run" / "lens")
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-
-
-def test_plot_html_cells_are_the_rows_of_a_run_on_the_same_text(run, tmp_path):
+def test_plot_html_cells_are_the_rows_of_a_run_on_the_same_text(
+    run, tmp_path, invoke, write_corpus, job_spec, read_rows
+):
     _, model, corpus = run
     out = tmp_path / "grid.html"
     result = invoke(
@@ -285,7 +196,17 @@ def test_plot_html_cells_are_the_rows_of_a_run_on_the_same_text(run, tmp_path):
     )
     assert result.exit_code == 0, result.output
     excerpt = "".join(CODE.splitlines(keepends=True)[2:6])
-    rows = _run_rows_for_text(model, excerpt, tmp_path, "plot-check")
+    # The rows of a one-document run over the excerpt (one window, as the plot sees it).
+    spec = job_spec(
+        model,
+        write_corpus(tmp_path / "plot-check-corpus", {"snippet.py": excerpt}),
+        tmp_path / "plot-check-run",
+        name="plot-check",
+        tokens={"window": 1024, "overlap": 0},
+        lens={"k": 1, "lookahead": [], "token_sets": {}},
+    )
+    run_job(spec, show_progress=False)
+    rows = read_rows(tmp_path / "plot-check-run")
     top1 = np.stack(rows["topk_ids"])[:, 0]
     by_cell = {
         (int(la), int(p)): i
@@ -314,7 +235,7 @@ def test_plot_html_cells_are_the_rows_of_a_run_on_the_same_text(run, tmp_path):
         assert (cell["data-value"] == "nan" and want == -1) or float(cell["data-value"]) == want
 
 
-def test_plot_png_is_a_wide_readable_figure(run, tmp_path):
+def test_plot_png_is_a_wide_readable_figure(run, tmp_path, invoke):
     _, model, _ = run
     out = tmp_path / "grid.png"
     text = "".join(CODE.splitlines(keepends=True)[:5])  # about 50 tokens: enough, and quick
@@ -339,13 +260,13 @@ def test_plot_png_is_a_wide_readable_figure(run, tmp_path):
         (["--text", "x", "--metric", "loss"], "g.png", "--metric 'loss': choose one of logprob"),
     ],
 )
-def test_plot_bad_arguments_are_named(run, tmp_path, args, out_name, message):
+def test_plot_bad_arguments_are_named(run, tmp_path, invoke, args, out_name, message):
     _, model, _ = run
     result = invoke("plot", "--model", model, "--out", tmp_path / out_name, *args)
     assert result.exit_code == 2 and message in result.output, result.output
 
 
-def test_plot_lines_out_of_range(run, tmp_path):
+def test_plot_lines_out_of_range(run, tmp_path, invoke):
     _, model, corpus = run
     result = invoke(
         "plot",

@@ -21,23 +21,17 @@ from codelens.engine.data.corpus import (
 from codelens.engine.errors import CorpusError
 
 
-def write(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        path.write_text(data, encoding="utf-8")
-    else:
-        path.write_bytes(data)
-    return path
-
-
 @pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    write(tmp_path / "src/b.py", "def b():\n    return 2\n")
-    write(tmp_path / "src/a.py", "print('a')\n")
-    write(tmp_path / "src/pkg/c.rs", "fn main() {}\n")
-    write(tmp_path / "src/pkg/d.py", "x = 1\n")
-    write(tmp_path / "src/.hidden.py", "hidden = True\n")
-    write(tmp_path / "src/Makefile", "all:\n\techo ok\n")
+def tree(tmp_path: Path, write_corpus) -> Path:
+    files = {
+        "src/b.py": "def b():\n    return 2\n",
+        "src/a.py": "print('a')\n",
+        "src/pkg/c.rs": "fn main() {}\n",
+        "src/pkg/d.py": "x = 1\n",
+        "src/.hidden.py": "hidden = True\n",
+        "src/Makefile": "all:\n\techo ok\n",
+    }
+    write_corpus(tmp_path, files)
     (tmp_path / "src/dir.py").mkdir()  # a directory whose name matches *.py
     return tmp_path
 
@@ -104,7 +98,7 @@ def test_unknown_kind_and_no_globs() -> None:
         read_corpus("files", "src/*.py")
 
 
-def test_document_statuses_do_not_stop_iteration(tmp_path: Path) -> None:
+def test_document_statuses_do_not_stop_iteration(tmp_path: Path, write_corpus) -> None:
     files = {
         "01_ok.py": b"x = 1\n",
         "02_empty.py": b"",
@@ -118,8 +112,7 @@ def test_document_statuses_do_not_stop_iteration(tmp_path: Path) -> None:
         "10_ansi.log": b"\x1b[31merror\x1b[0m: something went wrong in the build step\n" * 3,
         "11_ok.rs": "fn f() {} // caf\u00e9\n".encode(),
     }
-    for name, data in files.items():
-        write(tmp_path / name, data)
+    write_corpus(tmp_path, files)
     os.symlink(tmp_path / "missing-target", tmp_path / "12_broken.py")
     docs = list(read_corpus("files", ["*"], base_dir=tmp_path, max_doc_bytes=256))
     status = {d.source: d.status for d in docs}
@@ -144,11 +137,11 @@ def test_document_statuses_do_not_stop_iteration(tmp_path: Path) -> None:
     assert by_source["11_ok.rs"].language == "rust"
 
 
-def test_fifo_is_unreadable_not_blocking(tmp_path: Path) -> None:
+def test_fifo_is_unreadable_not_blocking(tmp_path: Path, write_corpus) -> None:
     if not hasattr(os, "mkfifo"):
         pytest.skip("no FIFOs on this platform")
     os.mkfifo(tmp_path / "pipe.py")
-    write(tmp_path / "z.py", "ok = 1\n")
+    write_corpus(tmp_path, {"z.py": "ok = 1\n"})
     docs = list(read_corpus("files", ["*.py"], base_dir=tmp_path))
     assert [(d.source, d.status) for d in docs] == [
         ("pipe.py", "unreadable: not a regular file"),
@@ -182,17 +175,19 @@ def jsonl_lines(*records: object) -> str:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
 
 
-def test_jsonl_fields_fallback_ids_and_languages(tmp_path: Path) -> None:
-    write(
-        tmp_path / "data/part-0.jsonl",
-        jsonl_lines(
-            {"content": "def f(): pass\n", "path": "repo/f.py"},
-            "",  # blank lines are not records, but they count as lines
-            {"content": "fn g() {}\n"},
-            {"content": "main = pure ()\n", "path": "x/Main.hs", "lang": "Haskell"},
-            {"content": None, "path": "null.py"},
-            {"content": "  \n", "path": 7},
-        ),
+def test_jsonl_fields_fallback_ids_and_languages(tmp_path: Path, write_corpus) -> None:
+    write_corpus(
+        tmp_path,
+        {
+            "data/part-0.jsonl": jsonl_lines(
+                {"content": "def f(): pass\n", "path": "repo/f.py"},
+                "",  # blank lines are not records, but they count as lines
+                {"content": "fn g() {}\n"},
+                {"content": "main = pure ()\n", "path": "x/Main.hs", "lang": "Haskell"},
+                {"content": None, "path": "null.py"},
+                {"content": "  \n", "path": 7},
+            ),
+        },
     )
     docs = list(read_corpus("jsonl", ["data/*.jsonl"], base_dir=tmp_path, language_field="lang"))
     assert [(d.doc, d.source, d.language, d.status) for d in docs] == [
@@ -205,11 +200,11 @@ def test_jsonl_fields_fallback_ids_and_languages(tmp_path: Path) -> None:
     assert docs[1].text == "fn g() {}\n"
 
 
-def test_jsonl_custom_fields_and_gzip(tmp_path: Path) -> None:
+def test_jsonl_custom_fields_and_gzip(tmp_path: Path, write_corpus) -> None:
     payload = jsonl_lines({"text": "a = 1\n", "id": "one.py"}, {"text": "b = 2\n", "id": "two.go"})
     with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as handle:
         handle.write(payload)
-    write(tmp_path / "a.jsonl", jsonl_lines({"text": "c = 3\n", "id": "three.rb"}))
+    write_corpus(tmp_path, {"a.jsonl": jsonl_lines({"text": "c = 3\n", "id": "three.rb"})})
     docs = list(
         read_corpus("jsonl", ["*.jsonl*"], base_dir=tmp_path, text_field="text", id_field="id")
     )
@@ -220,8 +215,10 @@ def test_jsonl_custom_fields_and_gzip(tmp_path: Path) -> None:
     ]
 
 
-def test_jsonl_missing_text_field(tmp_path: Path) -> None:
-    write(tmp_path / "c.jsonl", jsonl_lines({"content": "x"}, {"body": "y", "path": "p.py"}))
+def test_jsonl_missing_text_field(tmp_path: Path, write_corpus) -> None:
+    write_corpus(
+        tmp_path, {"c.jsonl": jsonl_lines({"content": "x"}, {"body": "y", "path": "p.py"})}
+    )
     with pytest.raises(CorpusError) as info:
         list(read_corpus("jsonl", ["c.jsonl"], base_dir=tmp_path))
     message = str(info.value)
@@ -231,28 +228,30 @@ def test_jsonl_missing_text_field(tmp_path: Path) -> None:
     assert "corpus.text_field" in message
 
 
-def test_jsonl_non_text_value(tmp_path: Path) -> None:
-    write(tmp_path / "c.jsonl", jsonl_lines({"content": ["not", "text"]}))
+def test_jsonl_non_text_value(tmp_path: Path, write_corpus) -> None:
+    write_corpus(tmp_path, {"c.jsonl": jsonl_lines({"content": ["not", "text"]})})
     match = r"c\.jsonl:1: field 'content' holds a value of type 'list'"
     with pytest.raises(CorpusError, match=match):
         list(read_corpus("jsonl", ["c.jsonl"], base_dir=tmp_path))
 
 
-def test_jsonl_malformed_line(tmp_path: Path) -> None:
-    write(tmp_path / "bad.jsonl", jsonl_lines({"content": "ok"}, '{"content": "unterminated'))
+def test_jsonl_malformed_line(tmp_path: Path, write_corpus) -> None:
+    write_corpus(
+        tmp_path, {"bad.jsonl": jsonl_lines({"content": "ok"}, '{"content": "unterminated')}
+    )
     docs = read_corpus("jsonl", ["bad.jsonl"], base_dir=tmp_path)
     assert next(docs).status == "ok"  # records before the bad line are read
     with pytest.raises(CorpusError, match=r"bad\.jsonl:2: malformed JSON"):
         next(docs)
 
 
-def test_jsonl_line_not_an_object(tmp_path: Path) -> None:
-    write(tmp_path / "list.jsonl", "[1, 2]\n")
+def test_jsonl_line_not_an_object(tmp_path: Path, write_corpus) -> None:
+    write_corpus(tmp_path, {"list.jsonl": "[1, 2]\n"})
     with pytest.raises(CorpusError, match=r"list\.jsonl:1: expected a JSON object, got a list"):
         list(read_corpus("jsonl", ["list.jsonl"], base_dir=tmp_path))
 
 
-def test_jsonl_document_statuses(tmp_path: Path) -> None:
+def test_jsonl_document_statuses(tmp_path: Path, write_corpus) -> None:
     good = json.dumps({"content": "ok = 1\n", "path": "ok.py"}).encode()
     # Raw latin-1 bytes inside a JSON string: that record is not UTF-8, the file still reads.
     latin = b'{"content": "caf\xe9", "path": "latin.py"}'
@@ -265,7 +264,7 @@ def test_jsonl_document_statuses(tmp_path: Path) -> None:
         json.dumps({"content": "x" * 100, "path": "large.py"}).encode(),
         good,
     ]
-    write(tmp_path / "s.jsonl", b"\n".join(lines) + b"\n")
+    write_corpus(tmp_path, {"s.jsonl": b"\n".join(lines) + b"\n"})
     docs = list(read_corpus("jsonl", ["s.jsonl"], base_dir=tmp_path, max_doc_bytes=64))
     assert [(d.source, d.status) for d in docs] == [
         ("ok.py", "ok"),
@@ -330,7 +329,7 @@ def test_parquet_non_text_column(tmp_path: Path) -> None:
         list(read_corpus("parquet", ["i.parquet"], base_dir=tmp_path))
 
 
-def test_parquet_corrupt_file(tmp_path: Path) -> None:
-    write(tmp_path / "x.parquet", b"not a parquet file at all")
+def test_parquet_corrupt_file(tmp_path: Path, write_corpus) -> None:
+    write_corpus(tmp_path, {"x.parquet": b"not a parquet file at all"})
     with pytest.raises(CorpusError, match=r"cannot open Parquet file x\.parquet"):
         list(read_corpus("parquet", ["x.parquet"], base_dir=tmp_path))

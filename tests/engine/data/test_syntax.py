@@ -186,21 +186,22 @@ def test_byte_level_spans_are_the_exact_bytes_rounded_to_characters():
     assert empty >= 3, "the euro sign, the emoji and the CJK characters are split into byte tokens"
 
 
-def test_run_writes_the_spans_of_each_token(tiny_model_dir, tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "tricky.py").write_text(TRICKY)
-    (corpus / "notes.unknownext").write_text("plain words\nhere\n")
-    (corpus / "lib.js").write_text("function add(a, b) {\n  return a + b; // sum\n}\n")
-    spec = validate_spec(
-        {
-            "name": "spans",
-            "model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
-            "corpus": {"kind": "files", "paths": [str(corpus / "*")]},
-            "tokens": {"window": 24, "overlap": 4},  # several windows per document
-            "lens": {"k": 2, "lookahead": [], "token_sets": {}},
-            "output": {"dir": str(tmp_path / "run"), "shard_tokens": 30},
-        }
+def test_run_writes_the_spans_of_each_token(tiny_model_dir, tmp_path, write_corpus, job_spec):
+    files = {
+        "tricky.py": TRICKY,
+        "notes.unknownext": "plain words\nhere\n",
+        "lib.js": "function add(a, b) {\n  return a + b; // sum\n}\n",
+    }
+    corpus = write_corpus(tmp_path / "corpus", files)
+    spec = job_spec(
+        tiny_model_dir("llama"),
+        corpus,
+        tmp_path / "run",
+        glob="*",
+        name="spans",
+        tokens={"window": 24, "overlap": 4},  # several windows per document
+        lens={"k": 2, "lookahead": [], "token_sets": {}},
+        output={"shard_tokens": 30},
     )
     run_job(spec, show_progress=False)
     table = pq.read_table(tmp_path / "run" / "lens")

@@ -4,7 +4,6 @@ mergeable partials, and the README's example queries (run exactly as written the
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,8 @@ from codelens.engine.run.aggregates import (
     layer_partials,
     merge_partials,
 )
-from codelens.engine.schemas import validate_spec
 from codelens.workers.job import run_job
 
-README = Path(__file__).resolve().parents[3] / "README.md"
 CORPUS = {
     "app.py": (
         'import os\n\nclass Store:\n    """Keeps   items."""\n\n'
@@ -40,38 +37,26 @@ CORPUS = {
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+def run_dir(tiny_model_dir, tmp_path_factory, write_corpus, job_spec) -> Path:
     root = tmp_path_factory.mktemp("summary")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name, text in CORPUS.items():
-        (corpus / name).write_text(text)
-    spec = validate_spec(
-        {
-            "name": "summary-test",
-            "model": {"path": str(tiny_model_dir("llama")), "device": "cpu"},
-            "corpus": {"kind": "files", "paths": [str(corpus / "*")]},
-            "tokens": {"window": 48, "overlap": 8},
-            "lens": {"k": 3, "lookahead": [2, 3], "token_sets": {"kw": ["def", "return", "self"]}},
-            "output": {"dir": str(root / "run"), "shard_tokens": 50},  # several shards
-            "execution": {"batch_tokens": 128},
-        }
+    spec = job_spec(
+        tiny_model_dir("llama"),
+        write_corpus(root / "corpus", CORPUS),
+        root / "run",
+        glob="*",
+        name="summary-test",
+        tokens={"window": 48, "overlap": 8},
+        lens={"k": 3, "lookahead": [2, 3], "token_sets": {"kw": ["def", "return", "self"]}},
+        output={"shard_tokens": 50},  # several shards
+        execution={"batch_tokens": 128},
     )
     run_job(spec, show_progress=False)
     return root / "run"
 
 
-def _rows(run_dir: Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(run_dir / "lens")
-    out = {}
-    for name in table.column_names:
-        col = table.column(name)
-        if name == "category":
-            out[name] = np.array(col.to_pylist(), dtype=object)
-        elif name in ("topk_ids", "ahead_rank", "ahead_logprob"):
-            out[name] = np.stack(col.to_numpy(zero_copy_only=False))
-        else:
-            out[name] = col.to_numpy(zero_copy_only=False)
+def _rows(read_rows, run_dir: Path) -> dict[str, np.ndarray]:
+    """The run's rows (list columns as 2-D arrays) and each row's language."""
+    out = read_rows(run_dir, stack=("topk_ids", "ahead_rank", "ahead_logprob"))
     docs = {
         d["doc"]: d["language"] or "unknown"
         for d in pq.read_table(run_dir / "docs.parquet").to_pylist()
@@ -133,8 +118,8 @@ def _convergence_from_rows(rows: dict[str, np.ndarray]) -> dict[tuple[int, int],
     return out
 
 
-def test_summary_agrees_with_the_rows_overall_by_category_and_language(run_dir):
-    rows = _rows(run_dir)
+def test_summary_agrees_with_the_rows_overall_by_category_and_language(run_dir, read_rows):
+    rows = _rows(read_rows, run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     n_layers = int(rows["layer"].max()) + 1
     assert [e["layer"] for e in summary["layers"]] == list(range(n_layers))
@@ -175,8 +160,8 @@ def test_summary_agrees_with_the_rows_overall_by_category_and_language(run_dir):
     assert got["undefined_tokens"] == 0
 
 
-def test_summary_is_the_merge_of_the_manifest_partials_in_any_grouping(run_dir):
-    entries = [json.loads(line) for line in (run_dir / "_manifest.jsonl").read_text().splitlines()]
+def test_summary_is_the_merge_of_the_manifest_partials_in_any_grouping(run_dir, read_manifest):
+    entries = read_manifest(run_dir)
     entries.sort(key=lambda e: e["shard"])
     assert len(entries) >= 3
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -265,19 +250,10 @@ def _close(a, b) -> bool:
     return True
 
 
-def readme_query_blocks() -> list[str]:
-    """The python blocks between the README's example-queries markers, as written there."""
-    text = README.read_text()
-    section = text.split("<!-- example-queries:start -->", 1)[1].split(
-        "<!-- example-queries:end -->", 1
-    )[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
-
-
-def test_readme_queries_give_the_summary_numbers(run_dir, capsys):
+def test_readme_queries_give_the_summary_numbers(run_dir, capsys, readme_blocks):
     pytest.importorskip("duckdb")
     pytest.importorskip("polars")
-    blocks = readme_query_blocks()
+    blocks = readme_blocks("example-queries")
     assert len(blocks) == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     namespaces = []

@@ -12,14 +12,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from codelens.engine.errors import CodelensError
 from codelens.engine.model.loading import load_model
 from codelens.engine.run.aggregates import bucket_names, position_bucket
-from codelens.engine.schemas import validate_spec
 from codelens.kernels import LensRequest, lens_stats_from_logits
 from codelens.workers.job import run_job
 
@@ -29,24 +27,23 @@ TEXT = (
 )
 
 
-def make_spec(model_dir: Path, tmp: Path, **lens):
-    corpus = tmp / "corpus"
-    corpus.mkdir(exist_ok=True)
-    (corpus / "a.py").write_text(TEXT)
-    return validate_spec(
-        {
-            "model": {"path": str(model_dir), "device": "cpu"},
-            "corpus": {"kind": "files", "paths": [str(corpus / "*.py")]},
-            "tokens": {"window": 128, "overlap": 16},
-            "lens": {"k": 3, "lookahead": [], **lens},
-            "output": {"dir": str(tmp / "run"), "shard_tokens": 30},
-        }
-    )
+JOB = {
+    "tokens": {"window": 128, "overlap": 16},
+    "lens": {"k": 3, "lookahead": []},
+    "output": {"shard_tokens": 30},
+}
 
 
-def read(run_dir: Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(run_dir / "lens")
-    return {n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names}
+@pytest.fixture
+def make_spec(write_corpus, job_spec):
+    """``make_spec(model_dir, tmp, **lens)``: the job over ``TEXT`` in ``tmp/corpus`` (written
+    here) to ``tmp/run``, with ``lens`` laid over ``JOB``'s."""
+
+    def make(model_dir: Path, tmp: Path, **lens):
+        corpus = write_corpus(tmp / "corpus", {"a.py": TEXT})
+        return job_spec(model_dir, corpus, tmp / "run", JOB, lens=lens)
+
+    return make
 
 
 def rows_of(rows, site: str, layer: int, n: int) -> dict[str, np.ndarray]:
@@ -89,11 +86,13 @@ ATTN_CASES = {
 
 
 @pytest.mark.parametrize("family", sorted(ATTN_CASES))
-def test_attn_site_rows_match_an_independent_reference(family, tiny_model_dir, tmp_path):
+def test_attn_site_rows_match_an_independent_reference(
+    family, tiny_model_dir, tmp_path, make_spec, read_rows
+):
     overrides, attn_name, post_norm = ATTN_CASES[family]
     model_dir = tiny_model_dir(family, **overrides)
     run_job(make_spec(model_dir, tmp_path, sites=["block", "attn"]), show_progress=False)
-    rows = read(tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
     assert set(rows["site"]) == {"block", "attn"}
 
     loaded = load_model(model_dir, dtype="float32", device="cpu")
@@ -157,14 +156,16 @@ def test_attn_site_rows_match_an_independent_reference(family, tiny_model_dir, t
     "family,overrides,reason",
     [("gpt_neox", {}, "use_parallel_residual"), ("codegen", {}, "in parallel")],
 )
-def test_attn_site_refused_for_parallel_blocks(family, overrides, reason, tiny_model_dir, tmp_path):
+def test_attn_site_refused_for_parallel_blocks(
+    family, overrides, reason, tiny_model_dir, tmp_path, make_spec
+):
     spec = make_spec(tiny_model_dir(family, **overrides), tmp_path, sites=["attn"])
     with pytest.raises(CodelensError, match=f"lens.sites: attn: .*{reason}"):
         run_job(spec, show_progress=False)
 
 
 def test_decoder_blocks_match_a_second_forward_with_a_replaced_block_input(
-    tiny_model_dir, tmp_path
+    tiny_model_dir, tmp_path, make_spec, read_rows
 ):
     model_dir = tiny_model_dir("llama", n_layers=3)
     n = 1
@@ -172,7 +173,7 @@ def test_decoder_blocks_match_a_second_forward_with_a_replaced_block_input(
         make_spec(model_dir, tmp_path, sites=["block", "attn"], decoder_blocks=n),
         show_progress=False,
     )
-    rows = read(tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
     loaded = load_model(model_dir, dtype="float32", device="cpu")
     ids, inp = encode(loaded)
     model, blocks, head = loaded.model, loaded.parts.blocks, loaded.parts.head
@@ -232,19 +233,14 @@ def test_decoder_blocks_match_a_second_forward_with_a_replaced_block_input(
     for layer in range(1, big_l + 1):
         assert_close(rows_of(rows, "attn", layer, len(ids)), want_attn, layer - 1, f"attn {layer}")
     # The plain lens differs at the decoded layers (it is a different read-out).
-    plain = load_plain_layer0(tiny_model_dir, tmp_path, ids)
+    other = tmp_path / "plain"
+    run_job(make_spec(tiny_model_dir("llama", n_layers=3), other), show_progress=False)
+    plain = rows_of(read_rows(other / "run"), "block", 0, len(ids))["target_logprob"]
     decoded = rows_of(rows, "block", 0, len(ids))["target_logprob"]
     assert not np.allclose(plain, decoded, equal_nan=True)
 
 
-def load_plain_layer0(tiny_model_dir, tmp_path, ids) -> np.ndarray:
-    other = tmp_path / "plain"
-    other.mkdir()
-    run_job(make_spec(tiny_model_dir("llama", n_layers=3), other), show_progress=False)
-    return rows_of(read(other / "run"), "block", 0, len(ids))["target_logprob"]
-
-
-def test_decoder_blocks_must_leave_a_layer(tiny_model_dir, tmp_path):
+def test_decoder_blocks_must_leave_a_layer(tiny_model_dir, tmp_path, make_spec):
     spec = make_spec(tiny_model_dir("llama"), tmp_path, decoder_blocks=2)
     with pytest.raises(CodelensError, match="decoder_blocks=2 must be smaller"):
         run_job(spec, show_progress=False)
@@ -265,9 +261,11 @@ def test_position_buckets():
     assert bucket_names()[:5] == ["0", "1", "2-3", "4-7", "8-15"]
 
 
-def test_summary_by_position_and_column_agrees_with_the_rows(tiny_model_dir, tmp_path):
+def test_summary_by_position_and_column_agrees_with_the_rows(
+    tiny_model_dir, tmp_path, make_spec, read_rows
+):
     run_job(make_spec(tiny_model_dir("llama"), tmp_path), show_progress=False)
-    rows = read(tmp_path / "run")
+    rows = read_rows(tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     data = TEXT.encode()
     # Column: bytes from the line's start, from the document bytes (not from engine/data/syntax).

@@ -14,17 +14,6 @@ from codelens.engine.errors import RunDirError
 from codelens.engine.run.lock import LOCK_NAME, DriverLock
 
 
-def dead_pid() -> int:
-    """The pid of a process that has exited."""
-    done = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(done.stdout)
-
-
 def test_a_second_driver_is_refused_with_the_holder_named(tmp_path):
     with DriverLock(tmp_path):
         holder = json.loads((tmp_path / LOCK_NAME).read_text())
@@ -53,10 +42,10 @@ def test_a_second_driver_in_another_process_is_refused(tmp_path):
     assert out.startswith("RunDirError") and "is being run by pid" in out
 
 
-def test_a_stale_lock_of_a_dead_driver_is_taken_over(tmp_path, caplog):
+def test_a_stale_lock_of_a_dead_driver_is_taken_over(tmp_path, caplog, dead_pid):
     stale = {
         "host": socket.gethostname(),
-        "pid": dead_pid(),
+        "pid": dead_pid,
         "started": "2026-01-01T00:00:00+00:00",
     }
     (tmp_path / LOCK_NAME).write_text(json.dumps(stale))

@@ -20,6 +20,7 @@ from codelens.engine.data.plan import iter_shards, plan_corpus
 from codelens.engine.errors import CodelensError
 from codelens.engine.model.loading import load_tokenizer
 from codelens.engine.run.aggregates import finalize, merge_partials
+from codelens.engine.run.lock import DriverLock
 from codelens.engine.run.rundir import RunDir, write_json_atomic
 from codelens.engine.schemas import JobSpec
 from codelens.workers.executor import Executor
@@ -130,6 +131,20 @@ def run_job(
     started = time.perf_counter()
     run_dir = RunDir(spec.output.dir)
     stale = run_dir.prepare(spec.fingerprint(), spec.name, overwrite=overwrite)
+    # One driver per run directory: a second one would run every shard again.
+    with DriverLock(run_dir.path):
+        return _run_locked(spec, run_dir, stale, started, show_progress, executor)
+
+
+def _run_locked(
+    spec: JobSpec,
+    run_dir: RunDir,
+    stale: bool,
+    started: float,
+    show_progress: bool | None,
+    executor: Executor | None,
+) -> JobOutcome:
+    """``run_job`` once the run directory is prepared and this driver holds its lock."""
     tokenizer = load_tokenizer(
         spec.model.path,
         allow_pickle=spec.model.allow_pickle,

@@ -17,51 +17,40 @@ import pytest
 import torch
 
 from codelens.engine.errors import CodelensError, RunDirError
+from codelens.engine.run.lock import LOCK_NAME, DriverLock
 from codelens.engine.schemas import validate_spec
 from codelens.kernels import LensRequest, lens_stats_from_logits
 from codelens.workers.job import run_job
 
 SNIPPETS = {
-    "a.py": "def add(a, b):\n    return a + b\n\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n",
-    "b.py": "import os\n\nfor name in os.listdir('.'):\n    if name.endswith('.py'):\n        print(name)\n",
+    "a.py": (
+        "def add(a, b):\n    return a + b\n\n\n"
+        "class Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+    ),
+    "b.py": (
+        "import os\n\nfor name in os.listdir('.'):\n"
+        "    if name.endswith('.py'):\n        print(name)\n"
+    ),
     "c.py": "x = [i * i for i in range(10)]\nprint(sum(x))\n",
     "empty.py": "   \n",
     "blob.py": b"\x00\x01\x02binary\x00data",
     "latin1.py": "caf\xe9 = 1\n".encode("latin-1"),
 }
 FLOAT_COLUMNS = ("lse", "entropy", "target_logprob", "kl_final", "set_kw")
+# The job of these tests (``job_spec(model, corpus, out, JOB, lens={...})`` changes a part of it).
+JOB = {
+    "name": "test",
+    "tokens": {"window": 128, "overlap": 16},
+    "lens": {"k": 5, "lookahead": [2, 3], "token_sets": {"kw": ["def", "return", 7]}},
+    "output": {"shard_tokens": 40},
+    "execution": {"batch_tokens": 256},
+}
 
 
-def write_corpus(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for name, text in SNIPPETS.items():
-        (root / name).write_bytes(text if isinstance(text, bytes) else text.encode())
-    return root
-
-
-def make_spec(model_dir: Path, corpus: Path, out: Path, **lens_overrides):
-    lens = {
-        "k": 5,
-        "lookahead": [2, 3],
-        "token_sets": {"kw": ["def", "return", 7]},
-        **lens_overrides,
-    }
-    return validate_spec(
-        {
-            "name": "test",
-            "model": {"path": str(model_dir), "device": "cpu"},
-            "corpus": {"kind": "files", "paths": [str(corpus / "*.py")]},
-            "tokens": {"window": 128, "overlap": 16},
-            "lens": lens,
-            "output": {"dir": str(out), "shard_tokens": 40},
-            "execution": {"batch_tokens": 256},
-        }
-    )
-
-
-def read_rows(run_dir: Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(run_dir / "lens")
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+@pytest.fixture
+def corpus(tmp_path, write_corpus) -> Path:
+    """``SNIPPETS`` written to ``tmp_path/corpus``."""
+    return write_corpus(tmp_path / "corpus", SNIPPETS)
 
 
 def reference(loaded, ids: list[int], bos: int | None, request: LensRequest, offsets=(2, 3)):
@@ -88,10 +77,10 @@ def reference(loaded, ids: list[int], bos: int | None, request: LensRequest, off
 
 
 def test_every_family_every_column_matches_the_float64_reference(
-    tiny_family, tiny_model_dir, tiny_loaded_model, tmp_path
+    tiny_family, tiny_model_dir, tiny_loaded_model, tmp_path, corpus, job_spec, read_rows
 ):
     model_dir = tiny_model_dir(tiny_family)
-    spec = make_spec(model_dir, write_corpus(tmp_path / "corpus"), tmp_path / "run")
+    spec = job_spec(model_dir, corpus, tmp_path / "run", JOB)
     outcome = run_job(spec, show_progress=False)
     assert outcome.state == "done" and outcome.resolved["impl"] == "torch"
     run_dir = tmp_path / "run"
@@ -133,11 +122,11 @@ def test_every_family_every_column_matches_the_float64_reference(
             (rows["pos"][mine], rows["layer"][mine])
         )  # layer-major like the reference
 
-        def col(name, _mine=mine, _order=order):
+        def col(name, _mine=mine, _order=order, _n=len(ids)):
             values = rows[name][_mine][_order]
             if values.dtype == object:
                 values = np.stack(values)
-            return values.reshape(n_layers, len(ids), *values.shape[1:])
+            return values.reshape(n_layers, _n, *values.shape[1:])
 
         assert (col("pos") == np.arange(len(ids))).all()
         assert (col("layer") == np.arange(n_layers)[:, None]).all()
@@ -166,24 +155,13 @@ def test_every_family_every_column_matches_the_float64_reference(
 
 
 def test_windows_emit_each_position_once_with_carried_context(
-    tiny_model_dir, tiny_loaded_model, tmp_path
+    tiny_model_dir, tiny_loaded_model, tmp_path, write_corpus, job_spec, read_rows
 ):
     model_dir = tiny_model_dir("llama")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
     text = "".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(12))
-    (corpus / "long.py").write_text(text)
-    spec = make_spec(model_dir, corpus, tmp_path / "run").model_copy(
-        update={
-            "tokens": validate_spec(
-                {
-                    "model": {"path": "m"},
-                    "corpus": {"paths": ["x"]},
-                    "tokens": {"window": 32, "overlap": 8},
-                }
-            ).tokens
-        }
-    )
+    corpus = write_corpus(tmp_path / "corpus", {"long.py": text})
+    tokens = {"window": 32, "overlap": 8}
+    spec = job_spec(model_dir, corpus, tmp_path / "run", JOB, tokens=tokens)
     run_job(spec, show_progress=False)
     rows = read_rows(tmp_path / "run")
     loaded = tiny_loaded_model("llama")
@@ -211,29 +189,19 @@ def test_windows_emit_each_position_once_with_carried_context(
     assert np.abs(got - expect).max() < 1e-4
 
 
-def assert_same_rows(a, b) -> None:
-    """Tables equal column by column, NaN equal to NaN (pyarrow's equals says NaN != NaN)."""
-    key = [("layer", "ascending"), ("doc", "ascending"), ("pos", "ascending")]
-    a, b = a.sort_by(key), b.sort_by(key)
-    assert a.schema == b.schema and a.num_rows == b.num_rows
-    for name in a.column_names:
-        x = a.column(name).to_numpy(zero_copy_only=False)
-        y = b.column(name).to_numpy(zero_copy_only=False)
-        if x.dtype == object:
-            x, y = np.stack(x), np.stack(y)
-        np.testing.assert_array_equal(x, y, err_msg=name)
-
-
 def _snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every result file's mtime and size (the driver lock is bookkeeping: each run takes it)."""
     return {
         str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.stat().st_size)
         for p in run_dir.rglob("*")
-        if p.is_file()
+        if p.is_file() and p.name != LOCK_NAME
     }
 
 
-def test_resume_after_a_crash_and_finished_rerun_writes_nothing(tiny_model_dir, tmp_path):
-    spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+def test_resume_after_a_crash_and_finished_rerun_writes_nothing(
+    tiny_model_dir, tmp_path, corpus, job_spec, assert_same_rows
+):
+    spec = job_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", JOB)
     run_job(spec, show_progress=False)
     run_dir = tmp_path / "run"
     full = pq.read_table(run_dir / "lens")
@@ -256,15 +224,18 @@ def test_resume_after_a_crash_and_finished_rerun_writes_nothing(tiny_model_dir, 
     assert _snapshot(run_dir) == before, "a finished job's rerun writes nothing"
 
 
-def test_different_job_refused_and_overwrite_loses_nothing_on_failure(tiny_model_dir, tmp_path):
-    corpus = write_corpus(tmp_path / "corpus")
-    spec = make_spec(tiny_model_dir("llama"), corpus, tmp_path / "run")
+def test_different_job_refused_and_overwrite_loses_nothing_on_failure(
+    tiny_model_dir, tmp_path, corpus, job_spec
+):
+    spec = job_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", JOB)
     run_job(spec, show_progress=False)
-    other = make_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", k=3)
+    other = job_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", JOB, lens={"k": 3})
     with pytest.raises(RunDirError, match="different job"):
         run_job(other, show_progress=False)
     before = _snapshot(tmp_path / "run")
-    broken = make_spec(tiny_model_dir("llama"), tmp_path / "nowhere", tmp_path / "run", k=3)
+    broken = job_spec(
+        tiny_model_dir("llama"), tmp_path / "nowhere", tmp_path / "run", JOB, lens={"k": 3}
+    )
     with pytest.raises(CodelensError, match="matches no file"):
         run_job(broken, overwrite=True, show_progress=False)
     assert _snapshot(tmp_path / "run") == before, "a failing new job must not clear the old results"
@@ -272,8 +243,8 @@ def test_different_job_refused_and_overwrite_loses_nothing_on_failure(tiny_model
     assert pq.read_table(tmp_path / "run" / "lens").schema.field("topk_ids").type.list_size == 3
 
 
-def test_summary_agrees_with_the_rows(tiny_model_dir, tmp_path):
-    spec = make_spec(tiny_model_dir("qwen2"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+def test_summary_agrees_with_the_rows(tiny_model_dir, tmp_path, corpus, job_spec, read_rows):
+    spec = job_spec(tiny_model_dir("qwen2"), corpus, tmp_path / "run", JOB)
     run_job(spec, show_progress=False)
     rows = read_rows(tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -303,17 +274,15 @@ def test_summary_agrees_with_the_rows(tiny_model_dir, tmp_path):
     assert summary["layers"][-1]["mean_kl_final"] == 0.0
 
 
-def test_selected_layers_and_switched_off_columns(tiny_model_dir, tmp_path):
-    spec = make_spec(
-        tiny_model_dir("gpt2"),
-        write_corpus(tmp_path / "corpus"),
-        tmp_path / "run",
-        layers=[0, 2],
-        lookahead=[],
-        entropy=False,
-        kl_final=False,
-        token_sets={},
-    )
+def test_selected_layers_and_switched_off_columns(tiny_model_dir, tmp_path, corpus, job_spec):
+    lens = {
+        "layers": [0, 2],
+        "lookahead": [],
+        "entropy": False,
+        "kl_final": False,
+        "token_sets": {},
+    }
+    spec = job_spec(tiny_model_dir("gpt2"), corpus, tmp_path / "run", JOB, lens=lens)
     run_job(spec, show_progress=False)
     table = pq.read_table(tmp_path / "run" / "lens")
     assert sorted(set(table.column("layer").to_pylist())) == [0, 2]
@@ -325,7 +294,9 @@ def test_selected_layers_and_switched_off_columns(tiny_model_dir, tmp_path):
     assert job["versions"]["torch"] and job["spec"]["lens"]["layers"] == [0, 2]
 
 
-def test_nonfinite_residual_rows_are_flagged(tiny_model_dir, tmp_path, monkeypatch):
+def test_nonfinite_residual_rows_are_flagged(
+    tiny_model_dir, tmp_path, monkeypatch, corpus, job_spec, read_rows
+):
     from codelens.engine.run.pipeline import LensPipeline
 
     original = LensPipeline.capture
@@ -336,7 +307,7 @@ def test_nonfinite_residual_rows_are_flagged(tiny_model_dir, tmp_path, monkeypat
         return hidden
 
     monkeypatch.setattr(LensPipeline, "capture", overflowing)
-    spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+    spec = job_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", JOB)
     run_job(spec, show_progress=False)
     rows = read_rows(tmp_path / "run")
     bad = ~rows["residual_finite"]
@@ -359,15 +330,17 @@ def test_nonfinite_residual_rows_are_flagged(tiny_model_dir, tmp_path, monkeypat
         ({"lens": {"token_sets": {"x": [100000]}}}, "lens.token_sets.x: id 100000 is outside"),
     ],
 )
-def test_bad_lens_settings_are_named(tiny_model_dir, tmp_path, override, message):
-    spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+def test_bad_lens_settings_are_named(tiny_model_dir, tmp_path, corpus, job_spec, override, message):
+    spec = job_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", JOB)
     data = spec.model_dump(mode="json")
     data["lens"].update(override["lens"])
     with pytest.raises(CodelensError, match=message):
         run_job(validate_spec(data), show_progress=False)
 
 
-def test_failed_shard_is_reported_and_only_it_is_retried(tiny_model_dir, tmp_path, monkeypatch):
+def test_failed_shard_is_reported_and_only_it_is_retried(
+    tiny_model_dir, tmp_path, monkeypatch, corpus, job_spec, read_status, read_manifest
+):
     from codelens.engine.run.runner import ShardRunner
     from codelens.workers.job import JobFailedError
 
@@ -379,31 +352,28 @@ def test_failed_shard_is_reported_and_only_it_is_retried(tiny_model_dir, tmp_pat
         return original(self, task)
 
     monkeypatch.setattr(ShardRunner, "compute", poisoned)
-    spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+    spec = job_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", JOB)
     with pytest.raises(JobFailedError, match="shard 1: RuntimeError: poisoned input"):
         run_job(spec, show_progress=False)
-    status = json.loads((tmp_path / "run" / "_status.json").read_text())
+    status = read_status(tmp_path / "run")
     assert status["state"] == "failed" and status["failures"][0]["shard"] == 1
-    committed = [
-        json.loads(x)["shard"]
-        for x in (tmp_path / "run" / "_manifest.jsonl").read_text().splitlines()
-    ]
+    committed = [entry["shard"] for entry in read_manifest(tmp_path / "run")]
     assert 1 not in committed and len(committed) >= 2
     monkeypatch.setattr(ShardRunner, "compute", original)
     outcome = run_job(spec, show_progress=False)
     assert outcome.shards_run == 1
-    assert json.loads((tmp_path / "run" / "_status.json").read_text())["state"] == "done"
+    assert read_status(tmp_path / "run")["state"] == "done"
 
 
-def test_output_dir_not_writable(tiny_model_dir, tmp_path):
+def test_output_dir_not_writable(tiny_model_dir, tmp_path, corpus, job_spec):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    spec = make_spec(tiny_model_dir("llama"), write_corpus(tmp_path / "corpus"), blocker / "run")
+    spec = job_spec(tiny_model_dir("llama"), corpus, blocker / "run", JOB)
     with pytest.raises(RunDirError, match="not writable"):
         run_job(spec, show_progress=False)
 
 
-def test_engine_never_needs_the_network(tiny_model_dir, tmp_path, monkeypatch):
+def test_engine_never_needs_the_network(tiny_model_dir, tmp_path, monkeypatch, corpus, job_spec):
     import socket
 
     def refuse(*args, **kwargs):
@@ -411,6 +381,31 @@ def test_engine_never_needs_the_network(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    spec = make_spec(tiny_model_dir("mistral"), write_corpus(tmp_path / "corpus"), tmp_path / "run")
+    spec = job_spec(tiny_model_dir("mistral"), corpus, tmp_path / "run", JOB)
     assert run_job(spec, show_progress=False).state == "done"
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_a_second_driver_on_a_busy_run_directory_is_refused(
+    tiny_model_dir, tmp_path, corpus, job_spec
+):
+    spec = job_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", JOB)
+    (tmp_path / "run").mkdir()
+    with DriverLock(tmp_path / "run"):  # as a driver that is running the job holds it
+        with pytest.raises(CodelensError, match=r"is being run by pid \d+ on host"):
+            run_job(spec, show_progress=False)
+        assert not list((tmp_path / "run" / "lens").glob("*.parquet")), "nothing was run"
+    assert run_job(spec, show_progress=False).state == "done"
+
+
+def test_the_lock_of_a_killed_driver_is_taken_over(
+    tiny_model_dir, tmp_path, corpus, job_spec, dead_pid
+):
+    import socket
+
+    (tmp_path / "run").mkdir()
+    stale = {"host": socket.gethostname(), "pid": dead_pid, "started": "2026-01-01"}
+    (tmp_path / "run" / LOCK_NAME).write_text(json.dumps(stale))
+    spec = job_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", JOB)
+    assert run_job(spec, show_progress=False).state == "done"
+    assert (tmp_path / "run" / LOCK_NAME).read_text() == "", "released at the end"

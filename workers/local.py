@@ -1,19 +1,31 @@
-"""The embedded default executor: shards run one after another in this process, no Ray."""
+"""The embedded default executor: shards run in this process, no Ray, its stages overlapped."""
 
 from __future__ import annotations
 
 import logging
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from codelens.engine.data.windows import Shard
 from codelens.engine.errors import CodelensError
 from codelens.engine.schemas import JobSpec
+from codelens.workers.pipelining import prefetch
 from codelens.workers.progress import ProgressTracker
-from codelens.workers.worker import LensWorker, ShardResult
+from codelens.workers.worker import ComputedShard, LensWorker, ShardResult
 
 log = logging.getLogger(__name__)
+
+PLAN_AHEAD = 2
+"""Shards the planner thread prepares ahead of the device."""
+HOST_QUEUE = 2
+"""Computed shards waiting for (or in) the host stage: the memory bound of the overlap."""
+
+
+def _record_failure(tracker: ProgressTracker, shard: Shard, error: BaseException) -> None:
+    tracker.shard_failed(shard.index, f"{type(error).__name__}: {error}", final=True)
 
 
 class LocalExecutor:
@@ -41,19 +53,56 @@ class LocalExecutor:
         commit: Callable[[ShardResult], None],
         tracker: ProgressTracker,
     ) -> None:
-        """Compute and commit each shard in order."""
+        """Compute and commit each shard in order, three stages side by side.
+
+        A planner thread plans up to ``PLAN_AHEAD`` shards ahead (tokenizer, lexer, windows);
+        this thread runs each shard's device work (``LensWorker.compute``); a host thread turns
+        the previous shard into rows and partials and commits it (``LensWorker.finish``, then
+        ``commit``), with at most ``HOST_QUEUE`` shards waiting for it. Commits happen in shard
+        order, one at a time, with the same protocol as before; an interrupt lets the commit in
+        progress finish and drops the shards not yet committed (a rerun computes them).
+        """
         tracker.workers_alive = 1
-        for shard in shards:
+        waiting: deque[tuple[Shard, Future]] = deque()
+        host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codelens-host")
+
+        def finish_and_commit(computed: ComputedShard) -> ShardResult | BaseException:
             try:
-                result = self.worker.run_shard(shard)
+                result = self.worker.finish(computed)
             except (CodelensError, KeyboardInterrupt, MemoryError):
                 raise
-            except Exception as e:  # noqa: BLE001 - recorded, reported, and the job exits non-zero
-                log.error("shard %d failed:\n%s", shard.index, traceback.format_exc())
-                tracker.shard_failed(shard.index, f"{type(e).__name__}: {e}", final=True)
-                continue
-            commit(result)
-            tracker.shard_done(result.n_tokens)
+            except Exception as e:  # noqa: BLE001 - a shard failure, reported by the caller
+                log.error("shard %d failed:\n%s", computed.task.index, traceback.format_exc())
+                return e
+            commit(result)  # a failed commit (disk full, ...) stops the job: raised, not caught
+            return result
+
+        def settle(limit: int) -> None:
+            """Wait for the oldest host jobs until at most ``limit`` are waiting."""
+            while len(waiting) > limit:
+                shard, future = waiting.popleft()
+                outcome = future.result()
+                if isinstance(outcome, BaseException):
+                    _record_failure(tracker, shard, outcome)
+                else:
+                    tracker.shard_done(outcome.n_tokens)
+
+        try:
+            with prefetch(shards, PLAN_AHEAD) as planned:
+                for shard in planned:
+                    try:
+                        computed = self.worker.compute(shard)
+                    except (CodelensError, KeyboardInterrupt, MemoryError):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - recorded; the job exits non-zero
+                        log.error("shard %d failed:\n%s", shard.index, traceback.format_exc())
+                        _record_failure(tracker, shard, e)
+                        continue
+                    settle(HOST_QUEUE - 1)
+                    waiting.append((shard, host.submit(finish_and_commit, computed)))
+                settle(0)
+        finally:
+            host.shutdown(wait=True, cancel_futures=True)
 
     def shutdown(self) -> None:
         """Release the model."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -66,7 +67,11 @@ class LocalExecutor:
         waiting: deque[tuple[Shard, Future]] = deque()
         host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codelens-host")
 
-        def finish_and_commit(computed: ComputedShard) -> ShardResult | BaseException:
+        stopped = threading.Event()  # a commit failed: the shards queued behind it are dropped
+
+        def finish_and_commit(computed: ComputedShard) -> ShardResult | BaseException | None:
+            if stopped.is_set():
+                return None
             try:
                 result = self.worker.finish(computed)
             except (CodelensError, KeyboardInterrupt, MemoryError):
@@ -74,7 +79,11 @@ class LocalExecutor:
             except Exception as e:  # noqa: BLE001 - a shard failure, reported by the caller
                 log.error("shard %d failed:\n%s", computed.task.index, traceback.format_exc())
                 return e
-            commit(result)  # a failed commit (disk full, ...) stops the job: raised, not caught
+            try:
+                commit(result)
+            except BaseException:
+                stopped.set()  # a failed commit (disk full, ...) stops the job: raised, not caught
+                raise
             return result
 
         def settle(limit: int) -> None:
@@ -84,7 +93,7 @@ class LocalExecutor:
                 outcome = future.result()
                 if isinstance(outcome, BaseException):
                     _record_failure(tracker, shard, outcome)
-                else:
+                elif outcome is not None:
                     tracker.shard_done(outcome.n_tokens)
 
         try:

@@ -53,14 +53,20 @@ def prefetch(items: Iterable[T], depth: int) -> Iterator[Iterator[T]]:
                 continue
         return False
 
+    iterator = iter(items)
+
     def produce() -> None:
         try:
-            for item in items:
+            for item in iterator:
                 if not put(item):
                     return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             put(_Raised(e))
             return
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # a generator's clean-up (open files) runs now, in its own thread
         put(_DONE)
 
     thread = threading.Thread(target=produce, name="codelens-prefetch", daemon=True)

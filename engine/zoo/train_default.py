@@ -210,6 +210,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     step, tokens_seen, running = 0, 0, None
     sec_per_step = None
     eval_time = 0.0
+    def curve_row(held_out_loss: float) -> dict[str, Any]:
+        """The training curve's entry for the current step (read when called)."""
+        return {
+            "step": step,
+            "tokens": tokens_seen,
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": round(loss.item(), 4),
+            "train_loss_ema": round(running, 4),
+            "held_out_loss": round(held_out_loss, 4),
+            "elapsed_s": round(time.time() - t_train, 1),
+        }
+
     while step < total_steps and time.time() < deadline:
         if cursor + args.batch > order.numel():
             order = torch.randperm(train_seqs.shape[0], generator=gen)
@@ -254,35 +267,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"re-sized: {rate:.3f} s/step, schedule {total_steps} steps", flush=True)
         if step % args.eval_every == 0 or step == total_steps or step == 1:
             t_eval = time.time()
-            held = evaluate(model, eval_seqs, args.batch)
+            row = curve_row(evaluate(model, eval_seqs, args.batch))
             eval_time += time.time() - t_eval
-            row = {
-                "step": step,
-                "tokens": tokens_seen,
-                "epoch": epoch,
-                "lr": lr,
-                "train_loss": round(loss.item(), 4),
-                "train_loss_ema": round(running, 4),
-                "held_out_loss": round(held, 4),
-                "elapsed_s": round(time.time() - t_train, 1),
-            }
             curve.append(row)
             print(json.dumps(row), flush=True)
     train_seconds = time.time() - t_train
     if not curve or curve[-1]["step"] != step:
-        held = evaluate(model, eval_seqs, args.batch)
-        curve.append(
-            {
-                "step": step,
-                "tokens": tokens_seen,
-                "epoch": epoch,
-                "lr": lr,
-                "train_loss": round(loss.item(), 4),
-                "train_loss_ema": round(running, 4),
-                "held_out_loss": round(held, 4),
-                "elapsed_s": round(time.time() - t_train, 1),
-            }
-        )
+        curve.append(curve_row(evaluate(model, eval_seqs, args.batch)))
 
     # Ship: cast to the save dtype; evaluate the shipped weights upcast to fp32 (load_model on CPU).
     save_dtype = getattr(torch, args.save_dtype)

@@ -24,9 +24,12 @@ the forward pass gave them (``model.capture.BlockReplay``), before the head read
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from collections.abc import Sequence
 
 import pyarrow as pa
+import torch
 
 from codelens.engine.data.windows import Shard, WindowTask
 from codelens.engine.model.loading import LoadedModel
@@ -35,6 +38,8 @@ from codelens.engine.run.pipeline import LensBatch, LensPipeline, PendingBatch
 from codelens.engine.run.request import resolve_lens
 from codelens.engine.run.rows import lens_table
 from codelens.engine.schemas import LensSpec
+
+log = logging.getLogger(__name__)
 
 
 def batches(windows: Sequence[WindowTask], batch_tokens: int) -> list[list[WindowTask]]:
@@ -70,17 +75,31 @@ class ShardRunner:
         self.lens = resolve_lens(lens, loaded)
         self.pipeline = LensPipeline(loaded, self.lens)
         self.batch_tokens = batch_tokens
+        self.oom_splits = 0
+        """Batches split after running out of device memory (``batch_tokens`` then shrinks)."""
 
     def compute(self, task: Shard) -> LensBatch:
         """The device part of a shard: every batch's statistics, on the host, in window order.
 
         Batch i + 1 is launched before batch i's copy to the host is awaited, so on a GPU the
-        device never waits for the host between batches.
+        device never waits for the host between batches. A batch that runs out of device memory
+        is split in two and retried (down to one window, which is then a real failure), and
+        ``batch_tokens`` shrinks to what fitted, so later batches are planned smaller.
         """
         results: list[LensBatch] = []
         pending: PendingBatch | None = None
-        for inputs in batches(task.windows, self.batch_tokens):
-            launched = self.pipeline.launch(inputs)
+        todo = deque(batches(task.windows, self.batch_tokens))
+        while todo:
+            inputs = todo.popleft()
+            try:
+                launched = self.pipeline.launch(inputs)
+            except torch.cuda.OutOfMemoryError:
+                if len(inputs) == 1:
+                    raise
+                half = len(inputs) // 2
+                todo.extendleft([inputs[half:], inputs[:half]])  # same order, smaller batches
+                self._shrink(inputs, half)
+                continue
             if pending is not None:
                 results.append(pending.result())
             pending = launched
@@ -88,6 +107,24 @@ class ShardRunner:
             results.append(pending.result())
         # Batches are runs of consecutive windows, so the shard's token order is window order.
         return LensBatch.concat(results)
+
+    def _shrink(self, inputs: Sequence[WindowTask], half: int) -> None:
+        """After an out-of-memory batch: free the cache and plan at most half of its size."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        padded = len(inputs) * max(len(w.input_ids) for w in inputs)
+        smaller = max(max(len(w.input_ids) for w in inputs), padded // 2)
+        if smaller < self.batch_tokens:
+            log.warning(
+                "out of device memory in a batch of %d windows (%d padded tokens): split in two; "
+                "batch_tokens %d -> %d for the rest of this worker's shards",
+                len(inputs),
+                padded,
+                self.batch_tokens,
+                smaller,
+            )
+            self.batch_tokens = smaller
+        self.oom_splits += 1
 
     def finish(self, batch: LensBatch) -> tuple[pa.Table, dict[str, dict]]:
         """The host part of a shard: its rows and partial aggregates (no device work)."""

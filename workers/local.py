@@ -15,7 +15,13 @@ from codelens.engine.errors import CodelensError
 from codelens.engine.schemas import JobSpec
 from codelens.workers.pipelining import prefetch
 from codelens.workers.progress import ProgressTracker
-from codelens.workers.worker import ComputedShard, LensWorker, ShardResult
+from codelens.workers.worker import (
+    ComputedShard,
+    DeviceFailedError,
+    LensWorker,
+    ShardResult,
+    is_sticky_device_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +112,15 @@ class LocalExecutor:
                     except Exception as e:  # noqa: BLE001 - recorded; the job exits non-zero
                         log.error("shard %d failed:\n%s", shard.index, traceback.format_exc())
                         _record_failure(tracker, shard, e)
+                        if is_sticky_device_error(e):
+                            settle(0)  # the shards computed before it are fine: commit them
+                            raise DeviceFailedError(
+                                f"shard {shard.index}: {type(e).__name__}: {e}. The GPU cannot be "
+                                "used by this process after that error, so the job stopped; the "
+                                "committed shards are kept. Run the same command again (a new "
+                                "process gets a fresh GPU context); if the same shard fails "
+                                "again, its input or a kernel is at fault: report it."
+                            ) from None
                         continue
                     settle(HOST_QUEUE - 1)
                     waiting.append((shard, host.submit(finish_and_commit, computed)))

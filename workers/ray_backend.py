@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from collections import deque
@@ -58,7 +59,7 @@ from codelens.engine.data.windows import Shard
 from codelens.engine.errors import CodelensError
 from codelens.engine.schemas import JobSpec
 from codelens.workers.progress import ProgressTracker
-from codelens.workers.worker import LensWorker, ShardResult
+from codelens.workers.worker import LensWorker, ShardResult, is_sticky_device_error
 
 try:
     import ray
@@ -217,8 +218,14 @@ class _LensActor:
             if self.resolved is None:
                 self.load()
             return self.worker.run_shard(shard)
-        except Exception:
+        except Exception as e:
             log.exception("%s: shard %d (attempt %d) failed", self._where(), shard.index, attempt)
+            if is_sticky_device_error(e):
+                # The CUDA context is unusable for the rest of this process: end it, so Ray
+                # restarts the actor (a fresh context, the model reloaded) before it takes more
+                # work; the driver requeues the shard, charging this attempt to it.
+                log.error("%s: the GPU is unusable after this error: exiting", self._where())
+                os.kill(os.getpid(), signal.SIGKILL)
             raise
 
 

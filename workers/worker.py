@@ -16,10 +16,34 @@ import pyarrow as pa
 import torch
 
 from codelens.engine.data.windows import Shard
+from codelens.engine.errors import CodelensError
 from codelens.engine.model.loading import LoadedModel, load_model
 from codelens.engine.run.pipeline import LensBatch
 from codelens.engine.run.runner import ShardRunner
 from codelens.engine.schemas import JobSpec
+
+STICKY_CUDA_ERRORS = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "illegal instruction",
+    "misaligned address",
+    "uncorrectable ecc error",
+)
+"""Messages of CUDA errors that leave the process's CUDA context unusable: every later call fails,
+so the only recovery is a new process."""
+
+
+def is_sticky_device_error(error: BaseException) -> bool:
+    """Whether ``error`` is a CUDA error after which this process cannot use the GPU again."""
+    if not isinstance(error, RuntimeError) or isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    text = str(error).lower()
+    return "cuda" in text and any(marker in text for marker in STICKY_CUDA_ERRORS)
+
+
+class DeviceFailedError(CodelensError):
+    """The worker's GPU is unusable after a sticky CUDA error; the job stopped cleanly."""
 
 
 @dataclass

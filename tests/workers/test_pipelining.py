@@ -92,3 +92,37 @@ def test_a_failed_commit_stops_the_job_and_loses_nothing_committed(
     assert outcome.state == "done"
     shards = [e["shard"] for e in read_manifest(tmp_path / "run")]
     assert sorted(shards) == list(range(len(shards))) and len(set(shards)) == len(shards)
+
+
+def test_a_sticky_cuda_error_stops_the_job_cleanly_and_a_rerun_completes_it(
+    tiny_model_dir,
+    tmp_path,
+    write_corpus,
+    job_spec,
+    read_manifest,
+    read_status,
+    broken_device_worker,
+):
+    from codelens.workers.worker import DeviceFailedError
+
+    files = {f"m{i}.py": f"def f{i}(x):\n    return x * {i} + {i}\n" * 6 for i in range(6)}
+    corpus = write_corpus(tmp_path / "corpus", files)
+    spec = job_spec(
+        tiny_model_dir("llama"),
+        corpus,
+        tmp_path / "run",
+        tokens={"window": 32, "overlap": 4},
+        output={"shard_tokens": 40},
+    )
+    (tmp_path / "markers").mkdir()
+    broken = LocalExecutor(spec, worker_cls=broken_device_worker(tmp_path / "markers", 2))
+    with pytest.raises(DeviceFailedError, match=r"shard 2: RuntimeError: CUDA error: an illegal"):
+        run_job(spec, show_progress=False, executor=broken)
+    # The shards before it are committed; nothing after it ran on the broken device.
+    assert [e["shard"] for e in read_manifest(tmp_path / "run")] == [0, 1]
+    status = read_status(tmp_path / "run")
+    assert status["state"] == "failed"
+    assert [f["shard"] for f in status["failures"] if f["shard"] is not None] == [2]
+    assert run_job(spec, show_progress=False).state == "done"
+    shards = sorted(e["shard"] for e in read_manifest(tmp_path / "run"))
+    assert shards == list(range(len(shards))) and len(shards) > 3

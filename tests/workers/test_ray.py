@@ -383,3 +383,27 @@ def test_shard_that_kills_every_worker_is_given_up_and_later_completed(
     assert run_job(spec, show_progress=False).shards_run == 1
     assert_same_rows(pq.read_table(out / "lens"), pq.read_table(local_run / "lens"))
     assert (out / "summary.json").read_text() == (local_run / "summary.json").read_text()
+
+
+def test_a_sticky_cuda_error_restarts_the_actor_and_the_shard_is_redone(
+    ray_cluster,
+    tiny_model_dir,
+    corpus,
+    local_run,
+    tmp_path,
+    broken_device_worker,
+    job_spec,
+    read_status,
+    assert_same_rows,
+):
+    out = tmp_path / "run"
+    (tmp_path / "markers").mkdir()
+    spec = job_spec(tiny_model_dir("llama"), corpus, out, JOB)
+    broken = RayExecutor(spec, worker_cls=broken_device_worker(tmp_path / "markers", 3))
+    outcome = run_job(spec, show_progress=False, executor=broken)
+    assert outcome.state == "done"
+    assert (tmp_path / "markers" / "broke-3").exists(), "the fault was injected"
+    st = read_status(out)
+    assert st["failures"] == [] and st["retries"] >= 1, "shard 3 was retried after the restart"
+    assert_same_rows(pq.read_table(out / "lens"), pq.read_table(local_run / "lens"))
+    assert (out / "summary.json").read_text() == (local_run / "summary.json").read_text()

@@ -13,7 +13,7 @@ from typing import Any
 from codelens.engine.data.windows import Shard
 from codelens.engine.errors import CodelensError
 from codelens.engine.schemas import JobSpec
-from codelens.workers.pipelining import prefetch
+from codelens.workers.pipelining import PLAN_AHEAD, prefetch
 from codelens.workers.progress import ProgressTracker
 from codelens.workers.worker import (
     ComputedShard,
@@ -25,8 +25,6 @@ from codelens.workers.worker import (
 
 log = logging.getLogger(__name__)
 
-PLAN_AHEAD = 2
-"""Shards the planner thread prepares ahead of the device."""
 HOST_QUEUE = 2
 """Computed shards waiting for (or in) the host stage: the memory bound of the overlap."""
 

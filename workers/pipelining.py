@@ -16,6 +16,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+PLAN_AHEAD = 2
+"""Shards the planner thread prepares ahead of the device (local) or of the actors (Ray)."""
+
 _DONE = object()
 
 

@@ -58,6 +58,7 @@ from typing import Any
 from codelens.engine.data.windows import Shard
 from codelens.engine.errors import CodelensError
 from codelens.engine.schemas import JobSpec
+from codelens.workers.pipelining import PLAN_AHEAD, prefetch
 from codelens.workers.progress import ProgressTracker
 from codelens.workers.worker import LensWorker, ShardResult, is_sticky_device_error
 
@@ -385,7 +386,10 @@ class RayExecutor:
             CodelensError: a shard raised one (a problem with the job, not with its data), or no
                 worker has been alive for ``NO_WORKER_TIMEOUT_S``, or every worker was given up.
         """
-        _Scheduler(self, shards, commit, tracker).run()
+        # The planner (tokenizer, lexer) runs a few shards ahead in a thread, so the driver loop
+        # that feeds the actors never waits for it.
+        with prefetch(shards, PLAN_AHEAD) as planned:
+            _Scheduler(self, planned, commit, tracker).run()
 
     def shutdown(self) -> None:
         """Stop the actors, and the Ray instance if this executor started it. Safe to call twice."""

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -48,6 +46,7 @@ from codelens.engine.run.rundir import RunDir
 from codelens.engine.schemas import LensSpec, TokensSpec
 from codelens.engine.zoo.tiny_models import build_tiny_tokenizer
 from codelens.kernels import LensImpl, LensRequest, LensStats
+from codelens.workers.bench import machine_info
 from codelens.workers.job import package_versions
 
 SHAPES = {
@@ -188,11 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "us_per_row": per_row,
         "us_per_row_total": sum(per_row.values()),
         "part_bytes_per_row": part_bytes / n_rows,
-        "machine": {
-            "cpu": _cpu_model(),
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-        },
+        "machine": machine_info(),
         "threads": 1,
         "versions": package_versions(),
         "command": "python " + shlex.join(["benchmarks/bench_host.py", *sys.argv[1:]]),
@@ -203,16 +198,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args.out / "host_path.md").write_text(_markdown(result))
     print(_markdown(result))
     return result
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -233,7 +218,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"Part file: {r['part_bytes_per_row']:.1f} bytes per row.",
         "",
-        f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, "
+        f"Machine: {r['machine']['cpu']}, {r['machine']['cpus']} cores, "
         f"{r['machine']['platform']}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v) + ".",
         f"Command: `{r['command']}` ({r['written_at']}).",

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -95,34 +93,6 @@ def build_model(shape: str, out: Path, dtype: str) -> Path:
     model.save_pretrained(out)
     build_tiny_tokenizer().save_pretrained(out)
     return out
-
-
-def _machine() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
-
-
-# ------------------------------------------------------------------------------------------------
-# Worker side: one method in this process.
-# ------------------------------------------------------------------------------------------------
 
 
 def _sequences(vocab: int, tokens: int, seq_len: int):
@@ -357,6 +327,7 @@ def write_results_md() -> None:
 
 
 def main() -> None:
+    from codelens.workers.bench import machine_info
     from codelens.workers.job import package_versions
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -393,7 +364,7 @@ def main() -> None:
     for name, shape, tokens, seq_len, device, dtype in configs:
         report = run_config(name, shape, tokens, seq_len, device, dtype, methods, args.cache)
         report.update(
-            machine=_machine(),
+            machine=machine_info(),
             versions=package_versions(extra=("transformer-lens", "tuned-lens", "numpy")),
             command=" ".join([Path(sys.executable).name, *sys.argv]),
             written_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

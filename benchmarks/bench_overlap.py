@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import sys
 import sysconfig
@@ -44,6 +42,7 @@ from codelens.engine.model.loading import load_tokenizer
 from codelens.engine.run.rundir import RunDir
 from codelens.engine.schemas import validate_spec
 from codelens.engine.zoo.tiny_models import build_tiny_model
+from codelens.workers.bench import machine_info
 from codelens.workers.job import package_versions, run_job
 from codelens.workers.local import LocalExecutor
 from codelens.workers.worker import LensWorker
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **{f"{k} alone": tokens / v for k, v in stages.items()},
         },
         "rows_identical": same,
-        "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine_info(),
         "versions": package_versions(),
         "command": "python " + shlex.join(["benchmarks/bench_overlap.py", *sys.argv[1:]]),
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -211,7 +210,8 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{r['end_to_end_s']['sequential'] / slowest:.2f}x. Rows identical between the two runs: "
         f"{r['rows_identical']}.",
         "",
-        f"Machine: {r['machine']['cores']} cores, {r['machine']['platform']}. Versions: "
+        f"Machine: {r['machine']['cpu']}, {r['machine']['cpus']} cores, "
+        f"{r['machine']['platform']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v)
         + f". Command: `{r['command']}` ({r['written_at']}).",
         "",

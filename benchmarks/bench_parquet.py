@@ -22,13 +22,9 @@ Prints Markdown (figures, machine, versions, command) for
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +36,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from codelens.workers.bench import machine_info
+from codelens.workers.job import package_versions
 
 ROW_GROUP_SIZE = 1 << 17  # as RunDir.commit_shard writes
 LOW_CARDINALITY = ("layer", "site", "category")
@@ -399,25 +398,10 @@ def time_columns(table: pa.Table, out: Path, repeats: int) -> list[dict[str, Any
 
 
 def machine() -> dict[str, Any]:
-    """CPU model and count, OS, Python and library versions, Arrow thread settings."""
-    model = platform.processor() or "?"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "pyarrow": pa.__version__}
-    for dist in ("duckdb", "polars", "numpy", "code-llm-lens"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = "absent"
+    """The machine (``workers.bench.machine_info``), library versions and Arrow thread settings."""
     return {
-        "cpu": model,
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "versions": versions,
+        **machine_info(),
+        "versions": package_versions(extra=("duckdb", "polars", "numpy")),
         "arrow_cpu_threads": pa.cpu_count(),
         "arrow_io_threads": pa.io_thread_count(),
     }

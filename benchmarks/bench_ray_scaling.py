@@ -32,11 +32,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -52,7 +50,8 @@ import torch
 
 from codelens.engine.schemas import JobSpec, validate_spec
 from codelens.engine.zoo.tiny_models import build_tiny_model
-from codelens.workers.job import run_job
+from codelens.workers.bench import machine_info
+from codelens.workers.job import package_versions, run_job
 
 MODEL = {"family": "llama", "n_layers": 8, "d_model": 256}
 """The benchmark model: 8 blocks of width 256 (~5.4 M parameters) over the tiny tokenizer."""
@@ -81,42 +80,6 @@ class _Idle:
 
     def ready(self) -> bool:
         return True
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU count and model, memory, load average, and the OS."""
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gib": mem_gib,
-        "os": platform.platform(),
-        "hostname": platform.node(),
-    }
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("code-llm-lens", "torch", "transformers", "tokenizers", "pyarrow", "ray"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def stdlib_corpus(dest: Path, n_files: int) -> list[str]:
@@ -199,8 +162,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Ray backend scaling on a CPU machine",
         "",
-        f"Measured {result['date']} on `{m['hostname']}`: {m['cpu_count']} CPUs "
-        f"({m['cpu_model']}), {m['memory_gib']} GiB RAM, {m['os']}.",
+        f"Measured {result['date']} on `{m['hostname']}`: {m['cpus']} CPUs "
+        f"({m['cpu']}), {m['memory_gib']} GiB RAM, {m['platform']}.",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",
         "Command:",
@@ -230,10 +193,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"1-minute load average around the runs: {min(loads):.1f}-{max(loads):.1f} on "
-        f"{m['cpu_count']} CPUs (the machine is shared: other processes compete for the "
+        f"{m['cpus']} CPUs (the machine is shared: other processes compete for the "
         "cores, so the absolute figures are lower bounds and the ratios the useful part).",
         "",
-        f"Reading: on the same job and the same {m['cpu_count']} cores, 2 Ray workers reach "
+        f"Reading: on the same job and the same {m['cpus']} cores, 2 Ray workers reach "
         f"**{x2 / base:.2f}x** the throughput of 1 Ray worker as `workers: 1` runs it (one "
         f"actor with {rows['ray x1']['torch_threads']} torch threads), **{x2 / one:.2f}x** that "
         "of 1 Ray worker with the same single thread per worker, and "
@@ -375,7 +338,7 @@ def main() -> None:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command,
             "machine": machine_info(),
-            "versions": versions(),
+            "versions": package_versions(),
             "repeats": args.repeats,
             "job": {
                 "model": (

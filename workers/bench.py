@@ -19,11 +19,13 @@ Methods:
 from __future__ import annotations
 
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +71,31 @@ class MethodResult:
             round(self.lens_s / self.forward_s, 3) if self.forward_s else None
         )
         return out
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    """The value of the first ``key: value`` line of a /proc file (None when absent)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a benchmark ran on: CPU model and count, memory, GPU, OS, Python, host."""
+    mem_kib = _proc_field("/proc/meminfo", "MemTotal")
+    return {
+        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "cpus": os.cpu_count(),
+        "memory_gib": None if mem_kib is None else round(int(mem_kib.split()[0]) / 2**20, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "hostname": platform.node(),
+    }
 
 
 def _rss_bytes() -> int:

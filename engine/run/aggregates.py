@@ -143,11 +143,6 @@ class RowValues:
             target_id=target_id.numpy(),
         )
 
-    @property
-    def n_kinds(self) -> int:
-        """n, the row kinds (layers)."""
-        return self.target_logprob.shape[0]
-
     def flat(self) -> RowValues:
         """Every row as its own entry: ``[n * T, ...]`` arrays, layer-major; the per-token
         ``final_top1``/``target_id`` repeated per layer."""

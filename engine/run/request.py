@@ -108,11 +108,6 @@ class ResolvedLens:
         return len(self.captured) - 1
 
     @property
-    def n_slots(self) -> int:
-        """Rows of the capture buffer: captured block layers, then attn-site layers."""
-        return len(self.captured) + len(self.attn_layers)
-
-    @property
     def set_names(self) -> list[str]:
         """Token-set names, in spec order (the ``set_<name>`` columns)."""
         return list(self.token_set_ids)

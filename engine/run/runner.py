@@ -75,8 +75,6 @@ class ShardRunner:
         self.lens = resolve_lens(lens, loaded)
         self.pipeline = LensPipeline(loaded, self.lens)
         self.batch_tokens = batch_tokens
-        self.oom_splits = 0
-        """Batches split after running out of device memory (``batch_tokens`` then shrinks)."""
 
     def compute(self, task: Shard) -> LensBatch:
         """The device part of a shard: every batch's statistics, on the host, in window order.
@@ -98,7 +96,7 @@ class ShardRunner:
                     raise
                 half = len(inputs) // 2
                 todo.extendleft([inputs[half:], inputs[:half]])  # same order, smaller batches
-                self._shrink(inputs, half)
+                self._shrink(inputs)
                 continue
             if pending is not None:
                 results.append(pending.result())
@@ -108,12 +106,13 @@ class ShardRunner:
         # Batches are runs of consecutive windows, so the shard's token order is window order.
         return LensBatch.concat(results)
 
-    def _shrink(self, inputs: Sequence[WindowTask], half: int) -> None:
+    def _shrink(self, inputs: Sequence[WindowTask]) -> None:
         """After an out-of-memory batch: free the cache and plan at most half of its size."""
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        padded = len(inputs) * max(len(w.input_ids) for w in inputs)
-        smaller = max(max(len(w.input_ids) for w in inputs), padded // 2)
+        longest = max(len(w.input_ids) for w in inputs)
+        padded = len(inputs) * longest
+        smaller = max(longest, padded // 2)
         if smaller < self.batch_tokens:
             log.warning(
                 "out of device memory in a batch of %d windows (%d padded tokens): split in two; "
@@ -124,7 +123,6 @@ class ShardRunner:
                 smaller,
             )
             self.batch_tokens = smaller
-        self.oom_splits += 1
 
     def finish(self, batch: LensBatch) -> tuple[pa.Table, dict[str, dict]]:
         """The host part of a shard: its rows and partial aggregates (no device work)."""

@@ -62,18 +62,28 @@ def test_leaving_early_stops_the_producer():
             pass
 
 
-def test_a_failed_commit_stops_the_job_and_loses_nothing_committed(
-    tiny_model_dir, tmp_path, write_corpus, job_spec, read_manifest, monkeypatch
-):
+@pytest.fixture
+def small_job(tiny_model_dir, tmp_path, write_corpus, job_spec):
+    """``small_job(out)``: a job of about eight small shards over six files, into ``out``."""
     files = {f"m{i}.py": f"def f{i}(x):\n    return x * {i} + {i}\n" * 6 for i in range(6)}
     corpus = write_corpus(tmp_path / "corpus", files)
-    spec = job_spec(
-        tiny_model_dir("llama"),
-        corpus,
-        tmp_path / "run",
-        tokens={"window": 32, "overlap": 4},
-        output={"shard_tokens": 40},
-    )
+
+    def make(out):
+        return job_spec(
+            tiny_model_dir("llama"),
+            corpus,
+            out,
+            tokens={"window": 32, "overlap": 4},
+            output={"shard_tokens": 40},
+        )
+
+    return make
+
+
+def test_a_failed_commit_stops_the_job_and_loses_nothing_committed(
+    small_job, tmp_path, read_manifest, monkeypatch
+):
+    spec = small_job(tmp_path / "run")
     from codelens.engine.run.rundir import RunDir
 
     original = RunDir.commit_shard
@@ -95,25 +105,15 @@ def test_a_failed_commit_stops_the_job_and_loses_nothing_committed(
 
 
 def test_a_sticky_cuda_error_stops_the_job_cleanly_and_a_rerun_completes_it(
-    tiny_model_dir,
+    small_job,
     tmp_path,
-    write_corpus,
-    job_spec,
     read_manifest,
     read_status,
     broken_device_worker,
 ):
     from codelens.workers.worker import DeviceFailedError
 
-    files = {f"m{i}.py": f"def f{i}(x):\n    return x * {i} + {i}\n" * 6 for i in range(6)}
-    corpus = write_corpus(tmp_path / "corpus", files)
-    spec = job_spec(
-        tiny_model_dir("llama"),
-        corpus,
-        tmp_path / "run",
-        tokens={"window": 32, "overlap": 4},
-        output={"shard_tokens": 40},
-    )
+    spec = small_job(tmp_path / "run")
     (tmp_path / "markers").mkdir()
     broken = LocalExecutor(spec, worker_cls=broken_device_worker(tmp_path / "markers", 2))
     with pytest.raises(DeviceFailedError, match=r"shard 2: RuntimeError: CUDA error: an illegal"):

@@ -37,7 +37,7 @@ def _span_column(batch: LensBatch, name: str) -> np.ndarray:
     return np.concatenate(
         [
             np.full(w.n_emit, -1, dtype)
-            if getattr(w, "spans", None) is None
+            if w.spans is None
             else getattr(w.spans, name).astype(dtype)
             for w in batch.inputs
         ]

@@ -48,7 +48,9 @@ class Executor(Protocol):
         """Compute every shard of ``shards`` and hand each completed one to ``commit``.
 
         Must call ``commit(result)`` exactly once per completed shard, in the driver's process
-        (the run directory is written by the driver only), and ``tracker.shard_done`` after it. A
+        (the manifest is written by the driver only; a worker may have written the part file
+        itself, to a ``RunDir.staging_path``, and say so in ``result.staged``), and
+        ``tracker.shard_done`` after it. A
         shard that cannot be computed is recorded with ``tracker.shard_failed(index, error,
         final=True)`` and the others go on; ``tracker.workers_alive`` says how many workers
         are up. ``shards`` may be consumed lazily.

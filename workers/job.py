@@ -171,22 +171,18 @@ def _run_locked(
             resolved = (run_dir.read_job() or {}).get("resolved", {})
         if stale:
             run_dir.clear()  # only now: the new job has planned and loaded its model
+        # Parts a killed driver's workers wrote and nobody committed (this driver holds the lock).
+        run_dir.clear_staging()
         if not run_dir.docs_file.exists():
             run_dir.write_docs(plan.docs)
         if pending:
             _write_job(run_dir, spec, resolved, plan.n_tokens, len(plan.shard_tokens))
 
         def commit(result: ShardResult) -> None:
-            run_dir.commit_shard(
-                result.index,
-                result.table,
-                {
-                    "n_tokens": result.n_tokens,
-                    "rows": result.table.num_rows,
-                    "seconds": round(result.seconds, 3),
-                    "partials": result.partials,
-                },
-            )
+            if result.staged is not None:  # a Ray worker wrote the part and encoded its line
+                run_dir.commit_part(result.index, result.staged, result.manifest_line)
+            else:
+                run_dir.commit_shard(result.index, result.table, result.manifest_entry())
 
         done_tokens = sum(plan.shard_tokens[i] for i in committed)
         tracker = ProgressTracker(
@@ -201,6 +197,7 @@ def _run_locked(
             todo = set(pending)
             shards = (s for s in iter_shards(spec, tokenizer) if s.index in todo)
             executor.run(shards, commit, tracker)
+            run_dir.clear_staging()  # what is left there are parts of dropped attempts
             write_summary(run_dir, spec, docs_status, resolved)
             failures = [f for f in tracker.failures if f["shard"] is not None]
             tracker.finish("failed" if failures else "done")

@@ -1,14 +1,19 @@
 """The Ray executor: one ``LensWorker`` per Ray actor, scheduled shard by shard by the driver.
 
 This is the only module that imports ``ray``. The driver (the process running ``codelens run``)
-plans shards lazily, hands them to actors, and commits every result itself through the run
-directory's protocol; actors only compute. Three rules shape the code:
+plans shards lazily, hands them to actors, and commits every result through the run directory's
+protocol; actors compute and write their own part files. Three rules shape the code:
 
-* **The driver owns all state that must survive.** Part files, the manifest and ``_status.json``
-  are written by the driver only, so ``output.dir`` needs to be on storage the driver can write,
-  and exactly-once output follows from the ``RunDir`` commit protocol: a shard is committed at
-  most once per run (a second result for an already committed index is dropped), and a shard
-  recomputed by a later run replaces its own part file.
+* **Workers write rows, the driver decides what is committed.** Each actor writes a shard's part
+  file into the run directory's staging folder, under a name the driver chose for that attempt
+  (``RunDir.staging_path``), and returns only the shard's partial aggregates. The driver commits
+  it with a rename into ``lens/`` and a manifest line (``RunDir.commit_part``), so it never
+  touches a part's bytes and is not the bottleneck of a cluster; the manifest and
+  ``_status.json`` are written by the driver only. Exactly-once output follows from the commit
+  protocol: a shard is committed at most once per run (a second result for an already committed
+  index is dropped and its staged file removed), and a shard recomputed by a later run replaces
+  its own part file. So ``output.dir`` must be one directory that the driver and every worker
+  see at the same path (a shared file system); ``start`` checks that before any work.
 * **Scheduling is dynamic with backpressure.** Each actor holds at most
   ``IN_FLIGHT_PER_WORKER`` shards (one running, one queued so that the next shard is already
   there when the current one ends); a free slot pulls the next shard from the lazily consumed
@@ -18,10 +23,15 @@ directory's protocol; actors only compute. Three rules shape the code:
   the shard's failure; a ``CodelensError`` (a problem with the job itself) stops the job, as in
   the local executor. A dead worker process (``RayActorError``: OOM killer, segfault, lost node)
   puts its shards back in the queue; Ray restarts the actor (``max_restarts=-1``) and the driver
-  makes the new process reload the model before giving it work again. The shard that was
-  *running* when a worker died is charged one attempt, so a shard that kills every worker it
-  touches ends as a named failure instead of an endless restart loop; the shard that was only
-  queued behind it is requeued free of charge.
+  makes the new process reload the model before giving it work again. A worker that died holding
+  one shard charges it one attempt, so a shard that kills every worker it touches ends as a named
+  failure instead of an endless restart loop. An actor overlaps two shards (one on the device,
+  the one before it on the host), so a death with two in flight cannot say which one caused it:
+  neither is charged, and each is rerun *alone* on an actor, where a death is charged precisely.
+
+Actors run their calls in threads (``max_concurrency``: the shards in flight): a shard's device
+work holds the actor's device lock, its rows, partials and part file are made outside it, so the
+next shard's forward runs meanwhile, as in the local executor.
 
 Actors: on a cluster with GPUs, one actor per GPU (``num_gpus=1``); without GPUs (or with
 ``model.device: cpu``), ``execution.workers`` CPU actors, each reserving
@@ -49,14 +59,18 @@ import math
 import os
 import signal
 import socket
+import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from codelens.engine.data.windows import Shard
 from codelens.engine.errors import CodelensError
+from codelens.engine.run.rundir import RunDir
 from codelens.engine.schemas import JobSpec
 from codelens.workers.pipelining import PLAN_AHEAD, prefetch
 from codelens.workers.progress import ProgressTracker
@@ -182,6 +196,9 @@ class _LensActor:
         self.slot = slot
         self.worker = worker_cls(JobSpec.model_validate_json(spec_json))
         self.resolved: dict[str, Any] | None = None
+        # The actor runs its calls in threads (``max_concurrency``): one shard's device work at a
+        # time, under this lock, while the shard before it is finished and written on the host.
+        self.device = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         """Where this actor runs: slot, pid, node, GPUs, torch threads, whether it was restarted."""
@@ -205,20 +222,33 @@ class _LensActor:
 
     def load(self) -> dict[str, Any]:
         """Load the model once (self-check included); returns the resolved dict + ``describe()``."""
-        if self.resolved is None:
-            try:
-                self.resolved = self.worker.load()
-            except Exception:
-                log.exception("%s: loading %s failed", self._where(), self.worker.spec.model.path)
-                raise
+        with self.device:
+            if self.resolved is None:
+                try:
+                    self.resolved = self.worker.load()
+                except Exception:
+                    log.exception(
+                        "%s: loading %s failed", self._where(), self.worker.spec.model.path
+                    )
+                    raise
         return {**self.resolved, "worker": self.describe()}
 
-    def run_shard(self, shard: Shard, attempt: int) -> ShardResult:
-        """Compute one shard (``attempt`` counts from 1; it is only reported)."""
+    def check_run_dir(self, probe: str, answer: str) -> str:
+        """``LensWorker.check_run_dir`` (paths as strings: they name the driver's files)."""
+        return self.worker.check_run_dir(Path(probe), Path(answer))
+
+    def run_shard(self, shard: Shard, attempt: int, part: str) -> ShardResult:
+        """Compute one shard and write its part file to ``part`` (a path the driver chose).
+
+        ``attempt`` counts from 1; it is only reported. Returns the result without its rows.
+        """
         try:
             if self.resolved is None:
                 self.load()
-            return self.worker.run_shard(shard)
+            with self.device:
+                computed = self.worker.compute(shard)
+            # Outside the lock: the actor's next call starts its device work meanwhile.
+            return self.worker.stage(self.worker.finish(computed), Path(part))
         except Exception as e:
             log.exception("%s: shard %d (attempt %d) failed", self._where(), shard.index, attempt)
             if is_sticky_device_error(e):
@@ -263,6 +293,10 @@ class _Task:
     slot: _Slot
     attempt: int
     """1 for the first try of this shard in this run."""
+    part: Path
+    """Where the actor writes the part file (unique to this submission)."""
+    alone: bool
+    """Run with no other shard on its actor (after a death that could not be attributed)."""
 
 
 class RayExecutor:
@@ -297,6 +331,10 @@ class RayExecutor:
         # would resolve it against the driver's current directory.
         model = spec.model.model_copy(update={"path": spec.model.path.expanduser().resolve()})
         self._spec_json = spec.model_copy(update={"model": model}).model_dump_json()
+        # The driver names every part file an actor writes: absolute, as the actors see it.
+        self.run_dir = RunDir(spec.output.dir.expanduser().resolve())
+        self.run_token = uuid.uuid4().hex[:12]
+        """Unique to this driver's run: its staged part names never meet another driver's."""
         self._owns_ray = False
         self._slots: list[_Slot] = []
         self._reference: dict[str, Any] = {}
@@ -321,9 +359,12 @@ class RayExecutor:
         # the damage: attempts per shard, reloads per actor). max_task_retries=0: Ray never
         # re-runs a task on its own; the driver resubmits, so it always knows where a shard is.
         actors = [
-            remote_cls.options(max_restarts=-1, max_task_retries=0, **options).remote(
-                self._spec_json, i, torch_threads, self.worker_cls
-            )
+            remote_cls.options(
+                max_restarts=-1,
+                max_task_retries=0,
+                max_concurrency=self.in_flight_per_worker,
+                **options,
+            ).remote(self._spec_json, i, torch_threads, self.worker_cls)
             for i in range(n_workers)
         ]
         self._slots = [_Slot(i, actor, {}) for i, actor in enumerate(actors)]
@@ -343,6 +384,7 @@ class RayExecutor:
             ) from None
         for slot, info in zip(self._slots, infos, strict=True):
             slot.info = info
+        self._check_run_dir()
         # All actors load at once (one model per GPU in parallel), then each answer is checked.
         loads = [slot.actor.load.remote() for slot in self._slots]
         resolved = [self._get_load(slot, ref) for slot, ref in zip(self._slots, loads, strict=True)]
@@ -406,6 +448,44 @@ class RayExecutor:
         self._owns_ray = False
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _check_run_dir(self) -> None:
+        """Raise CodelensError unless every actor sees and can write the driver's run directory.
+
+        The driver writes a probe file there; each actor reads it and writes its answer beside it,
+        which the driver reads back. A run directory on a node's local disk fails this on any
+        worker of another node, before a model is loaded.
+        """
+        staging = self.run_dir.staging_dir
+        staging.mkdir(parents=True, exist_ok=True)
+        probe = staging / f"probe-{self.run_token}"
+        probe.write_text(self.run_token)
+        answers = [staging / f"probe-{self.run_token}.{slot.index}" for slot in self._slots]
+        try:
+            replies = ray.get(
+                [
+                    slot.actor.check_run_dir.remote(str(probe), str(answer))
+                    for slot, answer in zip(self._slots, answers, strict=True)
+                ],
+                timeout=PLACEMENT_TIMEOUT_S,
+            )
+            for slot, reply, answer in zip(self._slots, replies, answers, strict=True):
+                if reply != self.run_token:
+                    problem = f"it cannot read {probe} ({reply})"
+                elif not answer.exists() or answer.read_text() != self.run_token:
+                    problem = f"the file it wrote at {answer} did not reach the driver"
+                else:
+                    continue
+                raise CodelensError(
+                    f"{slot.where()} cannot use the run directory {self.run_dir.path}: {problem}. "
+                    "Ray workers write their part files into output.dir themselves, so it must be "
+                    "one directory that the driver's node and every worker's node mount at the "
+                    "same path (NFS, Lustre, a cluster file system); or run with "
+                    "execution.backend: local"
+                )
+        finally:
+            for path in (probe, *answers):
+                path.unlink(missing_ok=True)
 
     def _connect(self) -> None:
         address = self.spec.execution.ray_address
@@ -541,8 +621,10 @@ class _Scheduler:
         self.exhausted = False
         self.commit = commit
         self.tracker = tracker
-        self.requeued: deque[tuple[Shard, int]] = deque()
-        """Shards to run again, with the number of their next attempt; served before new ones."""
+        self.requeued: deque[tuple[Shard, int, bool]] = deque()
+        """Shards to run again: (shard, number of the next attempt, to run alone); served first."""
+        self.submitted = 0
+        """Submissions so far: numbers each staged part file, so that no two share a name."""
         self.failed_attempts: dict[int, int] = {}
         self.tasks: dict[Any, _Task] = {}
         """In-flight ``run_shard`` calls by ObjectRef."""
@@ -576,12 +658,15 @@ class _Scheduler:
 
     # -- assignment -----------------------------------------------------------------------------
 
-    def _next_shard(self) -> tuple[Shard, int] | None:
+    def _next_shard(self, idle: bool) -> tuple[Shard, int, bool] | None:
+        """The next shard for a slot (``idle``: it holds none); None when none is for it now."""
         if self.requeued:
+            if self.requeued[0][2] and not idle:
+                return None  # a shard to run alone waits for an idle actor
             return self.requeued.popleft()
         if not self.exhausted:
             try:
-                return next(self.source), 1
+                return next(self.source), 1, False
             except StopIteration:
                 self.exhausted = True
         return None
@@ -592,12 +677,19 @@ class _Scheduler:
             for slot in self.slots:
                 if slot.state != "alive" or len(slot.inflight) >= depth:
                     continue
-                item = self._next_shard()
+                if slot.inflight and slot.inflight[0].alone:
+                    continue
+                item = self._next_shard(idle=not slot.inflight)
                 if item is None:
-                    return
-                shard, attempt = item
-                task = _Task(shard, slot, attempt)
-                self.tasks[slot.actor.run_shard.remote(shard, attempt)] = task
+                    if self.exhausted and not self.requeued:
+                        return
+                    continue
+                shard, attempt, alone = item
+                self.submitted += 1
+                tag = f"{self.executor.run_token}-{self.submitted}"
+                part = self.executor.run_dir.staging_path(shard.index, tag)
+                task = _Task(shard, slot, attempt, part, alone)
+                self.tasks[slot.actor.run_shard.remote(shard, attempt, str(part))] = task
                 slot.inflight.append(task)
 
     # -- events ---------------------------------------------------------------------------------
@@ -634,16 +726,22 @@ class _Scheduler:
             return
         task.slot.inflight.remove(task)
         if result.index in self.committed:
-            # Ray ran this shard twice (a resubmitted task whose first run finished after all):
-            # the first result is on disk, and a shard is committed at most once per run.
+            # Two actors computed this shard (a resubmitted task whose first run finished after
+            # all): the first result is committed, and a shard is committed at most once per run.
             log.warning("shard %d: dropping a second result", result.index)
+            if result.staged is not None:
+                result.staged.unlink(missing_ok=True)
             return
         self.commit(result)
         self.committed.add(result.index)
         self.tracker.shard_done(result.n_tokens)
 
     def _on_worker_death(self, slot: _Slot, err: BaseException) -> None:
-        """Requeue every shard the dead process held; charge only the one it was running."""
+        """Requeue every shard the dead process held; charge it only when it held one shard.
+
+        With two shards in flight the actor was running both (one on the device, one on the host),
+        so the death cannot be pinned on either: both are rerun alone, uncharged.
+        """
         lost = list(slot.inflight)  # oldest first: the first one was running
         for ref in [r for r, t in self.tasks.items() if t.slot is slot]:
             del self.tasks[ref]  # they fail with the process; their errors need no handling
@@ -656,8 +754,9 @@ class _Scheduler:
         )
         # A node preemption (autoscaler drain) is no shard's fault.
         preempted = bool(getattr(err, "preempted", False))
-        for i, task in enumerate(lost):
-            self._requeue(task, f"worker died: {_short(err)}", charged=i == 0 and not preempted)
+        for task in lost:
+            charged = len(lost) == 1 and not preempted
+            self._requeue(task, f"worker died: {_short(err)}", charged=charged, alone=True)
         slot.state, slot.down_since, slot.revive_delay = "reviving", time.monotonic(), 0.0
         self._revive(slot)
 
@@ -698,8 +797,9 @@ class _Scheduler:
 
     # -- retries and revival ----------------------------------------------------------------------
 
-    def _requeue(self, task: _Task, error: str, *, charged: bool) -> None:
-        """Run ``task``'s shard again, or record it as failed after ``max_attempts`` charges."""
+    def _requeue(self, task: _Task, error: str, *, charged: bool, alone: bool = False) -> None:
+        """Run ``task``'s shard again (``alone``: with no other shard on its actor), or record it
+        as failed after ``max_attempts`` charges."""
         index = task.shard.index
         if charged:
             self.failed_attempts[index] = self.failed_attempts.get(index, 0) + 1
@@ -708,7 +808,7 @@ class _Scheduler:
                 log.error("shard %d failed %d times; giving up on it: %s", index, n, error)
                 self.tracker.shard_failed(index, f"{error} (after {n} attempts)", final=True)
                 return
-        self.requeued.append((task.shard, self.failed_attempts.get(index, 0) + 1))
+        self.requeued.append((task.shard, self.failed_attempts.get(index, 0) + 1, alone))
         self.tracker.shard_failed(index, error, final=False)
 
     def _revive(self, slot: _Slot) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -19,6 +20,7 @@ from codelens.engine.data.windows import Shard
 from codelens.engine.errors import CodelensError
 from codelens.engine.model.loading import LoadedModel, load_model
 from codelens.engine.run.pipeline import LensBatch
+from codelens.engine.run.rundir import manifest_line, write_part
 from codelens.engine.run.runner import ShardRunner
 from codelens.engine.schemas import JobSpec
 
@@ -48,13 +50,29 @@ class DeviceFailedError(CodelensError):
 
 @dataclass
 class ShardResult:
-    """What a worker returns for one shard."""
+    """What a worker returns for one shard: its rows (or where it wrote them) and partials."""
 
     index: int
-    table: pa.Table
-    partials: dict[str, dict[str, Any]]
+    table: pa.Table | None
+    """The rows; None once the worker wrote them to ``staged`` itself."""
+    partials: dict[str, dict[str, Any]] | None
+    """The partial aggregates; None once they are encoded into ``manifest_line``."""
     n_tokens: int
     seconds: float
+    rows: int
+    staged: Path | None = None
+    """The part file the worker wrote (``RunDir.staging_path``), for the driver to commit."""
+    manifest_line: bytes | None = None
+    """The shard's manifest line (``rundir.manifest_line``), encoded with ``staged``."""
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """What the manifest records of this shard besides its part file."""
+        return {
+            "n_tokens": self.n_tokens,
+            "rows": self.rows,
+            "seconds": round(self.seconds, 3),
+            "partials": self.partials,
+        }
 
 
 @dataclass
@@ -129,7 +147,36 @@ class LensWorker:
         table, partials = self._runner().finish(computed.batch)
         task = computed.task
         seconds = computed.seconds + time.perf_counter() - start
-        return ShardResult(task.index, table, partials, task.n_tokens, seconds)
+        return ShardResult(task.index, table, partials, task.n_tokens, seconds, table.num_rows)
+
+    def stage(self, result: ShardResult, path: Path) -> ShardResult:
+        """Write ``result``'s rows as the part file ``path`` and return it without them.
+
+        Under Ray each actor writes its own parts into the run directory (on storage shared with
+        the driver) and encodes the shard's manifest line, so that the driver only renames the
+        part and appends the line.
+        """
+        start = time.perf_counter()
+        write_part(result.table, path)
+        written = replace(result, seconds=result.seconds + time.perf_counter() - start)
+        line = manifest_line(result.index, written.manifest_entry())
+        return replace(written, table=None, partials=None, staged=path, manifest_line=line)
+
+    def check_run_dir(self, probe: Path, answer: Path) -> str:
+        """Read the driver's ``probe`` file and write what it says to ``answer``.
+
+        The Ray driver checks with this, before any work, that a worker sees the run directory the
+        driver writes and can write into it (both are needed for ``stage``).
+
+        Returns:
+            What the probe holds, or a sentence saying why it could not be read or answered.
+        """
+        try:
+            text = probe.read_text()
+            answer.write_text(text)
+        except OSError as e:
+            return f"{type(e).__name__}: {e}"
+        return text
 
     def run_shard(self, task: Shard) -> ShardResult:
         """Compute one shard's rows and partial aggregates."""

@@ -8,12 +8,18 @@ Layout::
     RUN_DIR/_manifest.jsonl       one line per committed shard (with its partial aggregates)
     RUN_DIR/_status.json          progress, replaced atomically
     RUN_DIR/_driver.lock          who runs the job now (``run.lock``: one driver per directory)
+    RUN_DIR/_staging/             parts written by Ray workers, not yet committed by the driver
     RUN_DIR/summary.json          corpus aggregates merged from the manifest
 
 A shard is committed by writing its part under a temporary name, fsyncing it, renaming it over the
 final name (atomic on POSIX) and then appending its manifest line (fsynced). A crash before the
 manifest line leaves at most an orphan part that the rerun recomputes and overwrites; a shard is
 never listed twice, so every (doc, pos, layer) row exists exactly once across committed parts.
+
+Under Ray the workers write the parts themselves (``write_part``, to a ``staging_path`` the driver
+chose) and the driver commits each with ``commit_part``: the rename and the manifest line, the same
+two steps, so the rules above hold unchanged and the driver never touches a part's bytes (the
+worker also encodes the manifest line, ``manifest_line``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +57,7 @@ PART_ENCODING: dict[str, Any] = {
     "compression": "lz4",
     "row_group_size": 1 << 17,
 }
-"""How ``RunDir.commit_shard`` writes a part file: which columns get which Parquet encoding and
+"""How ``write_part`` writes a part file: which columns get which Parquet encoding and
 the codec. Only the encoding changes: a part reads back with the table's schema and values."""
 
 
@@ -81,6 +88,55 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
+def manifest_line(shard: int, entry: dict[str, Any]) -> bytes:
+    """Shard ``shard``'s manifest line (without its newline): the part's file and ``entry``.
+
+    Encoding it is most of a commit's cost to the driver (the partials of a 28-layer shard are
+    about 0.5 MB of JSON), so a Ray worker encodes it and the driver only appends it.
+    """
+    return json.dumps(
+        {"shard": shard, "file": f"lens/{PART_PATTERN.format(shard)}", **entry}, default=str
+    ).encode()
+
+
+def write_part(table: pa.Table, path: Path) -> None:
+    """Write ``table`` as one part file at ``path`` (encodings: ``PART_ENCODING``), fsynced.
+
+    Written under a temporary name beside ``path`` and renamed, so ``path`` either does not exist
+    or holds the whole part, even when the writer is killed midway.
+    """
+    dictionary: list[str] = []
+    encoding: dict[str, str] = {}
+    for field in table.schema:
+        kind = field.type
+        leaf = field.name
+        if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind):
+            # Per-column options name Parquet leaves; the list's own name would be ignored.
+            kind, leaf = kind.value_type, f"{field.name}.list.element"
+        if field.name in PART_ENCODING["dictionary"] or pa.types.is_dictionary(kind):
+            dictionary.append(leaf)  # an Arrow dictionary column keeps its whole dictionary
+        elif pa.types.is_float32(kind) or pa.types.is_float64(kind):
+            encoding[leaf] = PART_ENCODING["floats"]
+        elif field.name in PART_ENCODING["delta"] and pa.types.is_integer(kind):
+            encoding[leaf] = "DELTA_BINARY_PACKED"
+    path.parent.mkdir(parents=True, exist_ok=True)  # the staging folder is made on first use
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        pq.write_table(
+            table,
+            tmp,
+            compression=PART_ENCODING["compression"],
+            row_group_size=PART_ENCODING["row_group_size"],
+            use_dictionary=dictionary,
+            column_encoding=encoding or None,
+        )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class RunDir:
     """A run directory and its commit protocol."""
 
@@ -92,6 +148,7 @@ class RunDir:
         self.manifest_file = self.path / "_manifest.jsonl"
         self.status_file = self.path / "_status.json"
         self.summary_file = self.path / "summary.json"
+        self.staging_dir = self.path / "_staging"
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -137,7 +194,7 @@ class RunDir:
             self.summary_file,
         ):
             f.unlink(missing_ok=True)
-        for extra in ("report",):
+        for extra in ("report", "_staging"):
             shutil.rmtree(self.path / extra, ignore_errors=True)
         self.lens_dir.mkdir(parents=True, exist_ok=True)
 
@@ -176,47 +233,62 @@ class RunDir:
         The part is encoded per column as ``PART_ENCODING`` says (host time per row is what a part
         write costs the run); the rows read back are the table's, schema and dictionaries included.
         """
-        dictionary: list[str] = []
-        encoding: dict[str, str] = {}
-        for field in table.schema:
-            kind = field.type
-            path = field.name
-            if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind):
-                # Per-column options name Parquet leaves; the list's own name would be ignored.
-                kind, path = kind.value_type, f"{field.name}.list.element"
-            if field.name in PART_ENCODING["dictionary"] or pa.types.is_dictionary(kind):
-                dictionary.append(path)  # an Arrow dictionary column keeps its whole dictionary
-            elif pa.types.is_float32(kind) or pa.types.is_float64(kind):
-                encoding[path] = PART_ENCODING["floats"]
-            elif field.name in PART_ENCODING["delta"] and pa.types.is_integer(kind):
-                encoding[path] = "DELTA_BINARY_PACKED"
         final = self.part_path(shard)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        staged = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         try:
-            pq.write_table(
-                table,
-                tmp,
-                compression=PART_ENCODING["compression"],
-                row_group_size=PART_ENCODING["row_group_size"],
-                use_dictionary=dictionary,
-                column_encoding=encoding or None,
-            )
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            write_part(table, staged)
+            self.commit_part(shard, staged, manifest_line(shard, entry))
         finally:
-            tmp.unlink(missing_ok=True)
+            staged.unlink(missing_ok=True)
+
+    def commit_part(self, shard: int, staged: Path, line: bytes) -> None:
+        """Commit a part file already written (by ``write_part``) to ``staged``, a path in this run
+        directory: rename it to its final name, then append the shard's manifest ``line``
+        (``manifest_line``).
+
+        This is the driver's whole share of a commit when a worker wrote the part and encoded its
+        line (Ray): a rename and an append, whatever the part's size. ``staged`` must be on the
+        run directory's file system (``staging_path`` names one), so that the rename is atomic.
+
+        Raises:
+            RunDirError: ``staged`` does not exist: the worker wrote it where this process cannot
+                see it (a directory that is not shared between the nodes).
+        """
+        final = self.part_path(shard)
+        try:
+            os.replace(staged, final)
+        except FileNotFoundError:
+            raise RunDirError(
+                f"the part file of shard {shard} is not at {staged}, where its worker wrote it: "
+                f"{self.path} must be one directory shared by every node (NFS, Lustre, ...), "
+                "mounted at the same path on the driver's node and the workers'"
+            ) from None
         _fsync_dir(self.lens_dir)
-        line = json.dumps({"shard": shard, "file": f"lens/{final.name}", **entry}, default=str)
         with open(self.manifest_file, "ab+") as f:
             # A crash mid-append leaves a torn last line without its newline: start a new line,
             # or this entry would be glued onto the torn one and be lost with it.
             torn = (
                 f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
             )
-            f.write((b"\n" if torn else b"") + line.encode() + b"\n")
+            f.write((b"\n" if torn else b"") + line + b"\n")
             f.flush()
             os.fsync(f.fileno())
+
+    # -- parts written by workers -----------------------------------------------------------------
+
+    def staging_path(self, shard: int, tag: str) -> Path:
+        """Where a worker writes shard ``shard``'s part for the driver to commit.
+
+        ``tag`` makes the name unique per attempt (the driver's run token and a submission number),
+        so two workers that computed the same shard (a retry) never write the same file; the one the
+        driver commits is renamed into ``lens/``, the others are removed. The staging directory is
+        outside ``lens/``, so a reader of ``lens/*.parquet`` never sees an uncommitted part.
+        """
+        return self.staging_dir / f"part-{shard:06d}.{tag}.parquet"
+
+    def clear_staging(self) -> None:
+        """Remove uncommitted parts (of attempts the driver dropped, or of a killed driver)."""
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
 
     def write_docs(self, table: pa.Table) -> None:
         """Write docs.parquet atomically."""

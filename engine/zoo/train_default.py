@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     step, tokens_seen, running = 0, 0, None
     sec_per_step = None
     eval_time = 0.0
+
     def curve_row(held_out_loss: float) -> dict[str, Any]:
         """The training curve's entry for the current step (read when called)."""
         return {

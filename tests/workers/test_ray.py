@@ -407,3 +407,53 @@ def test_a_sticky_cuda_error_restarts_the_actor_and_the_shard_is_redone(
     assert st["failures"] == [] and st["retries"] >= 1, "shard 3 was retried after the restart"
     assert_same_rows(pq.read_table(out / "lens"), pq.read_table(local_run / "lens"))
     assert (out / "summary.json").read_text() == (local_run / "summary.json").read_text()
+
+
+def test_workers_write_their_parts_and_a_part_written_twice_is_committed_once(
+    ray_cluster,
+    tiny_model_dir,
+    corpus,
+    local_run,
+    tmp_path,
+    dies_after_writing_worker,
+    job_spec,
+    read_manifest,
+    read_status,
+    assert_same_rows,
+):
+    out, markers = tmp_path / "run", tmp_path / "markers"
+    markers.mkdir()
+    spec = job_spec(tiny_model_dir("llama"), corpus, out, JOB)
+    # Shards 2 and 7 are written by a worker that dies before the driver hears of them: each is
+    # computed and written again by another process under another name, and committed once.
+    executor = RayExecutor(spec, worker_cls=dies_after_writing_worker(markers, 2, 7))
+    assert run_job(spec, show_progress=False, executor=executor).state == "done"
+
+    first_writes = [Path((markers / f"wrote-{i}").read_text()) for i in (2, 7)]
+    assert all(p.parent == out.resolve() / "_staging" for p in first_writes)
+    assert not (out / "_staging").exists(), "the orphaned first writes are removed"
+    table = pq.read_table(out / "lens")
+    assert_each_row_once(table)
+    assert_same_rows(table, pq.read_table(local_run / "lens"))
+    assert (out / "summary.json").read_text() == (local_run / "summary.json").read_text()
+    total = len(shards(read_manifest(local_run, running=True)))
+    assert sorted(shards(read_manifest(out, running=True))) == list(range(total))
+    st = read_status(out)
+    assert st["state"] == "done" and st["failures"] == [] and st["retries"] >= 2
+
+
+def test_a_run_dir_the_workers_cannot_see_is_refused_before_any_work(
+    ray_cluster, tiny_model_dir, corpus, tmp_path, node_local_disk_worker, job_spec
+):
+    from codelens.engine.errors import CodelensError
+
+    out = tmp_path / "run"
+    spec = job_spec(tiny_model_dir("llama"), corpus, out, JOB)
+    elsewhere = RayExecutor(spec, worker_cls=node_local_disk_worker(tmp_path / "other-node"))
+    with pytest.raises(CodelensError) as caught:
+        run_job(spec, show_progress=False, executor=elsewhere)
+    message = str(caught.value)
+    assert f"cannot use the run directory {out.resolve()}: it cannot read" in message
+    assert "mount at the same path" in message and "execution.backend: local" in message
+    assert not (out / "job.json").exists() and not list((out / "lens").glob("*"))
+    assert not (out / "_staging").exists() or not list((out / "_staging").iterdir())

@@ -12,7 +12,7 @@ import pytest
 from codelens.engine.data.syntax import CATEGORIES
 from codelens.engine.errors import RunDirError
 from codelens.engine.row_schema import SITES, lens_schema
-from codelens.engine.run.rundir import RunDir
+from codelens.engine.run.rundir import RunDir, manifest_line, write_part
 
 
 def _table(n: int) -> pa.Table:
@@ -144,6 +144,26 @@ def test_commit_is_atomic_and_listed_once(tmp_path):
     # A manifest line whose part file is gone does not count as committed.
     rd.part_path(0).unlink()
     assert set(rd.committed()) == {1}
+
+
+def test_a_part_a_worker_staged_is_committed_by_rename(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.prepare("f1", "job", overwrite=False)
+    first, second = rd.staging_path(4, "run1-1"), rd.staging_path(4, "run1-2")
+    assert first != second and first.parent == rd.staging_dir != rd.lens_dir
+    write_part(_table(3), first)  # two workers wrote shard 4 (a retry); the driver commits one
+    write_part(_table(3), second)
+    assert list(rd.lens_dir.iterdir()) == [], "a staged part is not a part of the run yet"
+    rd.commit_part(4, second, manifest_line(4, {"n_tokens": 3}))
+    assert [p.name for p in rd.lens_dir.iterdir()] == ["part-000004.parquet"]
+    assert set(rd.committed()) == {4} and not second.exists()
+    assert pq.read_table(rd.part_path(4)).equals(_table(3))
+    rd.clear_staging()  # the attempt not committed goes with the staging folder
+    assert not rd.staging_dir.exists()
+    # A part the driver cannot see (written on another node's local disk) is named, with the fix.
+    with pytest.raises(RunDirError, match=r"shard 5 is not at .*shared by every node"):
+        rd.commit_part(5, rd.staging_path(5, "run1-3"), manifest_line(5, {"n_tokens": 1}))
+    assert set(rd.committed()) == {4}
 
 
 def test_different_job_is_refused_unless_overwrite(tmp_path):

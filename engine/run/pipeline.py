@@ -109,6 +109,33 @@ class LensBatch:
             torch.cat([b.targets for b in batches]),
         )
 
+    def reordered(self, order: Sequence[int]) -> LensBatch:
+        """The same batch with its inputs (and their tokens) in the order ``order``.
+
+        Args:
+            order: ``order[j]`` is the index in ``self.inputs`` of the j-th input of the result.
+        """
+        if list(order) == list(range(len(self.inputs))):
+            return self
+        sizes = [x.n_emit for x in self.inputs]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        index = torch.from_numpy(
+            np.concatenate(
+                [np.arange(starts[i], starts[i] + sizes[i]) for i in order]
+                or [np.zeros(0, dtype=np.int64)]
+            )
+        )
+        values = {}
+        for f in fields(LensStats):
+            value = getattr(self.stats, f.name)
+            values[f.name] = None if value is None else value.index_select(1, index)
+        return LensBatch(
+            tuple(self.inputs[i] for i in order),
+            LensStats(**values),
+            self.token_ids.index_select(0, index),
+            self.targets.index_select(0, index),
+        )
+
 
 class LensPipeline:
     """Capture and lens for one loaded model and one resolved lens request.

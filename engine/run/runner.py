@@ -42,6 +42,16 @@ from codelens.engine.schemas import LensSpec
 log = logging.getLogger(__name__)
 
 
+def by_length(windows: Sequence[WindowTask]) -> list[int]:
+    """Window indices, longest first (ties in window order): batches of similar lengths.
+
+    A batch is padded to its longest window, so grouping windows of similar length computes
+    less padding: a shard's full windows go together, and its documents' short last windows
+    (or whole short files) together (``benchmarks/results/padding.md`` measures how much).
+    """
+    return sorted(range(len(windows)), key=lambda i: -len(windows[i].input_ids))
+
+
 def batches(windows: Sequence[WindowTask], batch_tokens: int) -> list[list[WindowTask]]:
     """Group consecutive windows so that ``len(batch) * longest <= batch_tokens``."""
     out: list[list[WindowTask]] = []
@@ -79,14 +89,17 @@ class ShardRunner:
     def compute(self, task: Shard) -> LensBatch:
         """The device part of a shard: every batch's statistics, on the host, in window order.
 
-        Batch i + 1 is launched before batch i's copy to the host is awaited, so on a GPU the
-        device never waits for the host between batches. A batch that runs out of device memory
-        is split in two and retried (down to one window, which is then a real failure), and
-        ``batch_tokens`` shrinks to what fitted, so later batches are planned smaller.
+        Windows are batched longest first (``by_length``), so that little padding is computed,
+        and their statistics are put back in window order at the end. Batch i + 1 is launched
+        before batch i's copy to the host is awaited, so on a GPU the device never waits for the
+        host between batches. A batch that runs out of device memory is split in two and retried
+        (down to one window, which is then a real failure), and ``batch_tokens`` shrinks to what
+        fitted, so later batches are planned smaller.
         """
         results: list[LensBatch] = []
         pending: PendingBatch | None = None
-        todo = deque(batches(task.windows, self.batch_tokens))
+        order = by_length(task.windows)
+        todo = deque(batches([task.windows[i] for i in order], self.batch_tokens))
         while todo:
             inputs = todo.popleft()
             try:
@@ -103,8 +116,9 @@ class ShardRunner:
             pending = launched
         if pending is not None:
             results.append(pending.result())
-        # Batches are runs of consecutive windows, so the shard's token order is window order.
-        return LensBatch.concat(results)
+        # The batches hold the windows in ``order``: put them back in window order.
+        restore = sorted(range(len(order)), key=order.__getitem__)
+        return LensBatch.concat(results).reordered(restore)
 
     def _shrink(self, inputs: Sequence[WindowTask]) -> None:
         """After an out-of-memory batch: free the cache and plan at most half of its size."""

@@ -80,3 +80,53 @@ def test_one_window_that_does_not_fit_is_a_real_failure(tiny_loaded_model, monke
     window = WindowTask(0, (1, 2, 3), 0, np.array([[2], [3], [-1]], dtype=np.int32))
     with pytest.raises(torch.cuda.OutOfMemoryError):
         runner.compute(Shard(0, (window,), 3))
+
+
+def test_windows_are_batched_by_length_and_come_back_in_window_order(
+    tiny_loaded_model, monkeypatch
+):
+    """A shard of long and short windows, interleaved: batches of similar lengths are computed
+    (less padding than batching them in window order), and the statistics are those of each
+    window run alone, in window order."""
+    import torch
+
+    from codelens.engine.data.windows import Shard, WindowTask
+    from codelens.engine.run.runner import ShardRunner, batches
+
+    loaded = tiny_loaded_model("llama")
+    rng = np.random.default_rng(0)
+    lengths = [40, 6, 38, 9, 40, 5, 33, 12]
+    windows = tuple(
+        WindowTask(
+            doc,
+            tuple(int(t) for t in rng.integers(3, 200, n)),
+            0,
+            np.stack([rng.integers(3, 200, n), np.full(n, -1)], axis=1).astype(np.int32),
+        )
+        for doc, n in enumerate(lengths)
+    )
+    runner = ShardRunner(LensSpec(k=3, lookahead=[2]), loaded, batch_tokens=84)
+    original, padded = LensPipeline.launch, []
+
+    def counting(self, inputs):
+        padded.append(len(inputs) * max(len(x.input_ids) for x in inputs))
+        return original(self, inputs)
+
+    monkeypatch.setattr(LensPipeline, "launch", counting)
+    batch = runner.compute(Shard(0, windows, sum(lengths)))
+    in_window_order = sum(len(b) * max(len(w.input_ids) for w in b) for b in batches(windows, 84))
+    assert sum(padded) < in_window_order, (padded, in_window_order)
+
+    assert [x.doc for x in batch.inputs] == list(range(len(windows)))
+    alone = [runner.pipeline([w]) for w in windows]
+    assert torch.equal(batch.token_ids, torch.cat([a.token_ids for a in alone]))
+    assert torch.equal(batch.targets, torch.cat([a.targets for a in alone]))
+    for name in ("lse", "target_logprob", "topk_logprobs", "ahead_logprob"):
+        expected = torch.cat([getattr(a.stats, name) for a in alone], dim=1)
+        torch.testing.assert_close(
+            getattr(batch.stats, name), expected, atol=1e-5, rtol=0, equal_nan=True
+        )
+    np.testing.assert_array_equal(
+        batch.stats.target_rank.numpy(),
+        torch.cat([a.stats.target_rank for a in alone], dim=1).numpy(),
+    )

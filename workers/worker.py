@@ -117,6 +117,7 @@ class LensWorker:
         lens = self.runner.lens
         return {
             "family": self.loaded.family,
+            "head_source": parts.head_source,
             "model_class": type(self.loaded.model).__name__,
             "device": str(self.loaded.device),
             "dtype": str(self.loaded.dtype).removeprefix("torch."),

@@ -579,9 +579,16 @@ def _describe(model: nn.Module, parts: ModelParts) -> str:
 
 def _hint(model: nn.Module, parts: ModelParts) -> str:
     head = parts.head
-    return (
+    where = (
         f"The model-surgery entry for {type(model).__name__} in engine/model/surgery.py does not "
-        f"match this model: check the final norm ({head.norm.kind.value}, eps {head.norm.eps:g}, "
+        "match this model"
+        if parts.head_source == "table"
+        else f"{type(model).__name__} has no model-surgery entry, and what the general rule found "
+        "(engine/model/surgery.py discover_family) does not reproduce its logits, so it is "
+        "refused rather than guessed; add an entry to SUPPORTED for it"
+    )
+    return (
+        f"{where}: check the final norm ({head.norm.kind.value}, eps {head.norm.eps:g}, "
         f"weight offset {head.norm.weight_offset:g}, bias {head.norm.bias is not None}), the "
         f"unembedding bias ({head.unembed_bias is not None}), the soft-cap ({head.softcap}) and "
         f"the logit scale ({head.logit_scale:g}) against {type(model).__name__}.forward."

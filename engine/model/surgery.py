@@ -13,8 +13,16 @@ the config. A layout that silently changed its meaning is caught later, at load 
 self-check in :mod:`codelens.engine.model.loading` (the lens at layer L must reproduce the model's
 logits).
 
-Adding a family: add a ``SUPPORTED`` entry (read the family's ``modeling_*.py``: the final-norm
-module and its forward, and everything ``*ForCausalLM.forward`` does to the logits after
+Families without an entry go through one general rule, :func:`discover_family`: a
+``*ForCausalLM`` with the common layout (a base model holding one ``ModuleList`` of
+``num_hidden_layers`` blocks and one final norm module, ``get_output_embeddings()``, post-processing
+named in the config) gets a ``FamilySpec`` built from what the model itself shows, the final
+norm's kind included: it is *measured*, by running the module on a probe and matching LayerNorm,
+RMSNorm and Gemma's ``(1 + w)`` RMSNorm. Nothing found by the rule is trusted before the load-time
+self-check proves lens(L) == logits; a model the rule cannot describe is refused with the reason.
+
+Adding a family with quirks: add a ``SUPPORTED`` entry (read the family's ``modeling_*.py``: the
+final-norm module and its forward, and everything ``*ForCausalLM.forward`` does to the logits after
 ``lm_head``), add a config builder in :mod:`codelens.engine.zoo.tiny_models`, and the parametrised
 tests cover it.
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from codelens.engine.errors import UnsupportedArchitectureError
@@ -48,6 +57,8 @@ class FamilySpec:
             family's forward applies one (its value may still be None: no cap).
         logits_divisor_attr: config field the forward divides the logits by (Granite's
             ``logits_scaling``), if any.
+        logits_multiplier_attr: config field the forward multiplies the logits by (Cohere's
+            ``logit_scale``), if any.
         attn_residual: name, inside each block, of the module whose *input* is the residual
             stream right after the attention sublayer (``h_{l-1} + attn_l(...)``, including any
             post-attention norm or residual multiplier the block applies before the add): the
@@ -67,9 +78,12 @@ class FamilySpec:
     weight_offset: float = 0.0
     softcap_attr: str | None = None
     logits_divisor_attr: str | None = None
+    logits_multiplier_attr: str | None = None
     attn_residual: str | None = None
     parallel_attr: str | None = None
     parallel_reason: str | None = None
+    source: str = "table"
+    """'table' (an entry of ``SUPPORTED``) or 'rule' (found by ``discover_family``)."""
 
 
 def _layernorm(
@@ -190,6 +204,7 @@ class ModelParts:
             norm). The runner calls it instead of the whole model, so the model's own
             ``[tokens, V]`` logits, which the lens does not read, are never computed; None when
             the model has no separate backbone (then the whole model runs).
+        head_source: 'table' or 'rule' (``FamilySpec.source``), recorded in job.json.
     """
 
     family: str
@@ -197,6 +212,8 @@ class ModelParts:
     head: Head
     tied_embeddings: bool = False
     backbone: nn.Module | None = None
+    head_source: str = "table"
+    """Where the head's description came from: 'table' (``SUPPORTED``) or 'rule'."""
 
     @property
     def n_layers(self) -> int:
@@ -210,9 +227,14 @@ def supported_architectures() -> list[str]:
 
 
 def _unsupported(model: nn.Module, problem: str) -> UnsupportedArchitectureError:
+    if type(model).__name__ not in SUPPORTED:
+        return UnsupportedArchitectureError(
+            f"{type(model).__name__}: {problem}. It has no entry in the model-surgery table and "
+            "the general rule for the common *ForCausalLM layout cannot describe it, so the lens "
+            f"cannot read it safely. To support this model, {_ADD_ENTRY_HINT}."
+        )
     return UnsupportedArchitectureError(
-        f"{type(model).__name__}: {problem}. Supported architectures: "
-        f"{', '.join(supported_architectures())}. To support this model, {_ADD_ENTRY_HINT}."
+        f"{type(model).__name__}: {problem}. To support this model, {_ADD_ENTRY_HINT}."
     )
 
 
@@ -229,8 +251,9 @@ def _final_norm(model: nn.Module, spec: FamilySpec, d_model: int) -> FinalNorm:
     """Read the final norm's parameters after checking the module is what the spec expects."""
     module = _submodule(model, spec.final_norm, "final norm")
     name = type(module).__name__
+    table = spec.source == "table"  # a rule's spec comes from measuring this very module
     if name not in spec.norm_classes or (
-        spec.norm_kind is NormKind.LAYER and not isinstance(module, nn.LayerNorm)
+        table and spec.norm_kind is NormKind.LAYER and not isinstance(module, nn.LayerNorm)
     ):
         raise _unsupported(
             model,
@@ -240,7 +263,7 @@ def _final_norm(model: nn.Module, spec: FamilySpec, d_model: int) -> FinalNorm:
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
     eps = getattr(module, spec.eps_attr, None)
-    if spec.norm_kind is NormKind.RMS and not isinstance(weight, Tensor):
+    if table and spec.norm_kind is NormKind.RMS and not isinstance(weight, Tensor):
         # Every supported RMSNorm has a learned scale; a missing one means a different module.
         raise _unsupported(model, f"the final norm {name} has no weight")
     if spec.norm_kind is NormKind.RMS and bias is not None:
@@ -262,8 +285,15 @@ def _final_norm(model: nn.Module, spec: FamilySpec, d_model: int) -> FinalNorm:
     )
 
 
-def _config_value(model: nn.Module, attr: str) -> object:
+def _text_config(model: nn.Module) -> object | None:
+    """The config of the language model (the text tower's for a multimodal config)."""
     config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    return get_text() if callable(get_text) else config
+
+
+def _config_value(model: nn.Module, attr: str) -> object:
+    config = _text_config(model)
     if config is None or not hasattr(config, attr):
         raise _unsupported(model, f"its config has no '{attr}'")
     return getattr(config, attr)
@@ -277,6 +307,207 @@ def _positive_config_value(model: nn.Module, attr: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise _unsupported(model, f"config.{attr} is {value!r}, expected a positive number")
     return float(value)
+
+
+# -- the general rule ----------------------------------------------------------------------------
+
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "final_norm")
+"""Names of the final norm among a base model's children, when more than one child is a norm."""
+
+EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
+"""Attributes where norm modules keep their epsilon."""
+
+SOFTCAP_ATTRS = ("final_logit_softcapping",)
+"""Config fields of a final-logit soft-cap ``c * tanh(z / c)``."""
+DIVISOR_ATTRS = ("logits_scaling",)
+"""Config fields the logits are divided by."""
+MULTIPLIER_ATTRS = ("logit_scale",)
+"""Config fields the logits are multiplied by."""
+
+_NORM_CANDIDATES = ((NormKind.LAYER, 0.0), (NormKind.RMS, 0.0), (NormKind.RMS, 1.0))
+"""What a final norm may compute: LayerNorm, RMSNorm, RMSNorm with Gemma's ``(1 + w)``."""
+
+
+def family_spec(model: nn.Module) -> FamilySpec:
+    """The ``SUPPORTED`` entry of the model's class, or the general rule's description of it.
+
+    Raises:
+        UnsupportedArchitectureError: no entry, and the rule cannot describe the model (why).
+    """
+    spec = SUPPORTED.get(type(model).__name__)
+    return spec if spec is not None else discover_family(model)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
+
+
+def discover_family(model: nn.Module) -> FamilySpec:
+    """Describe a causal LM of the common layout from the model itself (the general rule).
+
+    The model's ``base_model`` must hold exactly one ``ModuleList`` of ``num_hidden_layers``
+    blocks and one final norm (a child whose class is a norm; by name among ``FINAL_NORM_NAMES``
+    if several are). The norm's kind is measured (``measure_norm``); the logit post-processing is
+    what the config names (``SOFTCAP_ATTRS``, ``DIVISOR_ATTRS``, ``MULTIPLIER_ATTRS``). The
+    ``attn`` site is the input of the blocks' pre-MLP norm where the block layout shows one
+    (``_attn_residual``). The load-time self-check then proves or refuses the description.
+
+    Raises:
+        UnsupportedArchitectureError: saying which part of the layout the model lacks.
+    """
+    prefix, base = _base_model(model)
+    n_layers = _config_value(model, "num_hidden_layers")
+    children = dict(base.named_children())
+    lists = [
+        name
+        for name, child in children.items()
+        if isinstance(child, nn.ModuleList) and len(child) == n_layers
+    ]
+    if len(lists) != 1:
+        found = "no" if not lists else f"{len(lists)} ({', '.join(lists)})"
+        raise _unsupported(
+            model,
+            f"its base model has {found} ModuleList of config.num_hidden_layers = {n_layers} "
+            "blocks, where the general rule needs exactly one",
+        )
+    blocks = lists[0]
+    norms = [name for name, child in children.items() if _is_norm(child)]
+    if len(norms) > 1:
+        norms = [name for name in norms if name in FINAL_NORM_NAMES]
+    if len(norms) != 1:
+        raise _unsupported(
+            model,
+            "its base model has no single final norm module"
+            + (f" (candidates: {', '.join(norms)})" if norms else ""),
+        )
+    norm_module = children[norms[0]]
+    eps_attr = next((a for a in EPS_ATTRS if isinstance(getattr(norm_module, a, None), float)), "")
+    if not eps_attr:
+        raise _unsupported(
+            model, f"its final norm {type(norm_module).__name__} has no epsilon ({EPS_ATTRS})"
+        )
+    kind, offset = measure_norm(model, norm_module, getattr(norm_module, eps_attr))
+    config = _text_config(model)
+
+    def named(attrs: tuple[str, ...]) -> str | None:
+        return next((a for a in attrs if hasattr(config, a)), None)
+
+    attn_residual, no_attn_reason = _attn_residual(base.get_submodule(blocks))
+    return FamilySpec(
+        family=str(getattr(config, "model_type", type(model).__name__)),
+        blocks=f"{prefix}.{blocks}",
+        final_norm=f"{prefix}.{norms[0]}",
+        norm_kind=kind,
+        norm_classes=(type(norm_module).__name__,),
+        eps_attr=eps_attr,
+        weight_offset=offset,
+        softcap_attr=named(SOFTCAP_ATTRS),
+        logits_divisor_attr=named(DIVISOR_ATTRS),
+        logits_multiplier_attr=named(MULTIPLIER_ATTRS),
+        attn_residual=attn_residual,
+        parallel_reason=no_attn_reason,
+        source="rule",
+    )
+
+
+def _base_model(model: nn.Module) -> tuple[str, nn.Module]:
+    """The base model's attribute name and module: HF's ``base_model`` when it is a proper part
+    of the model, else the one child (besides the output embedding) that holds module lists
+    (Llama 4's ``model``, whose ``base_model_prefix`` names another attribute)."""
+    base = getattr(model, "base_model", None)
+    for name, child in model.named_children():
+        if child is base and base is not model:
+            return name, child
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    holders = [
+        (name, child)
+        for name, child in model.named_children()
+        if child is not head and any(isinstance(m, nn.ModuleList) for m in child.children())
+    ]
+    if len(holders) != 1:
+        raise _unsupported(model, "it has no single base model module holding the blocks")
+    return holders[0]
+
+
+def measure_norm(model: nn.Module, module: nn.Module, eps: float) -> tuple[NormKind, float]:
+    """Which of LayerNorm, RMSNorm and ``(1 + w)`` RMSNorm ``module`` computes, by running it.
+
+    A probe ``x [4, d]`` with non-zero mean (so LayerNorm and RMSNorm differ) goes through the
+    module in its own dtype; each candidate ``FinalNorm`` (with the module's weight, bias and
+    ``eps``) is computed in fp32 from the same input, and the one within the dtype's rounding is
+    the norm's kind.
+
+    Raises:
+        UnsupportedArchitectureError: none of them (or more than one) matches.
+    """
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    weight = weight.detach() if isinstance(weight, Tensor) else None
+    bias = bias.detach() if isinstance(bias, Tensor) else None
+    reference = weight if weight is not None else next(module.parameters(), None)
+    d = _config_value(model, "hidden_size") if weight is None else weight.shape[-1]
+    dtype = reference.dtype if reference is not None else torch.float32
+    device = reference.device if reference is not None else torch.device("cpu")
+    if device.type == "meta":
+        raise _unsupported(model, "its final norm has no weights loaded (meta device)")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(4, int(d), generator=gen) * 2 + 0.7).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        y = module(x).float()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    matches = []
+    for kind, offset in _NORM_CANDIDATES:
+        candidate = FinalNorm(kind, weight, bias if kind is NormKind.LAYER else None, eps, offset)
+        if kind is NormKind.RMS and bias is not None:
+            continue
+        err = (candidate.apply(x) - y).abs().max().item() / max(1.0, y.abs().max().item())
+        if err <= tolerance:
+            matches.append((kind, offset))
+    if len(matches) != 1:
+        raise _unsupported(
+            model,
+            f"its final norm {type(module).__name__} computes "
+            + ("none" if not matches else "more than one")
+            + " of LayerNorm, RMSNorm and RMSNorm with (1 + w) on a probe",
+        )
+    return matches[0]
+
+
+_PRE_MLP_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm")
+"""Per block, the names of the norm that reads the residual stream right after attention."""
+
+
+def _attn_residual(blocks: nn.Module) -> tuple[str | None, str | None]:
+    """The blocks' module whose input is the post-attention residual, or None and why not.
+
+    Pre-norm blocks (``input_layernorm`` before attention) read the post-attention residual with
+    their pre-MLP norm: ``pre_feedforward_layernorm`` where the block has one (Gemma-style
+    sandwich norms), else ``post_attention_layernorm``. Post-norm blocks (no ``input_layernorm``:
+    the norms follow the sublayers, OLMo 2), parallel blocks (attention and MLP off one input,
+    Cohere) and blocks without attention (Mamba or linear-attention layers) have no such module.
+    """
+    layers = list(blocks)
+
+    def attends(block: nn.Module) -> bool:
+        return any(isinstance(getattr(block, a, None), nn.Module) for a in ("self_attn", "attn"))
+
+    if not all(attends(b) for b in layers):
+        plain = [i for i, b in enumerate(layers) if not attends(b)]
+        return None, (
+            f"blocks {plain} have no self-attention (Mamba or linear-attention layers), so their "
+            "residual stream has no post-attention point"
+        )
+    if not all(hasattr(b, "input_layernorm") for b in layers):
+        if all(hasattr(b, "post_attention_layernorm") for b in layers):
+            return None, (
+                "its blocks are post-norm (the norms are applied to the attention and MLP outputs "
+                "before each residual add): no module reads the post-attention residual as input"
+            )
+        return None, "its blocks show no norm before the MLP"
+    for name in _PRE_MLP_NORMS:
+        if all(isinstance(getattr(b, name, None), nn.Module) for b in layers):
+            return name, None
+    return None, f"{_PARALLEL} (the blocks have a single input_layernorm)"
 
 
 def model_parts(model: nn.Module) -> ModelParts:
@@ -296,10 +527,7 @@ def model_parts(model: nn.Module) -> ModelParts:
             does not match its entry (missing module, unexpected norm type or shape, block count
             different from the config).
     """
-    class_name = type(model).__name__
-    spec = SUPPORTED.get(class_name)
-    if spec is None:
-        raise _unsupported(model, "this architecture has no model-surgery entry")
+    spec = family_spec(model)
 
     blocks = _submodule(model, spec.blocks, "decoder blocks")
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
@@ -330,6 +558,10 @@ def model_parts(model: nn.Module) -> ModelParts:
         if divisor is None:
             raise _unsupported(model, f"config.{spec.logits_divisor_attr} is None")
         logit_scale = 1.0 / divisor
+    if spec.logits_multiplier_attr is not None:
+        multiplier = _positive_config_value(model, spec.logits_multiplier_attr)
+        if multiplier is not None:  # the forward multiplies only when it is set
+            logit_scale *= multiplier
 
     head = Head(
         norm=_final_norm(model, spec, d_model=unembed.shape[1]),
@@ -346,14 +578,16 @@ def model_parts(model: nn.Module) -> ModelParts:
         blocks=list(blocks),
         head=head,
         tied_embeddings=tied,
-        backbone=_backbone(model, blocks),
+        backbone=_backbone(model, blocks, spec.blocks.rpartition(".")[0]),
+        head_source=spec.source,
     )
 
 
-def _backbone(model: nn.Module, blocks: Sequence[nn.Module]) -> nn.Module | None:
-    """HF's ``base_model`` when it is a proper part of the model that holds every block."""
-    base = getattr(model, "base_model", None)
-    if not isinstance(base, nn.Module) or base is model:
+def _backbone(model: nn.Module, blocks: Sequence[nn.Module], path: str) -> nn.Module | None:
+    """The module at ``path`` (the blocks' parent: HF's base model) when it is a proper part of
+    the model that holds every block and runs without the LM head."""
+    base = model.get_submodule(path) if path else model
+    if base is model:
         return None
     inside = {id(m) for m in base.modules()}
     return base if all(id(b) in inside for b in blocks) else None
@@ -369,9 +603,7 @@ def attn_residual_modules(model: nn.Module) -> list[nn.Module]:
         UnsupportedArchitectureError: the family (or this config) runs attention and MLP in
             parallel, so there is no residual stream between them; or a block lacks the module.
     """
-    spec = SUPPORTED.get(type(model).__name__)
-    if spec is None:
-        raise _unsupported(model, "this architecture has no model-surgery entry")
+    spec = family_spec(model)
     parallel = spec.parallel_attr is not None and bool(
         getattr(getattr(model, "config", None), spec.parallel_attr, False)
     )

@@ -25,6 +25,7 @@ Each model plus tokenizer builds in well under a second; the tokenizer is traine
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import sysconfig
 from collections.abc import Callable, Iterable
@@ -344,6 +345,116 @@ _CONFIG_BUILDERS: dict[str, Callable[[dict[str, Any], int], PretrainedConfig]] =
 assert tuple(_CONFIG_BUILDERS) == TINY_FAMILIES
 
 
+MODERN_FAMILIES: tuple[str, ...] = (
+    "qwen3_moe",
+    "qwen3_next",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4",
+    "glm4_moe",
+    "gemma3_text",
+    "olmo2",
+    "olmo3",
+    "cohere",
+    "cohere2",
+    "seed_oss",
+    "ministral3",
+    "exaone4",
+    "granitemoe",
+    "granitemoehybrid",
+    "gpt_oss",
+    "smollm3",
+    "llama4_text",
+)
+"""The code-model families of 2025-26 without a model-surgery entry (the general rule reads
+them), built by :func:`generic_tiny_config` from their HF config class with tiny sizes."""
+
+_GENERIC_SIZES: dict[str, Any] = {
+    # attention
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": _MAX_POSITIONS,
+    "sliding_window": 64,
+    # mixture of experts
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    # multi-head latent attention (DeepSeek)
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    # linear attention (Qwen3-Next) and Mamba (Granite 4 hybrid)
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "mamba_d_state": 8,
+    "mamba_n_heads": 4,
+    "mamba_n_groups": 1,
+    "mamba_d_conv": 4,
+    "mamba_chunk_size": 16,
+}
+"""Size fields of HF config classes, set to tiny values where a config class has them."""
+
+_GENERIC_PER_FAMILY: dict[str, Callable[[int], dict[str, Any]]] = {
+    # Multi-head latent attention has as many key/value heads as query heads, and its rotary
+    # part sets the head size.
+    "deepseek_v2": lambda d: {"num_key_value_heads": 4, "head_dim": 8},
+    "deepseek_v3": lambda d: {"num_key_value_heads": 4, "head_dim": 8},
+    # Mamba heads span the expanded width: n_heads * d_head = 2 * d; one Mamba, one attention layer.
+    "granitemoehybrid": lambda d: {"mamba_d_head": d // 2, "layer_types": ["mamba", "attention"]},
+    # Post-processing the lens must reproduce, at values that change the tiny model's logits
+    # (see _gemma2 on the cap): Cohere multiplies by logit_scale (0.0625 by default), Granite
+    # divides by logits_scaling, Gemma 3 may cap.
+    "granitemoe": lambda d: {"logits_scaling": 4.0},
+    "gemma3_text": lambda d: {"final_logit_softcapping": 2.0, "query_pre_attn_scalar": d // 4},
+}
+
+
+def generic_tiny_config(
+    model_type: str,
+    *,
+    vocab_size: int,
+    n_layers: int = 2,
+    d_model: int = 64,
+    special_token_ids: dict[str, int] | None = None,
+) -> PretrainedConfig:
+    """A tiny config of any HF ``model_type``: its config class with the size fields it has set
+    to tiny values (``_GENERIC_SIZES``, plus what one family needs: ``_GENERIC_PER_FAMILY``).
+
+    Raises:
+        KeyError: transformers has no config class for ``model_type``.
+        Exception: whatever the config class raises for sizes it cannot take.
+    """
+    cls = transformers.CONFIG_MAPPING[model_type]
+    known = set(inspect.signature(cls.__init__).parameters)
+    try:
+        known |= set(cls().to_dict())
+    except Exception:  # noqa: BLE001 - some defaults cannot be built: the signature must do
+        pass
+    sizes = {
+        "vocab_size": vocab_size,
+        "num_hidden_layers": n_layers,
+        "hidden_size": d_model,
+        "intermediate_size": 2 * d_model,
+        "moe_intermediate_size": d_model,
+        "shared_expert_intermediate_size": d_model,
+        "head_dim": d_model // 4,
+        "initializer_range": INIT_STD,
+        **_GENERIC_SIZES,
+        **_GENERIC_PER_FAMILY.get(model_type, lambda d: {})(d_model),
+    }
+    chosen = {k: v for k, v in sizes.items() if k in known}
+    return cls(**chosen, **(special_token_ids or {}))
+
+
 def tiny_config(
     family: str,
     *,
@@ -366,8 +477,21 @@ def tiny_config(
     Raises:
         ValueError: unknown family, or a ``d_model`` that the attention heads cannot split.
     """
+    if family in MODERN_FAMILIES:
+        config = generic_tiny_config(
+            family,
+            vocab_size=vocab_size,
+            n_layers=n_layers,
+            d_model=max(d_model, 64),  # latent attention and Mamba heads need the room
+            special_token_ids=special_token_ids,
+        )
+        for key, value in config_overrides.items():
+            setattr(config, key, value)
+        return config
     if family not in _CONFIG_BUILDERS:
-        raise ValueError(f"unknown tiny-model family {family!r}; choose one of {TINY_FAMILIES}")
+        raise ValueError(
+            f"unknown tiny-model family {family!r}; choose one of {TINY_FAMILIES + MODERN_FAMILIES}"
+        )
     if d_model % 16:
         # 4 heads of d/4, and rotary / CodeGen's 4-way qkv split need an even head size.
         raise ValueError(f"d_model must be a multiple of 16, got {d_model}")

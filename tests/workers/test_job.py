@@ -19,6 +19,7 @@ import torch
 from codelens.engine.errors import CodelensError, RunDirError
 from codelens.engine.run.lock import LOCK_NAME, DriverLock
 from codelens.engine.schemas import validate_spec
+from codelens.engine.zoo.tiny_models import MODERN_FAMILIES, TINY_FAMILIES
 from codelens.kernels import LensRequest, lens_stats_from_logits
 from codelens.workers.job import run_job
 
@@ -76,13 +77,20 @@ def reference(loaded, ids: list[int], bos: int | None, request: LensRequest, off
     return lens_stats_from_logits(z, targets, request, z[-1])
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES + MODERN_FAMILIES)
 def test_every_family_every_column_matches_the_float64_reference(
-    tiny_family, tiny_model_dir, tiny_loaded_model, tmp_path, corpus, job_spec, read_rows
+    family, tiny_model_dir, tiny_loaded_model, tmp_path, corpus, job_spec, read_rows
 ):
-    model_dir = tiny_model_dir(tiny_family)
+    """Through the real path (config, safetensors, load, self-check, run) for every family: the
+    surgery table's and those the general rule reads (``head_source`` says which)."""
+    model_dir = tiny_model_dir(family)
     spec = job_spec(model_dir, corpus, tmp_path / "run", JOB)
     outcome = run_job(spec, show_progress=False)
     assert outcome.state == "done" and outcome.resolved["impl"] == "torch"
+    expected_source = "rule" if family in MODERN_FAMILIES else "table"
+    assert outcome.resolved["head_source"] == expected_source
+    recorded = json.loads((tmp_path / "run" / "job.json").read_text())["resolved"]
+    assert recorded["head_source"] == expected_source and recorded["family"] == family
     run_dir = tmp_path / "run"
     rows = read_rows(run_dir)
     docs = pq.read_table(run_dir / "docs.parquet").to_pylist()
@@ -96,7 +104,7 @@ def test_every_family_every_column_matches_the_float64_reference(
         "latin1.py": "not utf-8",
     }
 
-    loaded = tiny_loaded_model(tiny_family)
+    loaded = tiny_loaded_model(family)
     tok = loaded.tokenizer
     n_layers = len(loaded.parts.blocks) + 1
     kw_ids = sorted(
@@ -144,7 +152,7 @@ def test_every_family_every_column_matches_the_float64_reference(
             a, b = torch.from_numpy(np.asarray(mine_v, dtype=np.float32)), want_v
             assert torch.equal(a.isnan(), b.isnan()), name
             err = (a - b).abs().nan_to_num(0).max().item()
-            assert err < 1e-4, f"{tiny_family} {name}: max error {err:.2e}"
+            assert err < 1e-4, f"{family} {name}: max error {err:.2e}"
         # Ranks: exact (the tiny models' random logits have no near-ties at these sizes).
         assert (col("target_rank") == want.target_rank.numpy()).all()
         assert (col("ahead_rank") == want.ahead_rank.numpy()).all()

@@ -209,16 +209,17 @@ def test_unknown_model_type(llama_copy: Path) -> None:
 
 
 def test_unsupported_architecture_from_disk(tmp_path: Path) -> None:
-    config = transformers.GPTNeoConfig(
+    config = transformers.BertConfig(
         vocab_size=320,
         hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        attention_types=[[["global", "local"], 1]],
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        is_decoder=True,
     )
-    transformers.GPTNeoForCausalLM(config).save_pretrained(tmp_path)
+    transformers.BertLMHeadModel(config).save_pretrained(tmp_path)
     build_tiny_tokenizer().save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError, match="GPTNeoForCausalLM"):
+    with pytest.raises(UnsupportedArchitectureError, match="BertLMHeadModel: its base model"):
         load_model(tmp_path, device="cpu")
 
 

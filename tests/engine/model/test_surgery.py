@@ -13,7 +13,7 @@ from torch import nn
 from codelens.engine.errors import SelfCheckError, UnsupportedArchitectureError
 from codelens.engine.model.capture import ResidualCapture
 from codelens.engine.model.loading import probe_batch, run_self_check
-from codelens.engine.model.surgery import SUPPORTED, ModelParts, model_parts
+from codelens.engine.model.surgery import SUPPORTED, ModelParts, discover_family, model_parts
 from codelens.engine.zoo.tiny_models import TINY_FAMILIES, tiny_config
 from codelens.kernels.head import NormKind
 
@@ -193,38 +193,96 @@ def _in_memory(family: str) -> nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
-@pytest.mark.parametrize(
-    "build",
-    [
-        lambda: transformers.GPTNeoForCausalLM(
-            transformers.GPTNeoConfig(
-                vocab_size=64,
-                hidden_size=32,
-                num_layers=2,
-                num_heads=4,
-                attention_types=[[["global", "local"], 1]],
-            )
-        ),
-        lambda: transformers.BertForMaskedLM(
-            transformers.BertConfig(
-                vocab_size=64,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-            )
-        ),
-    ],
-    ids=["GPTNeoForCausalLM", "BertForMaskedLM"],
-)
-def test_unknown_architecture_is_refused(build) -> None:
-    model = build()
+def test_a_model_off_the_common_layout_is_refused_with_the_reason() -> None:
+    """BERT's blocks sit in ``encoder.layer`` and it has no final norm: neither the table nor the
+    general rule describes it, and the error says which part of the layout is missing."""
+    model = transformers.BertLMHeadModel(
+        transformers.BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            is_decoder=True,
+        )
+    )
     with pytest.raises(UnsupportedArchitectureError) as info:
         model_parts(model)
     message = str(info.value)
-    assert type(model).__name__ in message
-    assert "LlamaForCausalLM" in message and "Gemma2ForCausalLM" in message
+    assert message.startswith("BertLMHeadModel: its base model has no ModuleList of")
+    assert "general rule" in message
     assert "add an entry to SUPPORTED in engine/model/surgery.py" in message
+
+
+def test_a_family_without_an_entry_is_read_by_the_general_rule() -> None:
+    """GPT-Neo has no table entry: the rule finds transformer.h, transformer.ln_f (measured to
+    be a LayerNorm) and the tied head, and says so."""
+    config = transformers.GPTNeoConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPTNeoForCausalLM(config)
+    parts = model_parts(model)
+    assert (parts.family, parts.head_source) == ("gpt_neo", "rule")
+    assert parts.blocks == list(model.transformer.h)
+    assert (
+        parts.head.norm.kind is NormKind.LAYER and parts.head.norm.eps == model.transformer.ln_f.eps
+    )
+    assert parts.head.unembed.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert parts.backbone is model.transformer
+
+
+@pytest.mark.parametrize(
+    ("norm", "kind", "offset"),
+    [
+        ("layernorm", "layernorm", 0.0),
+        ("rms", "rmsnorm", 0.0),
+        ("rms_one_plus", "rmsnorm", 1.0),
+    ],
+)
+def test_the_rule_measures_what_the_final_norm_computes(norm, kind, offset) -> None:
+    """The final norm's kind comes from running it, not from its class name: a Llama whose final
+    norm is swapped for another module computing LayerNorm or (1 + w) RMSNorm is read as such."""
+
+    class RenamedNorm(nn.Module):  # a class the table does not know: only the rule reads it
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.rand(d) + 0.5)
+            self.bias = nn.Parameter(torch.randn(d)) if norm == "layernorm" else None
+            self.eps = 1e-5
+
+        def forward(self, x):
+            if norm == "layernorm":
+                return nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return x * (self.weight + (1.0 if norm == "rms_one_plus" else 0.0))
+
+    model = _in_memory("llama")
+    model.model.norm = RenamedNorm(model.config.hidden_size)
+    spec = discover_family(model)
+    assert (spec.norm_kind.value, spec.weight_offset, spec.source) == (kind, offset, "rule")
+    assert spec.final_norm == "model.norm" and spec.blocks == "model.layers"
+
+
+def test_a_final_norm_of_no_known_kind_is_refused() -> None:
+    class TanhNorm(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+            self.eps = 1e-5
+
+        def forward(self, x):
+            return torch.tanh(x) * self.weight
+
+    model = _in_memory("llama")
+    model.model.norm = TanhNorm(model.config.hidden_size)
+    with pytest.raises(UnsupportedArchitectureError, match="computes none of LayerNorm, RMSNorm"):
+        discover_family(model)
 
 
 def test_eps_is_read_from_the_module() -> None:

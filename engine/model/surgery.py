@@ -317,15 +317,21 @@ FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm
 EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 """Attributes where norm modules keep their epsilon."""
 
-SOFTCAP_ATTRS = ("final_logit_softcapping",)
+SOFTCAP_ATTRS = ("final_logit_softcapping", "logits_soft_cap")
 """Config fields of a final-logit soft-cap ``c * tanh(z / c)``."""
 DIVISOR_ATTRS = ("logits_scaling",)
 """Config fields the logits are divided by."""
 MULTIPLIER_ATTRS = ("logit_scale",)
 """Config fields the logits are multiplied by."""
 
-_NORM_CANDIDATES = ((NormKind.LAYER, 0.0), (NormKind.RMS, 0.0), (NormKind.RMS, 1.0))
-"""What a final norm may compute: LayerNorm, RMSNorm, RMSNorm with Gemma's ``(1 + w)``."""
+_NORM_CANDIDATES = (
+    (NormKind.LAYER, 0.0),
+    (NormKind.LAYER, 1.0),
+    (NormKind.RMS, 0.0),
+    (NormKind.RMS, 1.0),
+)
+"""What a final norm may compute: LayerNorm and RMSNorm, each with ``w`` or ``(1 + w)``
+(Gemma's RMSNorm, Nemotron's LayerNorm1P)."""
 
 
 def family_spec(model: nn.Module) -> FamilySpec:
@@ -457,9 +463,9 @@ def measure_norm(model: nn.Module, module: nn.Module, eps: float) -> tuple[NormK
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     matches = []
     for kind, offset in _NORM_CANDIDATES:
+        if (kind is NormKind.RMS and bias is not None) or (weight is None and offset):
+            continue  # an RMSNorm has no shift; without a weight the offset means nothing
         candidate = FinalNorm(kind, weight, bias if kind is NormKind.LAYER else None, eps, offset)
-        if kind is NormKind.RMS and bias is not None:
-            continue
         err = (candidate.apply(x) - y).abs().max().item() / max(1.0, y.abs().max().item())
         if err <= tolerance:
             matches.append((kind, offset))
@@ -468,7 +474,7 @@ def measure_norm(model: nn.Module, module: nn.Module, eps: float) -> tuple[NormK
             model,
             f"its final norm {type(module).__name__} computes "
             + ("none" if not matches else "more than one")
-            + " of LayerNorm, RMSNorm and RMSNorm with (1 + w) on a probe",
+            + " of LayerNorm and RMSNorm (with w or 1 + w) on a probe",
         )
     return matches[0]
 

@@ -400,6 +400,14 @@ _GENERIC_SIZES: dict[str, Any] = {
     "mamba_n_groups": 1,
     "mamba_d_conv": 4,
     "mamba_chunk_size": 16,
+    # GPT-2-style and encoder-decoder names of the same sizes
+    "n_layer": 2,
+    "n_head": 4,
+    "n_positions": _MAX_POSITIONS,
+    "decoder_layers": 2,
+    "decoder_attention_heads": 4,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 4,
 }
 """Size fields of HF config classes, set to tiny values where a config class has them."""
 
@@ -447,6 +455,12 @@ def generic_tiny_config(
         "moe_intermediate_size": d_model,
         "shared_expert_intermediate_size": d_model,
         "head_dim": d_model // 4,
+        "n_embd": d_model,
+        "n_inner": 2 * d_model,
+        "d_model": d_model,
+        "ffn_dim": 2 * d_model,
+        "decoder_ffn_dim": 2 * d_model,
+        "encoder_ffn_dim": 2 * d_model,
         "initializer_range": INIT_STD,
         **_GENERIC_SIZES,
         **_GENERIC_PER_FAMILY.get(model_type, lambda d: {})(d_model),

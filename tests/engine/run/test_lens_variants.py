@@ -82,6 +82,11 @@ ATTN_CASES = {
     "llama": ({}, "self_attn", None),
     "gemma2": ({}, "self_attn", "post_attention_layernorm"),
     "gpt_neox": ({"use_parallel_residual": False}, "attention", None),
+    # Read by the general rule (no surgery entry): MoE, sandwich norms, latent attention.
+    "qwen3_moe": ({}, "self_attn", None),
+    "glm4": ({}, "self_attn", "post_self_attn_layernorm"),
+    "gemma3_text": ({}, "self_attn", "post_attention_layernorm"),
+    "deepseek_v3": ({}, "self_attn", None),
 }
 
 
@@ -154,7 +159,15 @@ def test_attn_site_rows_match_an_independent_reference(
 
 @pytest.mark.parametrize(
     "family,overrides,reason",
-    [("gpt_neox", {}, "use_parallel_residual"), ("codegen", {}, "in parallel")],
+    [
+        ("gpt_neox", {}, "use_parallel_residual"),
+        ("codegen", {}, "in parallel"),
+        ("cohere", {}, "in parallel"),
+        ("olmo2", {}, "post-norm"),
+        ("exaone4", {}, "post-norm"),
+        ("qwen3_next", {}, "no self-attention .Mamba or linear-attention"),
+        ("granitemoehybrid", {}, r"blocks \[0\] have no self-attention"),
+    ],
 )
 def test_attn_site_refused_for_parallel_blocks(
     family, overrides, reason, tiny_model_dir, tmp_path, make_spec

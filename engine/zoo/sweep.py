@@ -42,7 +42,7 @@ class SweepRow:
     state: str
     """'table', 'rule', 'refused' or 'not built'."""
     reason: str
-    """Why refused or not built; for a supported one, what the lens reads (norm, post-processing)."""
+    """Why refused or not built; for a supported one, what the lens reads (norm, post-process)."""
 
 
 def _first_line(error: BaseException) -> str:

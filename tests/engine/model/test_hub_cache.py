@@ -273,3 +273,16 @@ def test_ray_workers_get_the_repo_id_and_revision_not_a_driver_path(
     shutil.copytree(tiny_model_dir("llama"), tmp_path / "models" / "m")
     local = job_spec("models/m", tmp_path, "run", execution={"backend": "ray"})
     assert json.loads(RayExecutor(local)._spec_json)["model"]["path"] == str(tmp_path / "models/m")
+
+
+def test_ray_workers_that_resolved_different_commits_are_inconsistent(job_spec, tmp_path) -> None:
+    pytest.importorskip("ray")
+    from codelens.workers.ray_backend import RayExecutor
+
+    executor = RayExecutor(job_spec(REPO, tmp_path, tmp_path / "run"))
+    executor._reference = {"device": "cpu", "model_source": {"commit": MAIN, "path": "/a"}}
+    same_commit_elsewhere = {"device": "cpu", "model_source": {"commit": MAIN, "path": "/b"}}
+    assert executor._inconsistency(same_commit_elsewhere) == ""
+    problem = executor._inconsistency({"device": "cpu", "model_source": {"commit": TAGGED}})
+    assert f"model commit='{TAGGED}', worker 0 has '{MAIN}'" in problem
+    assert "model.revision" in problem

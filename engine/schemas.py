@@ -31,8 +31,13 @@ class ModelSpec(_Strict):
     """Which model to read, and how."""
 
     path: Path
-    """Local model directory: config.json, *.safetensors weights and tokenizer files. Nothing is
-    downloaded."""
+    """Local model directory (config.json, *.safetensors weights and tokenizer files), or a Hugging
+    Face repo id OWNER/NAME read from the local hub cache (HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub; fetch it beforehand with `hf download OWNER/NAME --revision REV`).
+    An existing directory wins over a repo id of the same spelling. Nothing is downloaded."""
+    revision: Annotated[str, Field(min_length=1)] | None = None
+    """Branch, tag or full 40-hex commit of the repo id in model.path (unset: 'main'); job.json
+    records the commit it resolved to. Only for repo ids: an error with a local directory."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and activations dtype. 'auto': float32 on a CPU, the checkpoint's dtype on a GPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -201,6 +206,10 @@ class JobSpec(_Strict):
         """Hash of everything that determines the rows (not where or how fast they are computed)."""
         relevant = self.model_dump(mode="json", include={"model", "corpus", "tokens", "lens"})
         relevant["model"].pop("device", None)
+        if relevant["model"].get("revision") in (None, "main"):
+            # Unset means main: the same job either way, and a spec written before model.revision
+            # existed keeps its fingerprint (and so resumes its run directory).
+            relevant["model"].pop("revision")
         relevant["output"] = {"shard_tokens": self.output.shard_tokens}
         text = json.dumps(relevant, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

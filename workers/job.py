@@ -147,6 +147,7 @@ def _run_locked(
     """``run_job`` once the run directory is prepared and this driver holds its lock."""
     tokenizer = load_tokenizer(
         spec.model.path,
+        revision=spec.model.revision,
         allow_pickle=spec.model.allow_pickle,
         trust_remote_code=spec.model.trust_remote_code,
     )

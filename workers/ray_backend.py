@@ -70,6 +70,7 @@ from typing import Any
 
 from codelens.engine.data.windows import Shard
 from codelens.engine.errors import CodelensError
+from codelens.engine.model.loading import is_hub_repo_id
 from codelens.engine.run.rundir import RunDir
 from codelens.engine.schemas import JobSpec
 from codelens.workers.pipelining import PLAN_AHEAD, prefetch
@@ -328,8 +329,12 @@ class RayExecutor:
         self.worker_cls = worker_cls
         # Actors may run in another working directory, or on another node where the model lies
         # at the same absolute path: resolve a relative model path here, as the local backend
-        # would resolve it against the driver's current directory.
-        model = spec.model.model_copy(update={"path": spec.model.path.expanduser().resolve()})
+        # would resolve it against the driver's current directory. A hub repo id stays one: each
+        # actor finds it (at model.revision) in its own node's hub cache.
+        path = spec.model.path
+        if not is_hub_repo_id(path):
+            path = path.expanduser().resolve()
+        model = spec.model.model_copy(update={"path": path})
         self._spec_json = spec.model_copy(update={"model": model}).model_dump_json()
         # The driver names every part file an actor writes: absolute, as the actors see it.
         self.run_dir = RunDir(spec.output.dir.expanduser().resolve())
@@ -585,6 +590,16 @@ class RayExecutor:
         for key in _CONSISTENT_KEYS:
             if resolved.get(key) != self._reference.get(key):
                 return f"{key}={resolved.get(key)!r}, worker 0 has {self._reference.get(key)!r}"
+        # Snapshot paths may differ between nodes' caches; the commit must not (a branch such as
+        # main can point at different commits in two caches).
+        mine, ref = (
+            (r.get("model_source") or {}).get("commit") for r in (resolved, self._reference)
+        )
+        if mine != ref:
+            return (
+                f"model commit={mine!r}, worker 0 has {ref!r}: set model.revision to one commit "
+                "and cache it on every node"
+            )
         mine, ref = str(resolved.get("device", "")), str(self._reference.get("device", ""))
         if mine.split(":")[0] != ref.split(":")[0]:  # cuda:0 on every node is the same device kind
             return f"device={mine!r}, worker 0 has {ref!r}"

@@ -100,11 +100,13 @@ class LensWorker:
         """Load the model (with the last-layer self-check) and prepare the runner.
 
         Returns:
-            What was resolved: family, device, dtype, lens implementation, self-check error.
+            What was resolved: family, device, dtype, lens implementation, self-check error, and
+            ``model_source`` (the model directory; for a repo id also its revision and commit).
         """
         m = self.spec.model
         self.loaded = load_model(
             m.path,
+            revision=m.revision,
             dtype=m.dtype,
             device=m.device,
             allow_pickle=m.allow_pickle,
@@ -129,6 +131,7 @@ class LensWorker:
             "d_model": parts.head.d_model,
             "token_sets": lens.token_set_ids,
             "self_check_max_abs_err": self.loaded.self_check_max_abs_err,
+            "model_source": self.loaded.source.record() if self.loaded.source else None,
         }
 
     def _runner(self) -> ShardRunner:

@@ -2,6 +2,9 @@
 
 ``load_model(path)`` is the only way the engine gets a model:
 
+0. **Source** (:func:`resolve_model_source`): ``path`` is a local directory, or a Hugging Face repo
+   id (``OWNER/NAME``, with ``revision``) that names a snapshot in the *local* hub cache. The
+   tokenizer-only load of the driver (:func:`load_tokenizer`) resolves through the same function.
 1. **Pre-flight** (:func:`check_model_dir`), before anything is imported or executed: the path is an
    existing local directory with ``config.json``, safetensors weights (pickle checkpoints only
    with ``allow_pickle``), tokenizer files, and no ``auto_map`` (remote code) unless
@@ -24,9 +27,11 @@ anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +107,8 @@ class LoadedModel:
         self_check_max_abs_err: ``max|lens_L - logits|`` the load-time self-check measured (NaN if
             the self-check was switched off).
         attn_implementation: the attention backend transformers was asked for (``sdpa``/``eager``).
+        source: where the files came from (a local directory, or a repo's snapshot in the hub
+            cache): what job.json records as ``resolved.model_source``.
     """
 
     model: PreTrainedModel
@@ -113,6 +120,7 @@ class LoadedModel:
     path: Path
     self_check_max_abs_err: float
     attn_implementation: str | None = None
+    source: ModelSource | None = None
 
 
 @dataclass(frozen=True)
@@ -158,8 +166,9 @@ def check_model_dir(
     if not directory.exists():
         raise ModelLoadError(
             f"model directory {str(directory)!r} does not exist. model.path must be a local "
-            "directory with config.json, *.safetensors and tokenizer files; models are never "
-            "downloaded (fetch it first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR`)."
+            "directory with config.json, *.safetensors and tokenizer files, or a Hugging Face repo "
+            "id OWNER/NAME in the local cache; models are never downloaded (fetch one first, e.g. "
+            "`hf download OWNER/NAME`, or `hf download OWNER/NAME --local-dir DIR`)."
         )
     if not directory.is_dir():
         raise ModelLoadError(f"model.path {str(directory)!r} is a file, not a model directory.")
@@ -224,6 +233,219 @@ def _read_json_or_empty(file: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+# --- where the model files are: a local directory or the local Hugging Face cache -----------------
+
+DEFAULT_REVISION = "main"
+"""The revision of a repo id when ``model.revision`` is not set (the hub's default branch)."""
+
+_REPO_ID = re.compile(r"[\w](?:[\w.-]{0,94}[\w])?/[\w](?:[\w.-]{0,94}[\w])?", re.ASCII)
+"""``OWNER/NAME`` as the hub allows them: ASCII letters, digits, ``_ . -``, neither end ``.``/``-``
+(``huggingface_hub.utils.validate_repo_id``; ``--`` and ``..`` are refused separately)."""
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+"""A full commit hash: the name of a snapshot directory in the hub cache."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are, and how ``model.path`` (and ``model.revision``) led there.
+
+    Attributes:
+        path: the directory to load: the local directory, or the repo's snapshot directory in the
+            hub cache (its files are symlinks into the cache's ``blobs/``).
+        repo_id: ``OWNER/NAME`` when ``model.path`` named a hub repo; None for a local directory.
+        revision: the branch, tag or commit asked for (repo ids only).
+        commit: the 40-hex commit of the snapshot (repo ids only): what pins the weights.
+    """
+
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+    def record(self) -> dict[str, str]:
+        """What job.json records under ``resolved.model_source``."""
+        if self.repo_id is None:
+            return {"path": str(self.path)}
+        return {
+            "repo_id": self.repo_id,
+            "revision": str(self.revision),
+            "commit": str(self.commit),
+            "path": str(self.path),
+        }
+
+
+def hub_fetch_command(repo_id: str, revision: str) -> str:
+    """The command that puts ``repo_id`` at ``revision`` into the hub cache of a machine with
+    internet (huggingface_hub's ``hf`` CLI), for errors about a model that is not cached."""
+    return f"hf download {repo_id} --revision {revision}"
+
+
+def is_hub_repo_id(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a Hugging Face repo rather than a local directory.
+
+    True when it is spelled ``OWNER/NAME`` with the characters the hub allows (so it does not
+    start with ``.``, ``/`` or ``~``) and nothing exists at that path: an existing local
+    directory always wins over a repo id of the same spelling. (A ``pathlib.Path``, such as the
+    spec's ``model.path``, has already dropped a leading ``./``: a missing ``./a/b`` is read as the
+    repo id ``a/b``, and its error says both that no such directory exists and what the cache
+    holds.)
+    """
+    text = os.fspath(path)
+    if not _REPO_ID.fullmatch(text) or "--" in text or ".." in text:
+        return False
+    return not Path(text).exists()
+
+
+def hub_cache_dir() -> tuple[Path, str]:
+    """The local hub cache directory and what chose it, read from the environment now.
+
+    The precedence of ``huggingface_hub.constants`` (which reads it once, at import):
+    ``HF_HUB_CACHE``, then the legacy ``HUGGINGFACE_HUB_CACHE``, then ``$HF_HOME/hub``, then
+    ``$XDG_CACHE_HOME/huggingface/hub``, then ``~/.cache/huggingface/hub``. A variable set to the
+    empty string counts as unset.
+
+    Returns:
+        The directory (``~`` and ``$VARS`` expanded) and a phrase saying which variable set it.
+    """
+
+    def expand(value: str) -> Path:
+        return Path(os.path.expandvars(os.path.expanduser(value)))
+
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return expand(os.environ[name]), f"from {name}"
+    for name, below in (("HF_HOME", "hub"), ("XDG_CACHE_HOME", "huggingface/hub")):
+        if os.environ.get(name):
+            return expand(os.environ[name]) / below, f"from {name}, HF_HUB_CACHE unset"
+    return expand("~/.cache/huggingface/hub"), "the default: HF_HUB_CACHE and HF_HOME unset"
+
+
+def resolve_model_source(path: str | os.PathLike[str], revision: str | None = None) -> ModelSource:
+    """Find the directory ``model.path`` (and ``model.revision``) means, without any download.
+
+    A local directory (or anything that is not spelled like a repo id) is returned as it is, for
+    :func:`check_model_dir` to check. A repo id ``OWNER/NAME`` is looked up in the local hub cache
+    (:func:`hub_cache_dir`): ``models--OWNER--NAME/refs/<revision>`` holds the commit of a branch
+    or tag, and ``snapshots/<commit>/`` holds the files; a 40-hex revision names the snapshot
+    directly. Only the file system is read: nothing reaches the network.
+
+    Args:
+        path: ``model.path``: a local directory or a repo id.
+        revision: ``model.revision``: a branch, tag or full commit hash of a repo id (None:
+            ``main``); an error with a local directory.
+
+    Raises:
+        ModelLoadError: a revision given with a local directory, or the repo (at that revision)
+            is not in the local cache: the message says where it looked, what it found there and
+            how to fetch the model beforehand.
+    """
+    if not is_hub_repo_id(path):
+        if revision is not None:
+            raise ModelLoadError(
+                f"model.revision is {revision!r} but model.path {os.fspath(path)!r} is a local "
+                "path, not a Hugging Face repo id (OWNER/NAME): a revision only selects a "
+                "snapshot of a repo in the hub cache. Remove model.revision, or set model.path "
+                "to the repo id."
+            )
+        return ModelSource(Path(path))
+    repo_id = os.fspath(path)
+    revision = DEFAULT_REVISION if revision is None else revision
+    if not revision.strip() or revision.startswith("/") or ".." in revision or "\\" in revision:
+        raise ModelLoadError(
+            f"model.revision {revision!r} is not a branch, tag or commit name (it must not be "
+            "empty or contain '..', a leading '/' or a backslash)."
+        )
+    cache, chosen_by = hub_cache_dir()
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    fetch = (
+        "Models are never downloaded: fetch it beforehand on a machine with internet, "
+        f"`{hub_fetch_command(repo_id, revision)}` (it fills that machine's cache; copy the "
+        f"{repo_dir.name} folder into {cache}, or point HF_HUB_CACHE at a copied hub cache), or "
+        "set model.path to a local model directory."
+    )
+    if not repo_dir.is_dir():
+        found = _cached_repos(cache, repo_dir.name)
+        raise ModelLoadError(
+            f"model.path {repo_id!r} does not exist as a local directory, and as a Hugging Face "
+            f"repo id it is not in the local cache: looked in the hub cache {cache} ({chosen_by}), "
+            f"found {found}. {fetch}"
+        )
+    commit = revision if _COMMIT.fullmatch(revision) else _read_ref(repo_dir / "refs" / revision)
+    snapshot = repo_dir / "snapshots" / commit if commit else None
+    if snapshot is None or not snapshot.is_dir():
+        asked = f"revision {revision!r}" + (f" (commit {commit})" if commit else "")
+        raise ModelLoadError(
+            f"the Hugging Face repo {repo_id} is in the hub cache {cache} ({chosen_by}) but not "
+            f"at {asked}: {_cached_revisions(repo_dir)}. A commit must be given as its full "
+            f"40-hex hash. {fetch}"
+        )
+    return ModelSource(snapshot, repo_id, revision, commit)
+
+
+def _read_ref(ref_file: Path) -> str | None:
+    """The commit a ``refs/<name>`` file of the hub cache holds, or None without a valid one."""
+    try:
+        commit = ref_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return commit if _COMMIT.fullmatch(commit) else None
+
+
+def _cached_revisions(repo_dir: Path) -> str:
+    """What a cached repo holds: its refs (name -> commit) and its snapshot commits."""
+    refs_dir = repo_dir / "refs"
+    refs = sorted(
+        f"{ref.relative_to(refs_dir).as_posix()} -> {_read_ref(ref) or 'no valid commit'}"
+        for ref in (refs_dir.rglob("*") if refs_dir.is_dir() else ())
+        if ref.is_file()
+    )
+    snapshots_dir = repo_dir / "snapshots"
+    snapshots = sorted(
+        p.name for p in (snapshots_dir.iterdir() if snapshots_dir.is_dir() else ()) if p.is_dir()
+    )
+    return (
+        f"its refs are {', '.join(refs) if refs else 'none'}; "
+        f"its snapshots are {', '.join(snapshots) if snapshots else 'none'}"
+    )
+
+
+def _cached_repos(cache: Path, missing: str, most: int = 8) -> str:
+    """What a hub cache holds, for an error about the repo folder ``missing`` it lacks: the
+    models it does hold (which shows a misspelled repo id)."""
+    if not cache.is_dir():
+        return "that the directory does not exist"
+    repos = sorted(
+        p.name.removeprefix("models--").replace("--", "/")
+        for p in cache.iterdir()
+        if p.name.startswith("models--") and p.is_dir()
+    )
+    if not repos:
+        return f"no {missing} folder and no cached models there"
+    shown = ", ".join(repos[:most]) + (
+        f" and {len(repos) - most} more" if len(repos) > most else ""
+    )
+    return f"no {missing} folder there (it holds {shown})"
+
+
+def _check_source(
+    source: ModelSource, *, allow_pickle: bool, trust_remote_code: bool
+) -> ModelDirInfo:
+    """:func:`check_model_dir` on the source's directory; a snapshot's problem names its repo."""
+    try:
+        return check_model_dir(
+            source.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        )
+    except ModelLoadError as exc:
+        if source.repo_id is None:
+            raise
+        raise ModelLoadError(
+            f"{source.repo_id} at revision {source.revision!r} (cached snapshot {source.commit}): "
+            f"{exc} If files are missing, the download was partial: "
+            f"`{hub_fetch_command(source.repo_id, str(source.revision))}` fetches the rest."
+        ) from exc
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -343,17 +565,28 @@ def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerB
 
 
 def load_tokenizer(
-    path: str | os.PathLike[str], *, allow_pickle: bool = False, trust_remote_code: bool = False
+    path: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> PreTrainedTokenizerBase:
-    """Load only the tokenizer of a model directory, after the same pre-flight checks.
+    """Load only the tokenizer of a model, after the same resolution and pre-flight checks.
 
     Planning a job (tokenizing the corpus into shards) needs the tokenizer but not the weights, so
     a finished job's rerun, or a plan, never pays for loading the model.
 
+    Args:
+        path: a local model directory or a repo id in the local hub cache (as for
+            :func:`load_model`).
+        revision: the repo id's branch, tag or commit (see :func:`resolve_model_source`).
+
     Raises:
-        ModelLoadError: the directory is not a loadable model directory (see ``check_model_dir``).
+        ModelLoadError: the model cannot be found (see ``resolve_model_source``) or is not a
+            loadable model directory (see ``check_model_dir``).
     """
-    info = check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    source = resolve_model_source(path, revision)
+    info = _check_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     require_transformers()
     _go_offline()
     return _load_tokenizer(info.path, trust_remote_code)
@@ -362,16 +595,19 @@ def load_tokenizer(
 def load_model(
     path: str | os.PathLike[str],
     *,
+    revision: str | None = None,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     self_check: bool = True,
 ) -> LoadedModel:
-    """Load model and tokenizer from a local directory, build the lens parts, run the self-check.
+    """Load model and tokenizer from local files, build the lens parts, run the self-check.
 
     Args:
-        path: local model directory (never a hub id: nothing is downloaded).
+        path: a local model directory, or a Hugging Face repo id (``OWNER/NAME``) whose snapshot is
+            in the local hub cache (:func:`resolve_model_source`; nothing is downloaded).
+        revision: the repo id's branch, tag or 40-hex commit (None: ``main``); only for repo ids.
         dtype: ``"auto"`` (see :func:`resolve_dtype`), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         allow_pickle: permit ``pytorch_model*.bin`` / ``*.pt`` weights when no safetensors exist.
@@ -383,12 +619,14 @@ def load_model(
         The loaded model, tokenizer, parts and what the self-check measured.
 
     Raises:
-        ModelLoadError: the directory cannot be loaded safely, the installed transformers is
-            outside ``TRANSFORMERS_SUPPORTED``, or transformers fails to load it.
+        ModelLoadError: the model is not found (a repo id not in the local cache), the directory
+            cannot be loaded safely, the installed transformers is outside
+            ``TRANSFORMERS_SUPPORTED``, or transformers fails to load it.
         UnsupportedArchitectureError: the model class has no model-surgery entry.
         SelfCheckError: the lens at layer L does not reproduce the model's logits.
     """
-    info = check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    source = resolve_model_source(path, revision)
+    info = _check_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     require_transformers()
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, info.config, resolved_device)
@@ -449,6 +687,7 @@ def load_model(
         path=info.path,
         self_check_max_abs_err=err,
         attn_implementation=attn,
+        source=dataclasses.replace(source, path=info.path),
     )
 
 

@@ -481,7 +481,8 @@ def tiny_config(
     """The HF config of a tiny ``family`` model (no weights, no tokenizer).
 
     Args:
-        family: one of ``TINY_FAMILIES``.
+        family: one of ``TINY_FAMILIES`` or ``MODERN_FAMILIES`` (built by
+            ``generic_tiny_config``, at least 64 wide).
         vocab_size: unembedding rows V.
         n_layers: decoder blocks L.
         d_model: residual width d (a multiple of 4: 4 attention heads).
@@ -499,18 +500,16 @@ def tiny_config(
             d_model=max(d_model, 64),  # latent attention and Mamba heads need the room
             special_token_ids=special_token_ids,
         )
-        for key, value in config_overrides.items():
-            setattr(config, key, value)
-        return config
-    if family not in _CONFIG_BUILDERS:
+    elif family in _CONFIG_BUILDERS:
+        if d_model % 16:
+            # 4 heads of d/4, and rotary / CodeGen's 4-way qkv split need an even head size.
+            raise ValueError(f"d_model must be a multiple of 16, got {d_model}")
+        common = _common(vocab_size, n_layers, d_model, dict(special_token_ids or {}))
+        config = _CONFIG_BUILDERS[family](common, d_model)
+    else:
         raise ValueError(
             f"unknown tiny-model family {family!r}; choose one of {TINY_FAMILIES + MODERN_FAMILIES}"
         )
-    if d_model % 16:
-        # 4 heads of d/4, and rotary / CodeGen's 4-way qkv split need an even head size.
-        raise ValueError(f"d_model must be a multiple of 16, got {d_model}")
-    special = dict(special_token_ids or {})
-    config = _CONFIG_BUILDERS[family](_common(vocab_size, n_layers, d_model, special), d_model)
     for key, value in config_overrides.items():
         setattr(config, key, value)
     return config

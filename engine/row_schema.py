@@ -29,9 +29,14 @@ def lens_schema(
     *,
     entropy: bool,
     kl_final: bool,
+    router_k: int = 0,
     extra_fields: Sequence[pa.Field] = (),
 ) -> pa.Schema:
-    """The Arrow schema of a lens part file for one job (columns switched off are absent)."""
+    """The Arrow schema of a lens part file for one job (columns switched off are absent).
+
+    ``router_k > 0`` (``lens.router_topk``) adds ``router_topk``: the ``router_k`` experts the
+    row's block chose for its token, null where no router applies.
+    """
     fields = [
         pa.field("doc", pa.int32(), nullable=False),
         pa.field("pos", pa.int32(), nullable=False),
@@ -63,6 +68,8 @@ def lens_schema(
         ]
     fields += [pa.field(f"set_{name}", pa.float32()) for name in set_names]
     fields.append(pa.field("residual_finite", pa.bool_(), nullable=False))
+    if router_k:
+        fields.append(pa.field("router_topk", pa.list_(pa.int16(), router_k)))
     fields += list(extra_fields)
     return pa.schema(fields)
 

@@ -110,6 +110,10 @@ class LensSpec(_Strict):
     the block's own post-attention norm / residual multiplier), for the selected layers l >= 1.
     Rows carry a 'site' column. 'attn' is refused for architectures whose attention and MLP run in
     parallel (GPT-NeoX with use_parallel_residual, CodeGen)."""
+    router_topk: bool = False
+    """Mixture-of-experts models: add a column router_topk with the experts block l's router chose
+    for the token (as the router returned them; null on layer 0, on dense blocks and on attn rows),
+    so lens statistics can be joined with routing. Refused for a model without routers."""
     decoder_blocks: Annotated[int, Field(ge=0)] = 0
     """n > 0: read each layer l < L - n through the model's last n blocks (run on the whole
     sequence with the model's own mask and positions) before the final norm and unembedding (the

@@ -162,7 +162,7 @@ def run_codelens(loaded, ids: Tensor, impl: str = "auto") -> MethodResult:
     text = TextInput.of(ids.tolist(), LOOKAHEAD, bos_id=None)
     _sync(device)
     start = time.perf_counter()
-    hidden = pipeline.capture([text])
+    hidden, _ = pipeline.capture([text])
     _sync(device)
     forward_s = time.perf_counter() - start
     with peak_memory(device) as peak:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from codelens.engine.errors import UnsupportedArchitectureError
+
 
 def _first_tensor(value: Any) -> Tensor:
     """Block outputs are a tensor (transformers >= 5) or a tuple whose first entry is one."""
@@ -178,3 +180,51 @@ class BlockReplay:
                 out = block(**{**kwargs, "hidden_states": x})
             x = _first_tensor(out)
         return x
+
+
+class RouterCapture:
+    """Records the experts each block's router chose during forward passes (MoE models).
+
+    Args:
+        routers: per block, its router module (``model.surgery.router_modules``), None for a
+            dense block.
+        top_k: experts chosen per token.
+
+    ``recording(batch, seq, device)`` yields an int64 buffer ``[L, batch * seq, top_k]``: row
+    ``l - 1`` holds block ``l``'s choices, -1 for dense blocks.
+    """
+
+    def __init__(self, routers: Sequence[nn.Module | None], top_k: int) -> None:
+        self.routers = list(routers)
+        self.top_k = top_k
+
+    @contextlib.contextmanager
+    def recording(self, batch: int, seq: int, device: torch.device | str) -> Iterator[Tensor]:
+        buffer = torch.full(
+            (len(self.routers), batch * seq, self.top_k), -1, dtype=torch.long, device=device
+        )
+
+        def hook(module, args, output, index):
+            chosen = output[-1] if isinstance(output, (tuple, list)) else None
+            if (
+                not isinstance(chosen, Tensor)
+                or chosen.dtype.is_floating_point
+                or chosen.numel() != batch * seq * self.top_k
+            ):
+                raise UnsupportedArchitectureError(
+                    f"the router {type(module).__name__} of block {index + 1} did not return "
+                    f"the chosen expert ids as its last output ([tokens, {self.top_k}] integers); "
+                    "lens.router_topk cannot read this model: set lens.router_topk: false"
+                )
+            buffer[index].copy_(chosen.reshape(batch * seq, self.top_k))
+
+        handles = [
+            router.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
+            for i, router in enumerate(self.routers)
+            if router is not None
+        ]
+        try:
+            yield buffer
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -627,3 +627,39 @@ def attn_residual_modules(model: nn.Module) -> list[nn.Module]:
             raise _unsupported(model, f"block {i} has no '{spec.attn_residual}' module")
         out.append(module)
     return out
+
+
+def router_modules(model: nn.Module) -> tuple[list[nn.Module | None], int]:
+    """Per block, the mixture-of-experts router (None for a dense block), and its top-k.
+
+    A router is the one submodule of a block whose class name ends in ``Router`` and that has
+    ``top_k``: the transformers 5 routers (``Qwen3MoeTopKRouter``, ``DeepseekV3TopkRouter``,
+    ``GptOssTopKRouter``, ...) return ``(router_logits, weights, chosen expert ids [tokens, k])``;
+    ``model.capture.RouterCapture`` checks that shape when it records.
+
+    Raises:
+        UnsupportedArchitectureError: no block has a router (a dense model), a block has more than
+            one, or the routers disagree on ``top_k``.
+    """
+    spec = family_spec(model)
+    blocks = _submodule(model, spec.blocks, "decoder blocks")
+    routers: list[nn.Module | None] = []
+    for i, block in enumerate(blocks):
+        found = [
+            m
+            for m in block.modules()
+            if type(m).__name__.endswith("Router") and isinstance(getattr(m, "top_k", None), int)
+        ]
+        if len(found) > 1:
+            raise _unsupported(model, f"block {i} has {len(found)} router modules, not one")
+        routers.append(found[0] if found else None)
+    top_ks = {r.top_k for r in routers if r is not None}
+    if not top_ks:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} ({spec.family}) has no mixture-of-experts router in its "
+            "blocks (no *Router module with top_k): lens.router_topk needs an MoE model; set "
+            "lens.router_topk: false"
+        )
+    if len(top_ks) > 1:
+        raise _unsupported(model, f"its routers choose different numbers of experts: {top_ks}")
+    return routers, top_ks.pop()

@@ -18,6 +18,7 @@ The slot layout (which layers and sites, the final layer L last among the block 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from codelens.engine.data.windows import target_columns
-from codelens.engine.model.capture import BlockReplay, ResidualCapture
+from codelens.engine.model.capture import BlockReplay, ResidualCapture, RouterCapture
 from codelens.engine.model.loading import LoadedModel
 from codelens.engine.run.request import ResolvedLens
 from codelens.kernels import LensStats, lens_stats
@@ -90,23 +91,28 @@ class LensBatch:
         stats: ``[n_slots, T, ...]`` (slot layout: the pipeline's ``ResolvedLens``).
         token_ids: ``[T]`` int64 the emitted input tokens.
         targets: ``[T, 1 + A]`` int64 their targets (column 0: the next token).
+        routed: ``[L, T, k]`` int16 the experts block l's router chose (row l - 1; -1 for a
+            dense block), or None without ``lens.router_topk``.
     """
 
     inputs: tuple[LensInput, ...]
     stats: LensStats
     token_ids: Tensor
     targets: Tensor
+    routed: Tensor | None = None
 
     @staticmethod
     def concat(batches: Sequence[LensBatch]) -> LensBatch:
         """One batch of consecutive batches (their tokens in order)."""
         if len(batches) == 1:
             return batches[0]
+        routed = None if batches[0].routed is None else torch.cat([b.routed for b in batches], 1)
         return LensBatch(
             tuple(i for b in batches for i in b.inputs),
             concat_stats([b.stats for b in batches]),
             torch.cat([b.token_ids for b in batches]),
             torch.cat([b.targets for b in batches]),
+            routed,
         )
 
     def reordered(self, order: Sequence[int]) -> LensBatch:
@@ -134,6 +140,7 @@ class LensBatch:
             LensStats(**values),
             self.token_ids.index_select(0, index),
             self.targets.index_select(0, index),
+            None if self.routed is None else self.routed.index_select(1, index),
         )
 
 
@@ -163,10 +170,13 @@ class LensPipeline:
         )
         decoder_blocks = lens.spec.decoder_blocks
         self.replay = BlockReplay(blocks, decoder_blocks) if decoder_blocks else None
+        self.routing = None if lens.routers is None else RouterCapture(lens.routers, lens.router_k)
 
     @torch.inference_mode()
-    def capture(self, inputs: Sequence[LensInput]) -> Tensor:
-        """Residual rows of the emitted tokens: ``[n_slots, T, d]`` on the model's device."""
+    def capture(self, inputs: Sequence[LensInput]) -> tuple[Tensor, Tensor | None]:
+        """Residual rows of the emitted tokens, ``[n_slots, T, d]``, and the experts each block's
+        router chose for them, ``[L, T, k]`` int64 (None without ``lens.router_topk``), both on
+        the model's device."""
         n, seq = len(inputs), max(len(x.input_ids) for x in inputs)
         ids = torch.full((n, seq), self.lens.pad_id, dtype=torch.long)
         mask = torch.zeros((n, seq), dtype=torch.long)
@@ -179,16 +189,20 @@ class LensPipeline:
         ids, mask = ids.to(self.device), mask.to(self.device)
         d = self.head.d_model
         recording = self.capture_hooks.recording(n, seq, d, self.dtype, self.device)
-        if self.replay is None:
-            with recording as buffer:
-                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
-        else:
-            with self.replay.recording(), recording as buffer:
-                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        with contextlib.ExitStack() as stack:
+            if self.replay is not None:
+                stack.enter_context(self.replay.recording())
+            routed = None
+            if self.routing is not None:
+                routed = stack.enter_context(self.routing.recording(n, seq, self.device))
+            buffer = stack.enter_context(recording)
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        if self.replay is not None:
             for slot in self.lens.decoded_slots:
                 view = buffer[slot].view(n, seq, d)
                 view.copy_(self.replay.replay(view))
-        return buffer[:, torch.cat(keep).to(self.device)]
+        rows = torch.cat(keep).to(self.device)
+        return buffer[:, rows], None if routed is None else routed[:, rows]
 
     @torch.inference_mode()
     def statistics(self, hidden: Tensor, targets: Tensor) -> LensStats:
@@ -211,14 +225,16 @@ class LensPipeline:
         without blocking, so the caller can launch the next batch before it waits for this one
         (:meth:`PendingBatch.result`). On a CPU everything has happened when this returns.
         """
-        hidden = self.capture(inputs)
+        hidden, routed = self.capture(inputs)
         targets = torch.from_numpy(np.concatenate([x.targets for x in inputs])).long()
         stats = self.statistics(hidden, targets)
         token_ids = torch.tensor(
             [i for x in inputs for i in x.input_ids[len(x.input_ids) - x.n_emit :]]
         )
-        host, done = _copy_to_host(stats)
-        return PendingBatch(LensBatch(tuple(inputs), host, token_ids, targets), done)
+        if routed is not None:
+            routed = routed.to(torch.int16)  # expert ids < 32768 (the widest MoE has 384)
+        host, host_routed, done = _copy_to_host(stats, routed)
+        return PendingBatch(LensBatch(tuple(inputs), host, token_ids, targets, host_routed), done)
 
     def __call__(self, inputs: Sequence[LensInput]) -> LensBatch:
         """Capture, lens and copy to the CPU for a batch of inputs."""
@@ -239,21 +255,25 @@ class PendingBatch:
         return self.batch
 
 
-def _copy_to_host(stats: LensStats) -> tuple[LensStats, torch.cuda.Event | None]:
-    """``stats`` on the CPU: as is when already there, else copied into pinned buffers on the
-    current stream without blocking, with an event that marks the copies' end."""
+def _copy_to_host(
+    stats: LensStats, routed: Tensor | None
+) -> tuple[LensStats, Tensor | None, torch.cuda.Event | None]:
+    """``stats`` and ``routed`` on the CPU: as they are when already there, else copied into
+    pinned buffers on the current stream without blocking, with an event that marks the copies'
+    end."""
     tensors = [getattr(stats, f.name) for f in fields(LensStats)]
     device = next(t.device for t in tensors if t is not None)
     if device.type != "cuda":
-        return stats, None
-    host = {}
-    for f, t in zip(fields(LensStats), tensors, strict=True):
+        return stats, routed, None
+
+    def pinned(t: Tensor | None) -> Tensor | None:
         if t is None:
-            host[f.name] = None
-            continue
-        pinned = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-        pinned.copy_(t, non_blocking=True)
-        host[f.name] = pinned
+            return None
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    host = {f.name: pinned(t) for f, t in zip(fields(LensStats), tensors, strict=True)}
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream(device))
-    return LensStats(**host), done
+    return LensStats(**host), pinned(routed), done

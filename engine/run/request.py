@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from codelens.engine.errors import SpecError, UnsupportedArchitectureError
 from codelens.engine.model.loading import LoadedModel
-from codelens.engine.model.surgery import attn_residual_modules
+from codelens.engine.model.surgery import attn_residual_modules, router_modules
 from codelens.engine.row_schema import SITES
 from codelens.engine.schemas import LensSpec
 from codelens.kernels import LensImpl, LensRequest, resolve_impl
@@ -87,6 +87,9 @@ class ResolvedLens:
         impl: the lens implementation for the model's device.
         token_set_ids: token-set name -> sorted vocabulary ids (recorded in job.json).
         pad_id: the id used to right-pad batches.
+        routers: per block, its mixture-of-experts router (None for a dense block); None unless
+            ``spec.router_topk``.
+        router_k: experts each router chooses per token (0 without ``routers``).
     """
 
     spec: LensSpec
@@ -101,6 +104,8 @@ class ResolvedLens:
     impl: LensImpl
     token_set_ids: dict[str, list[int]]
     pad_id: int
+    routers: tuple[nn.Module | None, ...] | None = None
+    router_k: int = 0
 
     @property
     def final_slot(self) -> int:
@@ -137,6 +142,13 @@ def resolve_lens(lens: LensSpec, loaded: LoadedModel) -> ResolvedLens:
             attn_modules = tuple(attn_residual_modules(loaded.model))
         except UnsupportedArchitectureError as e:
             raise SpecError(f"lens.sites: attn: {e}") from None
+    routers, router_k = None, 0
+    if lens.router_topk:
+        try:
+            found, router_k = router_modules(loaded.model)
+        except UnsupportedArchitectureError as e:
+            raise SpecError(f"lens.router_topk: {e}") from None
+        routers = tuple(found)
     n_cap = len(captured)
     block_rows = [(BLOCK_SITE, layer, captured.index(layer)) for layer in layers]
     attn_rows = [(ATTN_SITE, layer, n_cap + i) for i, layer in enumerate(attn_layers)]
@@ -182,4 +194,6 @@ def resolve_lens(lens: LensSpec, loaded: LoadedModel) -> ResolvedLens:
         impl=impl,
         token_set_ids={name: ids.tolist() for name, ids in token_sets},
         pad_id=pad_id if pad_id is not None else 0,
+        routers=routers,
+        router_k=router_k,
     )

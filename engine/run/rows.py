@@ -13,7 +13,7 @@ import pyarrow as pa
 from codelens.engine.data.syntax import CATEGORIES
 from codelens.engine.row_schema import SITES, lens_schema
 from codelens.engine.run.pipeline import LensBatch
-from codelens.engine.run.request import ResolvedLens
+from codelens.engine.run.request import BLOCK_SITE, ResolvedLens
 
 SPAN_COLUMNS = ("line", "byte_start", "byte_end", "category")
 """Source coordinates planned with each window (``WindowTask.spans``); null without spans."""
@@ -28,6 +28,7 @@ def lens_table_schema(lens: ResolvedLens) -> pa.Schema:
         lens.set_names,
         entropy=spec.entropy,
         kl_final=spec.kl_final,
+        router_k=lens.router_k,
     )
 
 
@@ -85,7 +86,22 @@ def _columns(lens: ResolvedLens, batch: LensBatch) -> dict[str, np.ndarray]:
     for j, name in enumerate(lens.set_names):
         columns[f"set_{name}"] = stats.set_logmass[slots, :, j].numpy()
     columns["residual_finite"] = stats.finite[slots].numpy()
+    if batch.routed is not None:
+        columns["router_topk"] = _router_column(lens, batch)
     return columns
+
+
+def _router_column(lens: ResolvedLens, batch: LensBatch) -> np.ndarray:
+    """``[n_kinds, T, k]`` the experts of each row's block; -1 (null) on layer 0, dense blocks
+    and attn rows (the router reads the post-attention residual: its choice is the block's)."""
+    routed = batch.routed.numpy()  # [L, T, k]
+    none = np.full(routed.shape[1:], -1, np.int16)
+    return np.stack(
+        [
+            routed[layer - 1] if site == BLOCK_SITE and layer >= 1 else none
+            for site, layer, _ in lens.rows
+        ]
+    )
 
 
 def lens_table(lens: ResolvedLens, batch: LensBatch) -> pa.Table:
@@ -106,6 +122,11 @@ def lens_table(lens: ResolvedLens, batch: LensBatch) -> pa.Table:
             arrays.append(pa.DictionaryArray.from_arrays(indices, names))
         elif field.name in SPAN_COLUMNS:
             arrays.append(pa.array(flat, type=field.type, mask=flat < 0))
+        elif field.name == "router_topk":
+            k = field.type.list_size
+            values = pa.array(flat, type=field.type.value_type)
+            null = flat.reshape(-1, k)[:, 0] < 0  # a dense block, layer 0 or an attn row
+            arrays.append(pa.FixedSizeListArray.from_arrays(values, k, mask=pa.array(null)))
         elif pa.types.is_fixed_size_list(field.type):
             values = pa.array(flat, type=field.type.value_type)
             arrays.append(pa.FixedSizeListArray.from_arrays(values, field.type.list_size))

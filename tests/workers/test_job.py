@@ -310,9 +310,10 @@ def test_nonfinite_residual_rows_are_flagged(
     original = LensPipeline.capture
 
     def overflowing(self, batch):
-        hidden = original(self, batch).clone()
+        hidden, routed = original(self, batch)
+        hidden = hidden.clone()
         hidden[1:, 3] = torch.inf  # as an fp16 overflow in block 1 would leave it
-        return hidden
+        return hidden, routed
 
     monkeypatch.setattr(LensPipeline, "capture", overflowing)
     spec = job_spec(tiny_model_dir("llama"), corpus, tmp_path / "run", JOB)

@@ -301,3 +301,58 @@ def test_summary_by_position_and_column_agrees_with_the_rows(
                         g["mean_target_logprob"], rows["target_logprob"][has].mean(), atol=1e-5
                     )
                     assert np.isclose(g["top1_accuracy"], (rows["target_rank"][has] == 0).mean())
+
+
+def _chosen_by_hf(loaded, family: str, inp: torch.Tensor) -> list[torch.Tensor | None]:
+    """Per block, the experts each token's router chose, from the router logits transformers
+    returns (``output_router_logits``), not from the engine's hooks: top-k of the routing scores
+    (softmax for Qwen3-MoE and gpt-oss, whose top-k equals that of the logits; DeepSeek-V3's
+    sigmoid plus its correction bias, one expert group here). None for a dense block."""
+    model = loaded.model
+    with torch.no_grad():
+        out = model(inp, use_cache=False, output_router_logits=True)
+    logits = [r for r in out.router_logits if r is not None]
+    chosen: list[torch.Tensor | None] = []
+    moe = iter(logits)
+    for block in loaded.parts.blocks:
+        gate = getattr(block.mlp, "gate", None) or getattr(block.mlp, "router", None)
+        if gate is None or not type(gate).__name__.endswith("Router"):
+            chosen.append(None)
+            continue
+        z = next(moe).reshape(-1, gate.weight.shape[0]).float()
+        scores = z
+        if family == "deepseek_v3":
+            scores = z.sigmoid() + gate.e_score_correction_bias
+        chosen.append(scores.topk(gate.top_k, dim=-1).indices.sort(-1).values)
+    return chosen
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_router_topk_rows_hold_the_experts_each_block_chose(
+    family, tiny_model_dir, tmp_path, make_spec, read_rows
+):
+    model_dir = tiny_model_dir(family)
+    run_job(
+        make_spec(model_dir, tmp_path, router_topk=True, sites=["block", "attn"]),
+        show_progress=False,
+    )
+    rows = read_rows(tmp_path / "run")
+    loaded = load_model(model_dir, dtype="float32", device="cpu")
+    ids, inp = encode(loaded)
+    want = _chosen_by_hf(loaded, family, inp)
+    assert any(w is not None for w in want)
+    for layer in range(len(loaded.parts.blocks) + 1):
+        got = rows_of(rows, "block", layer, len(ids))["router_topk"]
+        expected = None if layer == 0 else want[layer - 1]
+        if expected is None:  # layer 0 (the embeddings) and dense blocks have no router
+            assert all(v is None for v in got), (family, layer)
+            continue
+        got = np.sort(np.stack(got), axis=-1)
+        np.testing.assert_array_equal(got, expected[1:].numpy(), err_msg=f"{family} {layer}")
+    assert all(v is None for v in rows["router_topk"][rows["site"] == "attn"])
+
+
+def test_router_topk_is_refused_for_a_dense_model(tiny_model_dir, tmp_path, make_spec):
+    spec = make_spec(tiny_model_dir("llama"), tmp_path, router_topk=True)
+    with pytest.raises(CodelensError, match="lens.router_topk: .*no mixture-of-experts router"):
+        run_job(spec, show_progress=False)

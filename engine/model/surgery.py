@@ -363,6 +363,7 @@ def discover_family(model: nn.Module) -> FamilySpec:
     """
     prefix, base = _base_model(model)
     n_layers = _config_value(model, "num_hidden_layers")
+    prefix, base = _language_model(model, prefix, base, n_layers)
     children = dict(base.named_children())
     lists = [
         name
@@ -400,7 +401,7 @@ def discover_family(model: nn.Module) -> FamilySpec:
 
     attn_residual, no_attn_reason = _attn_residual(base.get_submodule(blocks))
     return FamilySpec(
-        family=str(getattr(config, "model_type", type(model).__name__)),
+        family=str(getattr(model.config, "model_type", type(model).__name__)),
         blocks=f"{prefix}.{blocks}",
         final_norm=f"{prefix}.{norms[0]}",
         norm_kind=kind,
@@ -433,6 +434,24 @@ def _base_model(model: nn.Module) -> tuple[str, nn.Module]:
     if len(holders) != 1:
         raise _unsupported(model, "it has no single base model module holding the blocks")
     return holders[0]
+
+
+def _holds_blocks(module: nn.Module, n_layers: object) -> bool:
+    return any(isinstance(c, nn.ModuleList) and len(c) == n_layers for c in module.children())
+
+
+def _language_model(
+    model: nn.Module, prefix: str, base: nn.Module, n_layers: object
+) -> tuple[str, nn.Module]:
+    """The module holding the blocks: ``base`` itself, or for a multimodal model (Gemma 3,
+    Mistral 3, Llama 4 with their vision towers) the one child of ``base`` that does (its
+    ``language_model``). The lens reads the text tower; the model runs on text only."""
+    if _holds_blocks(base, n_layers):
+        return prefix, base
+    towers = [(n, c) for n, c in base.named_children() if _holds_blocks(c, n_layers)]
+    if len(towers) == 1:
+        return f"{prefix}.{towers[0][0]}", towers[0][1]
+    return prefix, base  # discover_family names what is missing
 
 
 def measure_norm(model: nn.Module, module: nn.Module, eps: float) -> tuple[NormKind, float]:
@@ -590,9 +609,12 @@ def model_parts(model: nn.Module) -> ModelParts:
 
 
 def _backbone(model: nn.Module, blocks: Sequence[nn.Module], path: str) -> nn.Module | None:
-    """The module at ``path`` (the blocks' parent: HF's base model) when it is a proper part of
-    the model that holds every block and runs without the LM head."""
-    base = model.get_submodule(path) if path else model
+    """The model without its LM head: HF's ``base_model`` when it is a proper part of the model
+    (for a multimodal model it runs the text-only path of the full forward), else the module at
+    ``path`` (the blocks' parent), if it holds every block."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        base = model.get_submodule(path) if path else model
     if base is model:
         return None
     inside = {id(m) for m in base.modules()}

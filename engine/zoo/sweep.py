@@ -54,7 +54,12 @@ def sweep_one(model_type: str, model_class: str) -> SweepRow:
     """Build a tiny ``model_type`` model, find its lens parts and self-check them."""
     import transformers
 
-    from codelens.engine.zoo.tiny_models import TINY_FAMILIES, generic_tiny_config, tiny_config
+    from codelens.engine.zoo.tiny_models import (
+        MULTIMODAL_FAMILIES,
+        TINY_FAMILIES,
+        generic_tiny_config,
+        tiny_config,
+    )
 
     def row(state: str, reason: str) -> SweepRow:
         return SweepRow(model_type, model_class, state, reason)
@@ -63,12 +68,13 @@ def sweep_one(model_type: str, model_class: str) -> SweepRow:
     try:
         # The table's families have builders of their own (their config classes name sizes
         # differently); every other model_type gets the generic one.
-        build = tiny_config if model_type in TINY_FAMILIES else generic_tiny_config
+        own = model_type in TINY_FAMILIES or model_type in MULTIMODAL_FAMILIES
+        build = tiny_config if own else generic_tiny_config
         config = build(model_type, vocab_size=VOCAB, special_token_ids=special)
     except Exception as e:  # noqa: BLE001 - every failure is a row of the table
         return row("not built", f"tiny config: {_first_line(e)}")
-    if any(key != "text_config" for key in getattr(config, "sub_configs", {}) or {}):
-        return row("not built", "multimodal config: its text tower is a model_type of its own")
+    if not own and any(key != "text_config" for key in getattr(config, "sub_configs", {}) or {}):
+        return row("not built", "multimodal config (vision tower): no generic tiny build")
     try:
         with torch.device("meta"):
             shape_only = transformers.AutoModelForCausalLM.from_config(config)

@@ -369,6 +369,34 @@ MODERN_FAMILIES: tuple[str, ...] = (
 """The code-model families of 2025-26 without a model-surgery entry (the general rule reads
 them), built by :func:`generic_tiny_config` from their HF config class with tiny sizes."""
 
+MULTIMODAL_FAMILIES: tuple[str, ...] = ("gemma3",)
+"""Checkpoints with a vision tower whose text tower the lens reads (``Gemma3ForConditional
+Generation``): a tiny text config as in ``MODERN_FAMILIES`` plus a one-layer vision tower."""
+
+
+def _gemma3(text: PretrainedConfig, vocab_size: int) -> PretrainedConfig:
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    # Gemma3ForConditionalGeneration's forward applies no soft-cap (real Gemma 3 checkpoints set
+    # none): the tiny text config's cap would make the self-check refuse the model, rightly.
+    text.final_logit_softcapping = None
+    # The image tokens are the last ids of the vocabulary: text never produces them.
+    return transformers.Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        boi_token_index=vocab_size - 3,
+        eoi_token_index=vocab_size - 2,
+        image_token_index=vocab_size - 1,
+    )
+
+
 _GENERIC_SIZES: dict[str, Any] = {
     # attention
     "num_attention_heads": 4,
@@ -492,14 +520,16 @@ def tiny_config(
     Raises:
         ValueError: unknown family, or a ``d_model`` that the attention heads cannot split.
     """
-    if family in MODERN_FAMILIES:
+    if family in MODERN_FAMILIES or family in MULTIMODAL_FAMILIES:
         config = generic_tiny_config(
-            family,
+            f"{family}_text" if family in MULTIMODAL_FAMILIES else family,
             vocab_size=vocab_size,
             n_layers=n_layers,
             d_model=max(d_model, 64),  # latent attention and Mamba heads need the room
             special_token_ids=special_token_ids,
         )
+        if family in MULTIMODAL_FAMILIES:
+            config = _gemma3(config, vocab_size)
     elif family in _CONFIG_BUILDERS:
         if d_model % 16:
             # 4 heads of d/4, and rotary / CodeGen's 4-way qkv split need an even head size.
@@ -508,7 +538,8 @@ def tiny_config(
         config = _CONFIG_BUILDERS[family](common, d_model)
     else:
         raise ValueError(
-            f"unknown tiny-model family {family!r}; choose one of {TINY_FAMILIES + MODERN_FAMILIES}"
+            f"unknown tiny-model family {family!r}; choose one of "
+            f"{TINY_FAMILIES + MODERN_FAMILIES + MULTIMODAL_FAMILIES}"
         )
     for key, value in config_overrides.items():
         setattr(config, key, value)

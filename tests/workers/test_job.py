@@ -19,7 +19,7 @@ import torch
 from codelens.engine.errors import CodelensError, RunDirError
 from codelens.engine.run.lock import LOCK_NAME, DriverLock
 from codelens.engine.schemas import validate_spec
-from codelens.engine.zoo.tiny_models import MODERN_FAMILIES, TINY_FAMILIES
+from codelens.engine.zoo.tiny_models import MODERN_FAMILIES, MULTIMODAL_FAMILIES, TINY_FAMILIES
 from codelens.kernels import LensRequest, lens_stats_from_logits
 from codelens.workers.job import run_job
 
@@ -77,7 +77,7 @@ def reference(loaded, ids: list[int], bos: int | None, request: LensRequest, off
     return lens_stats_from_logits(z, targets, request, z[-1])
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES + MODERN_FAMILIES)
+@pytest.mark.parametrize("family", TINY_FAMILIES + MODERN_FAMILIES + MULTIMODAL_FAMILIES)
 def test_every_family_every_column_matches_the_float64_reference(
     family, tiny_model_dir, tiny_loaded_model, tmp_path, corpus, job_spec, read_rows
 ):
@@ -87,7 +87,7 @@ def test_every_family_every_column_matches_the_float64_reference(
     spec = job_spec(model_dir, corpus, tmp_path / "run", JOB)
     outcome = run_job(spec, show_progress=False)
     assert outcome.state == "done" and outcome.resolved["impl"] == "torch"
-    expected_source = "rule" if family in MODERN_FAMILIES else "table"
+    expected_source = "table" if family in TINY_FAMILIES else "rule"
     assert outcome.resolved["head_source"] == expected_source
     recorded = json.loads((tmp_path / "run" / "job.json").read_text())["resolved"]
     assert recorded["head_source"] == expected_source and recorded["family"] == family

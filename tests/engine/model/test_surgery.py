@@ -194,7 +194,7 @@ def _in_memory(family: str) -> nn.Module:
 
 
 def test_a_model_off_the_common_layout_is_refused_with_the_reason() -> None:
-    """BERT's blocks sit in ``encoder.layer`` and it has no final norm: neither the table nor the
+    """BERT (its blocks in ``encoder.layer``) has no final norm: neither the table nor the
     general rule describes it, and the error says which part of the layout is missing."""
     model = transformers.BertLMHeadModel(
         transformers.BertConfig(
@@ -209,7 +209,7 @@ def test_a_model_off_the_common_layout_is_refused_with_the_reason() -> None:
     with pytest.raises(UnsupportedArchitectureError) as info:
         model_parts(model)
     message = str(info.value)
-    assert message.startswith("BertLMHeadModel: its base model has no ModuleList of")
+    assert message.startswith("BertLMHeadModel: its base model has no single final norm module")
     assert "general rule" in message
     assert "add an entry to SUPPORTED in engine/model/surgery.py" in message
 

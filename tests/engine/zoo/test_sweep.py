@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from codelens.engine.zoo.sweep import sweep_architectures
-from codelens.engine.zoo.tiny_models import MODERN_FAMILIES, TINY_FAMILIES
+from codelens.engine.zoo.tiny_models import MODERN_FAMILIES, MULTIMODAL_FAMILIES, TINY_FAMILIES
 
 
 def test_every_causal_lm_gets_a_verdict_and_every_refusal_a_reason():
@@ -13,7 +13,7 @@ def test_every_causal_lm_gets_a_verdict_and_every_refusal_a_reason():
     assert {r.state for r in rows} <= {"table", "rule", "refused", "not built"}
     for family in TINY_FAMILIES:
         assert by_type[family].state == "table", by_type[family]
-    for family in MODERN_FAMILIES:
+    for family in MODERN_FAMILIES + MULTIMODAL_FAMILIES:
         assert by_type[family].state == "rule", by_type[family]
     for r in rows:
         if r.state == "refused":

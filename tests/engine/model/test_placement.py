@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from codelens.engine.errors import ModelLoadError
+from codelens.engine.errors import ModelLoadError, SpecError
 from codelens.engine.model.loading import load_model
 from codelens.engine.model.placement import (
     DeviceBudget,
@@ -33,7 +33,7 @@ from codelens.engine.model.placement import (
 from codelens.engine.model.surgery import SUPPORTED, model_parts
 from codelens.engine.run.pipeline import LensPipeline, TextInput
 from codelens.engine.run.request import resolve_lens
-from codelens.engine.schemas import LensSpec
+from codelens.engine.schemas import LensSpec, validate_spec
 
 GB = 10**9
 
@@ -176,6 +176,22 @@ def test_too_few_visible_gpus_are_named_with_the_fix():
     message = str(info.value)
     assert f"gpus_per_worker is {visible + 1}, but this process sees {visible} CUDA" in message
     assert "lower execution.gpus_per_worker" in message
+
+
+@pytest.mark.parametrize(
+    "execution,model,expected",
+    [
+        ({"gpus_per_worker": 0}, {}, "greater than or equal to 1"),
+        ({"gpus_per_worker": 2}, {"device": "cpu"}, "model.device is 'cpu': set model.device"),
+        ({"weights_memory_fraction": 0}, {}, "weights_memory_fraction: Input should be greater"),
+        ({"weights_memory_fraction": 1.5}, {}, "less than or equal to 1"),
+    ],
+)
+def test_the_spec_refuses_splits_it_cannot_run(execution, model, expected):
+    data = {"model": {"path": "m", **model}, "corpus": {"paths": ["*.py"]}, "execution": execution}
+    with pytest.raises(SpecError, match=expected):
+        validate_spec(data)
+    assert validate_spec({**data, "model": {"path": "m"}, "execution": {"gpus_per_worker": 4}})
 
 
 # --- a real split, on the CPU ----------------------------------------------------------------

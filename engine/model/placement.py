@@ -26,11 +26,11 @@ give equal ranges, shifted by the embedding and head bytes.
 
 **The budget.** A GPU holds more than weights: the CUDA context (~0.5-1 GiB), one batch's
 activations (``execution.batch_tokens`` tokens through one block at a time), the capture buffer
-on the lens device (``n_layers x batch_tokens x d`` in the model dtype: 6.0 GiB for a 63-block,
-d = 6144 model at 8192 tokens in bf16) and the lens kernels' workspace. So weights may take only
-``execution.weights_memory_fraction`` (default 0.8) of each GPU's memory (:func:`gpu_budgets`);
-the rest is that headroom (16 GiB of an 80 GiB H100, 28 GiB of an H200). A batch that still does
-not fit is split and retried (``ShardRunner``).
+on the lens device (``slots x batch_tokens x d`` in the model dtype, slots = L + 1 for all layers:
+5.9 GiB for a 62-block, d = 6144 model at 8192 tokens in bf16) and the lens kernels' workspace.
+So weights may take only ``execution.weights_memory_fraction`` (default 0.8) of each GPU's memory
+(:func:`gpu_budgets`); the rest is that headroom (16 GiB of an H100 80 GB, 28 GiB of an H200). A
+batch that still does not fit is split and retried (``ShardRunner``).
 
 The planner is pure (module sizes and device budgets in, a device map out), so it is tested
 without GPUs; :func:`plan_placement` measures a real model on the ``meta`` device (no memory) and

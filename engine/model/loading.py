@@ -687,6 +687,7 @@ def load_model(
             attn_implementation=attn,
         )
         resolved_device = torch.device(placement.head_device)
+    where = _device_map_kwargs(resolved_device, placement, offload_folder)
     try:
         model, loading_info = AutoModelForCausalLM.from_pretrained(
             info.path,
@@ -695,7 +696,7 @@ def load_model(
             use_safetensors=info.use_safetensors,
             attn_implementation=attn,
             output_loading_info=True,
-            **_device_map_kwargs(resolved_device, placement, offload_folder),
+            **where,
             **common,
         )
     except Exception as exc:

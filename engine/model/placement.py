@@ -468,7 +468,7 @@ def require_accelerate() -> None:
     ):
         have = "is not installed" if installed is None else f"{installed} is installed"
         raise ModelLoadError(
-            f"accelerate {have}, but loading a model onto a GPU needs {wanted} (transformers "
-            f"places the weights with it): pip install '{wanted}' (or run ./install.sh, which "
-            "installs the tested versions)"
+            f"accelerate {have}, but loading a model onto a GPU, or split over several devices, "
+            f"needs {wanted} (transformers places the weights with it): pip install '{wanted}' "
+            "(or run ./install.sh, which installs the tested versions)"
         )

@@ -280,3 +280,9 @@ def test_a_model_that_does_not_fit_is_refused_before_loading(tiny_model_dir, tmp
 def test_a_split_on_another_kind_of_device_than_model_device_is_refused(tiny_model_dir):
     with pytest.raises(ModelLoadError, match="model.device is 'cuda', but the model is to be"):
         load_model(tiny_model_dir("llama"), device="cuda", devices=[DeviceBudget("cpu", 2**30)])
+
+
+def test_a_disk_device_needs_a_folder(tiny_model_dir):
+    devices = [DeviceBudget("disk", 2**30), DeviceBudget("cpu", 2**30)]
+    with pytest.raises(ModelLoadError, match="'disk' device needs an offload_folder"):
+        load_model(tiny_model_dir("llama"), device="cpu", devices=devices)

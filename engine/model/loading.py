@@ -47,6 +47,7 @@ from codelens.engine.model.placement import (
     NO_COMPUTE,
     DeviceBudget,
     Placement,
+    check_placement,
     plan_placement,
     require_accelerate,
 )
@@ -721,6 +722,8 @@ def load_model(
     model.eval()
     model.requires_grad_(False)  # inference only; also keeps autograd out of Head tensors
     parts = model_parts(model)
+    if placement is not None:
+        check_placement(model, parts, placement)
 
     err = math.nan
     if self_check:

@@ -3,11 +3,12 @@
 A model too large for one GPU is split *by blocks* (``execution.gpus_per_worker: N``), the way a
 forward pass walks it::
 
-    device 0:      embeddings (and everything else outside the blocks: positions, rotary tables)
+    device 0:      embeddings (and whatever precedes the blocks: position tables, dropout)
                    blocks 0 .. b_1 - 1
     device 1:      blocks b_1 .. b_2 - 1
     ...
     device N - 1:  blocks b_{N-1} .. L - 1, final norm, LM head   <- the lens reads here
+                   (and whatever follows the blocks: rotary tables some families register last)
 
 Each device holds one contiguous range of blocks, so the residual stream crosses each device
 boundary once per forward pass (one ``[B, S, d]`` copy). The lens head (final norm and ``W_U``)
@@ -54,7 +55,7 @@ import torch
 from torch import nn
 
 from codelens.engine.errors import ModelLoadError
-from codelens.engine.model.surgery import SUPPORTED, model_parts
+from codelens.engine.model.surgery import ModelParts
 
 DEFAULT_WEIGHTS_MEMORY_FRACTION = 0.8
 """Share of each GPU's memory the weights may take when a model is split (``ExecutionSpec``)."""
@@ -73,11 +74,12 @@ class UnitRole(str, enum.Enum):
     """Which part of the forward pass a placement unit belongs to."""
 
     INPUT = "input"
-    """Before the first block: embeddings, position tables, rotary buffers (first device)."""
+    """Registered before the blocks: embeddings, position tables (first device)."""
     BLOCK = "block"
     """A decoder block (split over the devices in order)."""
     HEAD = "head"
-    """The final norm and the LM head (the lens head; last device, or first when tied)."""
+    """Registered after the blocks: the final norm, the LM head (the lens head), rotary tables
+    some families register last (last device, or first when the head is tied)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class Placement:
         blocks: the block indices each device holds (contiguous; empty ranges possible).
         head_device: where the final norm and LM head live: the lens runs there.
         input_device: where the token ids go: the first device that computes (the embeddings').
+        block_names: the blocks' module names, in order (``device_map`` keys).
     """
 
     device_map: dict[str, str]
@@ -155,6 +158,7 @@ class Placement:
     blocks: tuple[range, ...]
     head_device: str
     input_device: str
+    block_names: tuple[str, ...] = ()
 
     def describe(self) -> list[dict[str, Any]]:
         """Per device: name, block range and weight GiB (recorded in ``job.json``)."""
@@ -254,6 +258,7 @@ def plan_device_map(layout: ModelLayout, budgets: Sequence[DeviceBudget]) -> Pla
         blocks=ranges,
         head_device=devices[head_index],
         input_device=compute[0],
+        block_names=tuple(u.name for u in blocks),
     )
 
 
@@ -327,29 +332,59 @@ def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
     yield from module.buffers()
 
 
+def decoder_block_list(model: nn.Module) -> str:
+    """The dotted name of the model's decoder blocks: the outermost ``nn.ModuleList`` holding
+    ``num_hidden_layers`` modules (the text config's, for a multimodal one).
+
+    Found from the module tree alone, so it works on the ``meta`` device for every family (the
+    surgery table's and the general rule's alike); :func:`check_placement` confirms after the
+    load that the lens reads these very blocks.
+
+    Raises:
+        ModelLoadError: no such list, or more than one (the model cannot be split by blocks).
+    """
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = getattr(text, "num_hidden_layers", None)
+    lists = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and n_layers and len(module) == n_layers and name
+    ]
+    outermost = [n for n in lists if not any(n.startswith(other + ".") for other in lists)]
+    if len(outermost) != 1:
+        found = ", ".join(outermost) if outermost else "none"
+        raise ModelLoadError(
+            f"{type(model).__name__} cannot be split over several devices: it needs one list of "
+            f"config.num_hidden_layers = {n_layers} decoder blocks, found {found}; run it on one "
+            "device (execution.gpus_per_worker: 1)"
+        )
+    return outermost[0]
+
+
 def model_layout(model: nn.Module) -> ModelLayout:
     """Cut a model (typically on the ``meta`` device) into placement units and measure them.
 
-    Units are the decoder blocks (``model_parts``), the final norm and the LM head (HEAD), and
-    every other module that holds tensors and lies outside the blocks (INPUT: embeddings,
-    position tables, rotary buffers). Modules that contain blocks or the head are walked into
-    (a tensor such a module holds itself is a unit of its own, named by the tensor). Sizes
-    are ``numel x element_size`` of each parameter and buffer as the model holds them (so build
-    it in the dtype it will be loaded in), each tensor counted once.
+    The walk follows the forward pass through the module tree: the decoder blocks
+    (:func:`decoder_block_list`) are BLOCK units; a module registered *before* the block list
+    (and not inside it) is an INPUT unit (embeddings, position tables, dropout), one registered
+    *after* it is a HEAD unit (the final norm, and rotary tables that some families register
+    last), and so is the LM head (``get_output_embeddings()``). Modules that contain the block
+    list are walked into; a tensor such a module holds itself (GPT-BigCode's causal-mask buffer)
+    is a unit of its own, named by the tensor. Sizes are ``numel x element_size`` of each
+    parameter and buffer as the model holds them (so build it in the dtype it will be loaded in),
+    each tensor counted once (a tied LM head is 0 bytes).
 
     Raises:
-        UnsupportedArchitectureError: the architecture has no model-surgery entry.
+        ModelLoadError: the model has no single list of decoder blocks.
     """
-    parts = model_parts(model)
-    spec = SUPPORTED[type(model).__name__]
-    names = {id(m): name for name, m in model.named_modules()}
-    out_embed = model.get_output_embeddings()
-    in_embed = model.get_input_embeddings()
-    tied = getattr(out_embed, "weight", None) is getattr(in_embed, "weight", None)
-    roles = {names[id(b)]: UnitRole.BLOCK for b in parts.blocks}
-    roles[spec.final_norm] = UnitRole.HEAD
-    roles[names[id(out_embed)]] = UnitRole.HEAD
+    block_list = decoder_block_list(model)
+    out_embed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out_weight = getattr(out_embed, "weight", None)
+    tied = out_weight is not None and out_weight is getattr(in_embed, "weight", None)
     seen: set[int] = set()
+    units: list[ModuleUnit] = []
 
     def measure(module: nn.Module) -> int:
         total = 0
@@ -359,24 +394,28 @@ def model_layout(model: nn.Module) -> ModelLayout:
                 total += t.numel() * t.element_size()
         return total
 
-    units: list[ModuleUnit] = []
-
     def visit(prefix: str, module: nn.Module) -> None:
-        # Tensors held directly by a module that contains blocks or the head (GPT-BigCode's
-        # causal-mask buffer on `transformer`): each is its own device-map entry, by tensor name.
-        direct = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        for tensor_name, tensor in direct:
+        for tensor_name, tensor in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]:
             seen.add(id(tensor))
             nbytes = tensor.numel() * tensor.element_size()
             units.append(ModuleUnit(prefix + tensor_name, nbytes, UnitRole.INPUT))
+        role = UnitRole.INPUT  # until the walk has passed the block list
         for child_name, child in module.named_children():
             name = prefix + child_name
-            if name in roles:
-                units.append(ModuleUnit(name, measure(child), roles[name]))
-            elif any(other.startswith(name + ".") for other in roles):
+            if name == block_list:
+                for block_name, block in child.named_children():
+                    block_unit = ModuleUnit(f"{name}.{block_name}", measure(block), UnitRole.BLOCK)
+                    units.append(block_unit)
+                role = UnitRole.HEAD
+            elif block_list.startswith(name + "."):
                 visit(name + ".", child)
+                role = UnitRole.HEAD
             elif any(True for _ in _tensors(child)):
-                units.append(ModuleUnit(name, measure(child), UnitRole.INPUT))
+                is_head = child is out_embed
+                units.append(ModuleUnit(name, measure(child), UnitRole.HEAD if is_head else role))
 
     visit("", model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -397,8 +436,8 @@ def plan_placement(
     into units (:func:`model_layout`) and split (:func:`plan_device_map`).
 
     Raises:
-        ModelLoadError: transformers cannot build the model class, or it does not fit.
-        UnsupportedArchitectureError: the architecture has no model-surgery entry.
+        ModelLoadError: transformers cannot build the model class, it has no single list of
+            decoder blocks, or it does not fit.
     """
     from transformers import AutoModelForCausalLM
 
@@ -415,6 +454,40 @@ def plan_placement(
             f"cannot build the model of {type(config).__name__} to plan its placement: {exc}"
         ) from exc
     return plan_device_map(model_layout(empty), budgets)
+
+
+def check_placement(model: nn.Module, parts: ModelParts, placement: Placement) -> None:
+    """Confirm, once the model is loaded, that the split is the one the lens needs: the blocks
+    the lens hooks are the blocks that were split, and every tensor of the lens head (final
+    norm, ``W_U``, ``b_U``) is on the head's device.
+
+    Raises:
+        ModelLoadError: either is not so (a layout the structural walk of :func:`model_layout`
+            misread), naming the module or tensor and the fix.
+    """
+    names = {id(m): name for name, m in model.named_modules()}
+    hooked = tuple(names.get(id(b), "?") for b in parts.blocks)
+    if hooked != placement.block_names:
+        raise ModelLoadError(
+            f"{type(model).__name__}: the lens reads the blocks {hooked[0]}..{hooked[-1]}, but the "
+            f"split was planned over {', '.join(placement.block_names[:2])}...; run it on one "
+            "device (execution.gpus_per_worker: 1)"
+        )
+    head = parts.head
+    tensors = {
+        "final norm weight": head.norm.weight,
+        "final norm bias": head.norm.bias,
+        "unembedding W_U": head.unembed,
+        "unembedding bias": head.unembed_bias,
+    }
+    target = torch.device(placement.head_device)
+    for what, tensor in tensors.items():
+        if tensor is not None and tensor.device != target:
+            raise ModelLoadError(
+                f"{type(model).__name__}: the lens head's {what} is on {tensor.device}, not on "
+                f"{target} with the LM head (the final norm is registered before the blocks?); "
+                "run it on one device (execution.gpus_per_worker: 1)"
+            )
 
 
 # -- the devices of this process --------------------------------------------------------------

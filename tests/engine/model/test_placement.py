@@ -6,11 +6,13 @@ minimise the fullest device (checked against every possible split), budgets resp
 model that does not fit refused with its sizes. A real split runs without GPUs by giving
 ``load_model`` two device names the CPU can serve: the CPU, and accelerate's ``"disk"`` (weights
 kept in a folder and read in by accelerate's hooks for each forward pass), so the lens statistics
-of a model dispatched over two devices are compared with the same model on one.
+of a model dispatched over two devices are compared with the same model on one, for families of
+the surgery table and of the general rule (mixture-of-experts ones among them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from dataclasses import fields
@@ -26,14 +28,15 @@ from codelens.engine.model.placement import (
     ModelLayout,
     ModuleUnit,
     UnitRole,
+    check_placement,
     gpu_budgets,
     model_layout,
     plan_device_map,
 )
-from codelens.engine.model.surgery import SUPPORTED, model_parts
 from codelens.engine.run.pipeline import LensPipeline, TextInput
 from codelens.engine.run.request import resolve_lens
 from codelens.engine.schemas import LensSpec, validate_spec
+from codelens.engine.zoo.tiny_models import MODERN_FAMILIES, TINY_FAMILIES
 
 GB = 10**9
 
@@ -150,23 +153,41 @@ def test_the_head_cannot_go_where_nothing_computes():
 # --- measuring real models -------------------------------------------------------------------
 
 
-def test_the_layout_covers_every_tensor_once(tiny_family, tiny_model_dir):
-    config = AutoConfig.from_pretrained(tiny_model_dir(tiny_family))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+@pytest.mark.parametrize("family", TINY_FAMILIES + MODERN_FAMILIES)
+def test_the_layout_follows_the_lens_parts_and_covers_every_tensor_once(
+    family, tiny_model_dir, tiny_loaded_model
+):
+    """For the surgery table's families and the general rule's: the blocks the walk finds are
+    the blocks the lens hooks, the final norm and LM head are head units, every tensor has one
+    unit, and the layout measured on the meta device (before loading) is the loaded model's."""
+    loaded = tiny_loaded_model(family)
+    model, parts = loaded.model, loaded.parts
     found = model_layout(model)
     names = {id(m): n for n, m in model.named_modules()}
-    blocks = [u.name for u in found.of(UnitRole.BLOCK)]
-    assert blocks == [names[id(b)] for b in model_parts(model).blocks]
-    heads = {u.name for u in found.of(UnitRole.HEAD)}
-    assert heads == {SUPPORTED[type(model).__name__].final_norm, names[id(model.lm_head)]}
-    assert found.tied_head == (model.lm_head.weight is model.get_input_embeddings().weight)
+    blocks = [names[id(b)] for b in parts.blocks]
+    assert [u.name for u in found.of(UnitRole.BLOCK)] == blocks
+    head_units = [u.name for u in found.of(UnitRole.HEAD)]
+    norm = next(  # the module whose weight the lens head's norm reads
+        n
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.data_ptr() == parts.head.norm.weight.data_ptr()
+        and not any(n.startswith(b + ".") for b in blocks)
+    )
+    assert any(norm == u or norm.startswith(u + ".") for u in head_units), (norm, head_units)
+    assert names[id(model.get_output_embeddings())] in head_units
+    assert found.tied_head == parts.tied_embeddings
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for name in tensors:  # each tensor's device comes from exactly one unit
         owners = [u for u in found.units if name == u.name or name.startswith(u.name + ".")]
         assert len(owners) == 1, (name, owners)
     unique = {id(t): t for t in tensors.values()}.values()
     assert found.nbytes == sum(t.numel() * t.element_size() for t in unique)
+
+    config = AutoConfig.from_pretrained(tiny_model_dir(family))
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
+    assert model_layout(empty) == found
 
 
 def test_too_few_visible_gpus_are_named_with_the_fix():
@@ -206,6 +227,11 @@ SPLITS = {
         ("cpu", "disk"),
         ["block"],
     ),
+    # Mixture-of-experts families the general rule reads (the ones large enough to need a split).
+    "qwen3_moe: disk then cpu": ("qwen3_moe", {"n_layers": 4}, ("disk", "cpu"), ["block", "attn"]),
+    "deepseek_v3: disk then cpu": ("deepseek_v3", {"n_layers": 4}, ("disk", "cpu"), ["block"]),
+    "gpt_oss: disk then cpu": ("gpt_oss", {"n_layers": 4}, ("disk", "cpu"), ["block", "attn"]),
+    "glm4_moe: disk then cpu": ("glm4_moe", {"n_layers": 4}, ("disk", "cpu"), ["block"]),
     "gemma2 (tied, soft-cap): cpu then disk": (
         "gemma2",
         {"n_layers": 4},
@@ -286,3 +312,17 @@ def test_a_disk_device_needs_a_folder(tiny_model_dir):
     devices = [DeviceBudget("disk", 2**30), DeviceBudget("cpu", 2**30)]
     with pytest.raises(ModelLoadError, match="'disk' device needs an offload_folder"):
         load_model(tiny_model_dir("llama"), device="cpu", devices=devices)
+
+
+def test_a_split_the_lens_cannot_read_is_refused_after_the_load(tiny_loaded_model):
+    """``check_placement``: the blocks the lens hooks must be the split's, and the head's tensors
+    must sit on the head's device (here a placement that says otherwise, by construction)."""
+    loaded = tiny_loaded_model("llama")
+    planned = plan_device_map(model_layout(loaded.model), [DeviceBudget("cpu", 2**30)])
+    check_placement(loaded.model, loaded.parts, planned)  # the true one passes
+    reversed_blocks = dataclasses.replace(planned, block_names=planned.block_names[::-1])
+    with pytest.raises(ModelLoadError, match="the lens reads the blocks model.layers.0"):
+        check_placement(loaded.model, loaded.parts, reversed_blocks)
+    elsewhere = dataclasses.replace(planned, head_device="meta")
+    with pytest.raises(ModelLoadError, match="final norm weight is on cpu, not on meta"):
+        check_placement(loaded.model, loaded.parts, elsewhere)

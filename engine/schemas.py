@@ -176,11 +176,22 @@ class ExecutionSpec(_Strict):
     backend: Literal["local", "ray"] = "local"
     """'local': in this process, no Ray. 'ray': one actor per GPU on a Ray cluster."""
     workers: Annotated[int, Field(ge=1)] = 1
-    """Ray actors to start (one per GPU on GPU machines)."""
+    """Ray actors to start (with GPUs: one per gpus_per_worker GPUs; this caps it if set)."""
     batch_tokens: Annotated[int, Field(ge=8)] = 8192
     """Most tokens (windows x padded length) in one forward pass."""
     ray_address: str | None = None
     """Address of an existing Ray cluster; without it a local cluster starts and stops with the job."""
+    gpus_per_worker: Annotated[int, Field(ge=1)] = 1
+    """GPUs one worker's model is split over, for a model larger than one GPU. The embeddings go
+    on the first GPU, the decoder blocks in contiguous ranges balanced by bytes over all N, the
+    final norm and LM head on the last (the first when the LM head is the embedding matrix):
+    every layer's residual rows are gathered there and the lens runs there. Local backend: cuda:0..N-1 of the visible GPUs. Ray: each actor reserves N GPUs
+    of one node, so a node of G GPUs runs G // N actors. Needs model.device auto or cuda."""
+    weights_memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
+    """With gpus_per_worker > 1: the share of each GPU's memory the weights may take when the
+    blocks are split; the rest is headroom for the CUDA context, one batch's activations, the
+    capture buffer and the lens workspace (on the last GPU). A model that does not fit is refused
+    before any weight is read, with its size and the GPUs it needs."""
 
 
 class JobSpec(_Strict):
@@ -196,6 +207,16 @@ class JobSpec(_Strict):
     lens: LensSpec = LensSpec()
     output: OutputSpec = OutputSpec()
     execution: ExecutionSpec = ExecutionSpec()
+
+    @model_validator(mode="after")
+    def _split_needs_gpus(self) -> JobSpec:
+        if self.execution.gpus_per_worker > 1 and self.model.device == "cpu":
+            raise ValueError(
+                f"execution.gpus_per_worker ({self.execution.gpus_per_worker}) splits the model "
+                "over GPUs, but model.device is 'cpu': set model.device to auto or cuda, or "
+                "execution.gpus_per_worker to 1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _window_fits_batch(self) -> JobSpec:

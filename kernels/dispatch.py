@@ -8,6 +8,7 @@ Triton or touches CUDA at import time.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.metadata
 import importlib.util
@@ -119,6 +120,10 @@ def lens_stats(
     if chosen is LensImpl.TRITON:
         from codelens.kernels.lens_triton import lens_stats_triton  # imports triton lazily
 
-        return lens_stats_triton(hidden, head, targets, request, final_hidden), chosen
+        # Triton launches on the *current* CUDA device; the rows may live on another one (the
+        # last GPU of a model split over several), so make theirs current for the launch.
+        on_device = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
+        with on_device:
+            return lens_stats_triton(hidden, head, targets, request, final_hidden), chosen
     extra = {} if budget_bytes is None else {"budget_bytes": budget_bytes}
     return lens_stats_torch(hidden, head, targets, request, final_hidden, **extra), chosen

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from codelens.engine.errors import CodelensError, ModelLoadError
 from codelens.engine.model.loading import load_model
+from codelens.engine.model.placement import ACCELERATE_SUPPORTED, require_accelerate
 from codelens.kernels import LensImpl, resolve_impl
 from codelens.kernels.dispatch import TRITON_SUPPORTED, triton_unavailable_reason
 from codelens.workers.cli import app
@@ -119,3 +120,13 @@ def test_job_json_records_the_versions(write_job, tmp_path):
     versions = json.loads((tmp_path / "run" / "job.json").read_text())["versions"]
     for name in ("torch", "transformers", "pyarrow"):
         assert versions[name] == importlib.metadata.version(name)
+
+
+@pytest.mark.parametrize("version", ["0.34.2", "1.0.1"])
+def test_accelerate_below_the_floor_is_refused_by_name(installed, version):
+    installed(accelerate=version)
+    with pytest.raises(ModelLoadError) as info:
+        require_accelerate()
+    message = str(info.value)
+    assert f"accelerate {version} is installed" in message
+    assert f"pip install 'accelerate{ACCELERATE_SUPPORTED}'" in message

@@ -33,7 +33,8 @@ Actors run their calls in threads (``max_concurrency``: the shards in flight): a
 work holds the actor's device lock, its rows, partials and part file are made outside it, so the
 next shard's forward runs meanwhile, as in the local executor.
 
-Actors: on a cluster with GPUs, one actor per GPU (``num_gpus=1``); without GPUs (or with
+Actors: on a cluster with GPUs, one actor per ``execution.gpus_per_worker`` GPUs of one node
+(``num_gpus=N``; N = 1: one actor per GPU), the model split over its N GPUs; without GPUs (or with
 ``model.device: cpu``), ``execution.workers`` CPU actors, each reserving
 ``min(1, available CPUs / workers)`` CPUs (fractions let a 2-core machine run 2 actors) and
 running ``max(1, floor(available CPUs / workers))`` torch threads so that the actors together do
@@ -300,6 +301,36 @@ class _Task:
     """Run with no other shard on its actor (after a death that could not be attributed)."""
 
 
+def _node_gpus(node: dict[str, Any]) -> int:
+    """GPUs of one entry of ``ray.nodes()`` (0 for a node that is not alive)."""
+    return int(node.get("Resources", {}).get("GPU", 0)) if node.get("Alive", True) else 0
+
+
+def gpu_actor_count(node_gpus: Iterable[int], gpus_per_worker: int) -> int:
+    """How many actors of ``gpus_per_worker`` GPUs fit: ``sum over nodes of gpus // N``.
+
+    An actor's GPUs must be on one node (one process holds the model), so a node's leftover
+    GPUs (8 GPUs, N = 3: 2 actors, 2 GPUs idle) do not combine with another node's.
+
+    Raises:
+        CodelensError: not one actor fits (how many GPUs there are, and the fix).
+    """
+    node_gpus = [g for g in node_gpus if g > 0]
+    count = sum(g // gpus_per_worker for g in node_gpus)
+    if count:
+        return count
+    total, largest = sum(node_gpus), max(node_gpus, default=0)
+    if total < gpus_per_worker:
+        problem = f"the Ray cluster has {total} GPU(s) in all"
+    else:
+        problem = f"no node has that many (the largest has {largest}; a worker uses one node's)"
+    raise CodelensError(
+        f"execution.gpus_per_worker is {gpus_per_worker}, but {problem}: lower "
+        f"execution.gpus_per_worker to {max(1, largest)} or fewer, or add a node with "
+        f"{gpus_per_worker} GPUs"
+    )
+
+
 class RayExecutor:
     """Runs a job's shards on Ray actors, each holding one ``LensWorker`` (an ``Executor``).
 
@@ -528,19 +559,29 @@ class RayExecutor:
         """How many actors, with which resources, and how many torch threads each."""
         gpus = int(ray.cluster_resources().get("GPU", 0))
         wanted = self.spec.execution.workers
+        per_worker = self.spec.execution.gpus_per_worker
         if gpus and self.spec.model.device != "cpu":
-            # One actor per GPU: `workers` caps it only when the spec sets it (its default is 1,
-            # which on a GPU cluster would leave every GPU but one idle).
+            # One actor per `gpus_per_worker` GPUs of a node: `workers` caps it only when the spec
+            # sets it (its default is 1, which on a GPU cluster would leave GPUs idle).
+            fit = gpu_actor_count([_node_gpus(node) for node in ray.nodes()], per_worker)
             explicit = "workers" in self.spec.execution.model_fields_set
-            n = min(wanted, gpus) if explicit else gpus
-            if explicit and wanted > gpus:
+            n = min(wanted, fit) if explicit else fit
+            if explicit and wanted > fit:
                 log.warning(
-                    "execution.workers=%d but the cluster has %d GPU(s): starting %d",
+                    "execution.workers=%d but the cluster has room for %d worker(s) of %d GPU(s): "
+                    "starting %d",
                     wanted,
-                    gpus,
+                    fit,
+                    per_worker,
                     n,
                 )
-            return n, {"num_gpus": 1, "num_cpus": 1}, None
+            return n, {"num_gpus": per_worker, "num_cpus": 1}, None
+        if per_worker > 1:
+            raise CodelensError(
+                f"execution.gpus_per_worker is {per_worker}, but the Ray cluster has no GPUs "
+                f"({self._available()} available): add GPU nodes, or set "
+                "execution.gpus_per_worker: 1"
+            )
         cpus = self._free_cpus(wanted)
         share = cpus / wanted
         if share < 1:

@@ -19,6 +19,7 @@ import torch
 from codelens.engine.data.windows import Shard
 from codelens.engine.errors import CodelensError
 from codelens.engine.model.loading import LoadedModel, load_model
+from codelens.engine.model.placement import gpu_budgets
 from codelens.engine.run.pipeline import LensBatch
 from codelens.engine.run.rundir import manifest_line, write_part
 from codelens.engine.run.runner import ShardRunner
@@ -99,11 +100,18 @@ class LensWorker:
     def load(self) -> dict[str, Any]:
         """Load the model (with the last-layer self-check) and prepare the runner.
 
+        With ``execution.gpus_per_worker: N > 1`` the model is split over this process's first N
+        visible GPUs (under Ray: the N the actor reserved).
+
         Returns:
-            What was resolved: family, device, dtype, lens implementation, self-check error, and
-            ``model_source`` (the model directory; for a repo id also its revision and commit).
+            What was resolved: family, device (the lens head's), dtype, lens implementation,
+            self-check error, ``model_source`` (the model directory; for a repo id also its
+            revision and commit), and with a split the placement (blocks and GiB per GPU).
         """
-        m = self.spec.model
+        m, ex = self.spec.model, self.spec.execution
+        devices = None
+        if ex.gpus_per_worker > 1:
+            devices = gpu_budgets(ex.gpus_per_worker, ex.weights_memory_fraction)
         self.loaded = load_model(
             m.path,
             revision=m.revision,
@@ -111,8 +119,9 @@ class LensWorker:
             device=m.device,
             allow_pickle=m.allow_pickle,
             trust_remote_code=m.trust_remote_code,
+            devices=devices,
         )
-        parts = self.loaded.parts
+        parts, placement = self.loaded.parts, self.loaded.placement
         self.runner = ShardRunner(
             self.spec.lens, self.loaded, batch_tokens=self.spec.execution.batch_tokens
         )
@@ -132,6 +141,7 @@ class LensWorker:
             "token_sets": lens.token_set_ids,
             "self_check_max_abs_err": self.loaded.self_check_max_abs_err,
             "model_source": self.loaded.source.record() if self.loaded.source else None,
+            "placement": None if placement is None else placement.describe(),
         }
 
     def _runner(self) -> ShardRunner:

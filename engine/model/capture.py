@@ -6,7 +6,9 @@ the last block's output *before* the final norm. HF's ``output_hidden_states`` i
 last entry is already normalised, and it keeps every layer alive at once.
 
 Hooks copy each selected layer into one preallocated ``[n_selected, B * S, d]`` buffer as the
-forward pass runs, so the model's own activations can be freed layer by layer.
+forward pass runs, so the model's own activations can be freed layer by layer. The buffer may live
+on another device than the blocks (a model split over several GPUs: the lens head's device); each
+copy then moves that layer's rows across.
 """
 
 from __future__ import annotations
@@ -138,6 +140,11 @@ class BlockReplay:
     the last ``n`` blocks is called with (attention masks, positions, rotary embeddings, whatever
     the family passes); :meth:`replay` then runs any ``[B, S, d]`` residual through those blocks
     with the same arguments, as the model would have run it had it arrived at block ``L - n``.
+
+    In a model split over several devices each replayed block runs on its own device: calling
+    the block goes through the device hook accelerate attached to it, which moves the residual
+    and the recorded arguments there (the recorded ones are those the block was *called* with,
+    before that move), so the replay takes the path the forward pass took.
 
     Args:
         blocks: the model's decoder blocks, in order (``L`` of them).

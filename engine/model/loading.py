@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from codelens.engine.errors import ModelLoadError, SelfCheckError
 from codelens.engine.model.capture import ResidualCapture
+from codelens.engine.model.placement import (
+    NO_COMPUTE,
+    DeviceBudget,
+    Placement,
+    check_placement,
+    plan_placement,
+    require_accelerate,
+)
 from codelens.engine.model.surgery import ModelParts, model_parts
 
 DTYPES: dict[str, torch.dtype] = {
@@ -97,18 +106,22 @@ class LoadedModel:
     """A model ready for the lens runner.
 
     Attributes:
-        model: the HF causal LM, in eval mode, gradients off, on ``device`` in ``dtype``.
+        model: the HF causal LM, in eval mode, gradients off, on ``device`` in ``dtype`` (split
+            over ``placement.devices`` when it has a placement).
         tokenizer: its tokenizer, loaded from the same directory.
         parts: decoder blocks and lens head (``codelens.engine.model.surgery``).
         family: ``parts.family``.
         dtype: the dtype the weights were loaded in.
-        device: where the model lives.
+        device: where the lens runs: the device of the final norm and LM head, where the captured
+            residual rows are gathered (on one device: where the whole model lives).
         path: the resolved model directory.
         self_check_max_abs_err: ``max|lens_L - logits|`` the load-time self-check measured (NaN if
             the self-check was switched off).
         attn_implementation: the attention backend transformers was asked for (``sdpa``/``eager``).
         source: where the files came from (a local directory, or a repo's snapshot in the hub
             cache): what job.json records as ``resolved.model_source``.
+        placement: how the model is split over several devices (``load_model(devices=...)``);
+            None when it lives on one device.
     """
 
     model: PreTrainedModel
@@ -121,6 +134,12 @@ class LoadedModel:
     self_check_max_abs_err: float
     attn_implementation: str | None = None
     source: ModelSource | None = None
+    placement: Placement | None = None
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the token ids go: the embeddings' device (``device`` unless the model is split)."""
+        return self.device if self.placement is None else torch.device(self.placement.input_device)
 
 
 @dataclass(frozen=True)
@@ -601,34 +620,47 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     self_check: bool = True,
+    devices: Sequence[DeviceBudget] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load model and tokenizer from local files, build the lens parts, run the self-check.
+
+    The weights are read straight onto their device in ``dtype`` (``from_pretrained`` with a
+    ``device_map``): no full copy on the CPU first. On a CPU nothing changes (no device map).
 
     Args:
         path: a local model directory, or a Hugging Face repo id (``OWNER/NAME``) whose snapshot is
             in the local hub cache (:func:`resolve_model_source`; nothing is downloaded).
         revision: the repo id's branch, tag or 40-hex commit (None: ``main``); only for repo ids.
         dtype: ``"auto"`` (see :func:`resolve_dtype`), ``"float32"``, ``"bfloat16"``, ``"float16"``.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``. With ``devices``, ``"auto"`` or the kind of
+            device the model is split over.
         allow_pickle: permit ``pytorch_model*.bin`` / ``*.pt`` weights when no safetensors exist.
         trust_remote_code: permit the directory's custom modeling / tokenizer code (``auto_map``).
         self_check: run :func:`run_self_check` (keep on: it is what guarantees the lens at layer L
             equals the model's logits).
+        devices: split the model over these devices, in forward order, each with its weight
+            budget (``placement.gpu_budgets(n)`` for ``execution.gpus_per_worker: n``): the
+            embeddings on the first, contiguous block ranges, the lens head on the last
+            (``placement.plan_device_map``). A device may also be accelerate's ``"disk"``, whose
+            weights are kept in ``offload_folder`` and read in for each forward pass.
+        offload_folder: where ``"disk"`` devices keep their weights.
 
     Returns:
         The loaded model, tokenizer, parts and what the self-check measured.
 
     Raises:
         ModelLoadError: the model is not found (a repo id not in the local cache), the directory
-            cannot be loaded safely, the installed transformers is outside
-            ``TRANSFORMERS_SUPPORTED``, or transformers fails to load it.
+            cannot be loaded safely, the installed transformers (or, off the CPU, accelerate) is
+            outside its supported range, transformers fails to load it, or it does not fit
+            ``devices``.
         UnsupportedArchitectureError: the model class has no model-surgery entry.
         SelfCheckError: the lens at layer L does not reproduce the model's logits.
     """
     source = resolve_model_source(path, revision)
     info = _check_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     require_transformers()
-    resolved_device = resolve_device(device)
+    resolved_device = resolve_device(device if devices is None else _split_device(device, devices))
     resolved_dtype = resolve_dtype(dtype, info.config, resolved_device)
     _go_offline()
 
@@ -646,6 +678,17 @@ def load_model(
     tokenizer = _load_tokenizer(info.path, trust_remote_code)
 
     attn = _attn_implementation(config_obj, info.config)
+    placement = None
+    if devices is not None:
+        placement = plan_placement(
+            config_obj,
+            devices,
+            dtype=resolved_dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn,
+        )
+        resolved_device = torch.device(placement.head_device)
+    where = _device_map_kwargs(resolved_device, placement, offload_folder)
     try:
         model, loading_info = AutoModelForCausalLM.from_pretrained(
             info.path,
@@ -654,10 +697,19 @@ def load_model(
             use_safetensors=info.use_safetensors,
             attn_implementation=attn,
             output_loading_info=True,
+            **where,
             **common,
         )
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the model weights from {info.path}: {exc}") from exc
+        hint = ""
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            hint = (
+                " (out of GPU memory: split the model over several GPUs with "
+                "execution.gpus_per_worker, or load a smaller model.dtype)"
+            )
+        raise ModelLoadError(
+            f"cannot load the model weights from {info.path}: {exc}{hint}"
+        ) from exc
     problems = {
         "missing": sorted(loading_info.get("missing_keys") or ()),
         "shape-mismatched": sorted(str(k) for k in loading_info.get("mismatched_keys") or ()),
@@ -669,13 +721,14 @@ def load_model(
 
     model.eval()
     model.requires_grad_(False)  # inference only; also keeps autograd out of Head tensors
-    if resolved_device.type != "cpu":
-        model.to(resolved_device)
     parts = model_parts(model)
+    if placement is not None:
+        check_placement(model, parts, placement)
 
     err = math.nan
     if self_check:
-        input_ids, attention_mask = probe_batch(tokenizer, parts.head.vocab_size, resolved_device)
+        input_device = resolved_device if placement is None else placement.input_device
+        input_ids, attention_mask = probe_batch(tokenizer, parts.head.vocab_size, input_device)
         err = run_self_check(model, parts, input_ids, attention_mask)
     return LoadedModel(
         model=model,
@@ -688,7 +741,57 @@ def load_model(
         self_check_max_abs_err=err,
         attn_implementation=attn,
         source=dataclasses.replace(source, path=info.path),
+        placement=placement,
     )
+
+
+def _split_device(device: str | torch.device, devices: Sequence[DeviceBudget]) -> torch.device:
+    """The kind of device a split model computes on (for the dtype choice), checked against
+    ``model.device``.
+
+    Raises:
+        ModelLoadError: no device that computes, or ``device`` names another kind.
+    """
+    compute = [torch.device(b.device) for b in devices if b.device not in NO_COMPUTE]
+    if not compute:
+        raise ModelLoadError(
+            f"devices {[b.device for b in devices]} hold weights but none computes: add a GPU"
+        )
+    kinds = {d.type for d in compute}
+    if str(device) != "auto" and torch.device(device).type not in kinds:
+        raise ModelLoadError(
+            f"model.device is {str(device)!r}, but the model is to be split over "
+            f"{', '.join(b.device for b in devices)}: set model.device: auto (or cuda), or "
+            "execution.gpus_per_worker: 1"
+        )
+    return compute[-1]
+
+
+def _device_map_kwargs(
+    device: torch.device,
+    placement: Placement | None,
+    offload_folder: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    """``from_pretrained`` arguments that read the weights straight onto their device(s).
+
+    A split gets its placement's device map; one GPU gets ``{"": device}`` (each weight read
+    onto it in the target dtype, never assembled on the CPU first); the CPU gets nothing, as
+    before (transformers' default is the CPU).
+
+    Raises:
+        ModelLoadError: accelerate (which transformers needs for a device map) is missing or too
+            old, or a ``"disk"`` device has no ``offload_folder``.
+    """
+    if placement is not None:
+        require_accelerate()
+        if "disk" in placement.devices and offload_folder is None:
+            raise ModelLoadError("a placement with a 'disk' device needs an offload_folder")
+        extra = {} if offload_folder is None else {"offload_folder": str(offload_folder)}
+        return {"device_map": dict(placement.device_map), **extra}
+    if device.type == "cpu":
+        return {}
+    require_accelerate()
+    return {"device_map": {"": device}}
 
 
 def probe_batch(
@@ -782,18 +885,20 @@ def run_self_check(
         attention_mask = torch.ones_like(input_ids)
     n_layers = parts.n_layers
     capture = ResidualCapture(parts.blocks, [n_layers])
+    # The lens runs where the head is (the last device of a split model; the inputs' otherwise).
+    lens_device = parts.head.unembed.device
     with torch.inference_mode():
         # The buffer is fp32: the copy from bf16/fp16 is exact, and the head normalises in fp32.
         with capture.recording(
-            batch, seq_len, parts.head.d_model, torch.float32, input_ids.device
+            batch, seq_len, parts.head.d_model, torch.float32, lens_device
         ) as buffer:
             logits = model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             ).logits
         h_last = buffer[0].view(batch, seq_len, parts.head.d_model)  # [B, S, d]
         lens = parts.head.logits(h_last)  # [B, S, V]
-    real = attention_mask.bool()
-    model_logits = logits.float()[real]  # [n_real, V]
+    real = attention_mask.bool().to(lens_device)
+    model_logits = logits.float().to(lens_device)[real]  # [n_real, V]
     lens_logits = lens[real]
     if model_logits.shape != lens_logits.shape:
         raise SelfCheckError(

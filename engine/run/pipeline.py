@@ -159,8 +159,11 @@ class LensPipeline:
         backbone = loaded.parts.backbone
         self.model = loaded.model if backbone is None else backbone
         self.head = loaded.parts.head
-        self.device = next(loaded.model.parameters()).device
-        self.dtype = next(loaded.model.parameters()).dtype
+        # A model split over several devices takes its token ids on the first (the embeddings')
+        # and is read on the last (the head's): every captured layer is gathered there.
+        self.input_device = loaded.input_device
+        self.device = loaded.device
+        self.dtype = loaded.dtype
         blocks = loaded.parts.blocks
         self.capture_hooks = ResidualCapture(
             blocks,
@@ -176,7 +179,14 @@ class LensPipeline:
     def capture(self, inputs: Sequence[LensInput]) -> tuple[Tensor, Tensor | None]:
         """Residual rows of the emitted tokens, ``[n_slots, T, d]``, and the experts each block's
         router chose for them, ``[L, T, k]`` int64 (None without ``lens.router_topk``), both on
-        the model's device."""
+        the head's device.
+
+        Each block's output (and router choice) is copied into its buffer on the head's device
+        as the forward pass produces it, whichever device the block runs on
+        (``ResidualCapture``, ``RouterCapture``); the replayed blocks of ``lens.decoder_blocks``
+        run on their own devices (accelerate's hooks move their inputs there) and their outputs
+        are copied back into the buffer.
+        """
         n, seq = len(inputs), max(len(x.input_ids) for x in inputs)
         ids = torch.full((n, seq), self.lens.pad_id, dtype=torch.long)
         mask = torch.zeros((n, seq), dtype=torch.long)
@@ -186,7 +196,7 @@ class LensPipeline:
             ids[b, :length] = torch.tensor(x.input_ids)
             mask[b, :length] = 1
             keep.append(torch.arange(b * seq + length - x.n_emit, b * seq + length))
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = ids.to(self.input_device), mask.to(self.input_device)
         d = self.head.d_model
         recording = self.capture_hooks.recording(n, seq, d, self.dtype, self.device)
         with contextlib.ExitStack() as stack:
@@ -207,7 +217,7 @@ class LensPipeline:
     @torch.inference_mode()
     def statistics(self, hidden: Tensor, targets: Tensor) -> LensStats:
         """``kernels.lens_stats`` of ``hidden [n_slots, T, d]`` against ``targets [T, 1 + A]``
-        (on the model's device), KL against the final block slot."""
+        (on the head's device), KL against the final block slot."""
         stats, _ = lens_stats(
             hidden,
             self.head,

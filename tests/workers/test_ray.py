@@ -33,11 +33,12 @@ import yaml
 
 pytest.importorskip("ray")
 
+from codelens.engine.errors import CodelensError  # noqa: E402
 from codelens.engine.schemas import JobSpec  # noqa: E402
 from codelens.workers.executor import Executor  # noqa: E402
 from codelens.workers.job import JobFailedError, run_job  # noqa: E402
 from codelens.workers.local import LocalExecutor  # noqa: E402
-from codelens.workers.ray_backend import RayExecutor  # noqa: E402
+from codelens.workers.ray_backend import RayExecutor, gpu_actor_count  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -145,6 +146,31 @@ def test_cpu_workers_share_the_cores(ray_cluster, tiny_model_dir, corpus, tmp_pa
     assert plans[1] == (1, {"num_cpus": 1.0, "num_gpus": 0, "scheduling_strategy": "SPREAD"}, 2)
     assert plans[2] == (2, {"num_cpus": 1.0, "num_gpus": 0, "scheduling_strategy": "SPREAD"}, 1)
     assert plans[4] == (4, {"num_cpus": 0.5, "num_gpus": 0, "scheduling_strategy": "SPREAD"}, 1)
+    # A model split over GPUs needs GPUs: on this GPU-less cluster that is refused, with the fix.
+    split = job_spec(model, corpus, tmp_path, JOB, device=None, execution={"gpus_per_worker": 2})
+    with pytest.raises(CodelensError, match="gpus_per_worker is 2, but the Ray cluster has no GPU"):
+        RayExecutor(split)._plan_actors()
+
+
+@pytest.mark.parametrize(
+    "node_gpus,per_worker,actors",
+    [([8], 1, 8), ([8, 8], 2, 8), ([8, 8], 3, 4), ([4, 0, 2], 2, 3), ([8], 8, 1)],
+)
+def test_gpu_actors_reserve_gpus_per_worker_gpus_of_one_node(node_gpus, per_worker, actors):
+    assert gpu_actor_count(node_gpus, per_worker) == actors
+
+
+@pytest.mark.parametrize(
+    "node_gpus,per_worker,expected",
+    [
+        ([2, 2], 8, "the Ray cluster has 4 GPU(s) in all: lower execution.gpus_per_worker to 2"),
+        ([4, 4], 8, "no node has that many (the largest has 4; a worker uses one node's): lower"),
+    ],
+)
+def test_too_few_gpus_for_one_worker_are_refused_with_the_fix(node_gpus, per_worker, expected):
+    with pytest.raises(CodelensError) as info:
+        gpu_actor_count(node_gpus, per_worker)
+    assert f"gpus_per_worker is {per_worker}, but {expected}" in str(info.value)
 
 
 def test_ray_run_equals_the_local_run(

@@ -53,6 +53,7 @@ def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
         "code-llm-lens",
         "torch",
         "transformers",
+        "accelerate",
         "tokenizers",
         "pyarrow",
         "pydantic",

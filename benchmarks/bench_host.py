@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import sysconfig
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +46,7 @@ from codelens.engine.run.rundir import RunDir, manifest_line, write_part
 from codelens.engine.schemas import LensSpec, TokensSpec
 from codelens.engine.zoo.tiny_models import build_tiny_tokenizer
 from codelens.kernels import LensImpl, LensRequest, LensStats
-from codelens.workers.bench import machine_info
-from codelens.workers.job import package_versions
+from codelens.workers.bench import provenance, provenance_markdown
 
 SHAPES = {
     "qwen2.5-coder-7b": {"n_blocks": 28, "vocab": 152_064},
@@ -219,11 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "writes the part (before)": stages["commit (Parquet + manifest)"],
             "renames a staged part (now)": driver_commit,
         },
-        "machine": machine_info(),
         "threads": 1,
-        "versions": package_versions(),
-        "command": "python " + shlex.join(["benchmarks/bench_host.py", *sys.argv[1:]]),
-        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance("benchmarks/bench_host.py", sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host_path.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -257,10 +251,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "|---|---|",
         *(f"| {k} | {v:.4f} |" for k, v in r["driver_seconds_per_shard"].items()),
         "",
-        f"Machine: {r['machine']['cpu']}, {r['machine']['cpus']} cores, "
-        f"{r['machine']['platform']}.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v) + ".",
-        f"Command: `{r['command']}` ({r['written_at']}).",
+        *provenance_markdown(r),
         "",
     ]
     return "\n".join(lines)

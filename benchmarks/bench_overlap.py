@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import sysconfig
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +40,8 @@ from codelens.engine.model.loading import load_tokenizer
 from codelens.engine.run.rundir import RunDir
 from codelens.engine.schemas import validate_spec
 from codelens.engine.zoo.tiny_models import build_tiny_model
-from codelens.workers.bench import machine_info
-from codelens.workers.job import package_versions, run_job
+from codelens.workers.bench import provenance, provenance_markdown
+from codelens.workers.job import run_job
 from codelens.workers.local import LocalExecutor
 from codelens.workers.worker import LensWorker
 
@@ -170,10 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **{f"{k} alone": tokens / v for k, v in stages.items()},
         },
         "rows_identical": same,
-        "machine": machine_info(),
-        "versions": package_versions(),
-        "command": "python " + shlex.join(["benchmarks/bench_overlap.py", *sys.argv[1:]]),
-        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance("benchmarks/bench_overlap.py", sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overlap.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -210,10 +205,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{r['end_to_end_s']['sequential'] / slowest:.2f}x. Rows identical between the two runs: "
         f"{r['rows_identical']}.",
         "",
-        f"Machine: {r['machine']['cpu']}, {r['machine']['cpus']} cores, "
-        f"{r['machine']['platform']}. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v)
-        + f". Command: `{r['command']}` ({r['written_at']}).",
+        *provenance_markdown(r),
         "",
     ]
     return "\n".join(lines)

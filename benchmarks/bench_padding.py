@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import sysconfig
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +37,7 @@ from codelens.engine.run.request import resolve_lens
 from codelens.engine.run.runner import batches, by_length
 from codelens.engine.schemas import JobSpec
 from codelens.engine.zoo.default_model import default_model_dir
-from codelens.workers.bench import machine_info
-from codelens.workers.job import package_versions
+from codelens.workers.bench import provenance, provenance_markdown
 
 CORPORA = {
     "stdlib top-level modules": ["*.py"],
@@ -100,10 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {"window": 1024, "overlap": 128, "shard_tokens": 65536, "batch_tokens": 8192},
         "model": "bundled default (CPU, float32)",
         "torch_threads": torch.get_num_threads(),
-        "machine": machine_info(),
-        "versions": package_versions(),
-        "command": "python " + shlex.join(["benchmarks/bench_padding.py", *sys.argv[1:]]),
-        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance("benchmarks/bench_padding.py", sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "padding.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -133,10 +127,7 @@ def _markdown(r: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Machine: {r['machine']['cpu']}, {r['machine']['cpus']} cores, "
-        f"{r['machine']['platform']}.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v) + ".",
-        f"Command: `{r['command']}` ({r['written_at']}).",
+        *provenance_markdown(r),
         "",
     ]
     return "\n".join(lines)

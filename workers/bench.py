@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,29 @@ def _proc_field(path: str, key: str) -> str | None:
     except OSError:
         pass
     return None
+
+
+def provenance(script: str, argv: list[str]) -> dict[str, Any]:
+    """What a recorded benchmark figure carries: machine, package versions, the command that made
+    it (``python SCRIPT ARGS``) and when."""
+    from codelens.workers.job import package_versions  # imported on use, as the engine below
+
+    return {
+        "machine": machine_info(),
+        "versions": package_versions(),
+        "command": "python " + shlex.join([script, *argv]),
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def provenance_markdown(r: dict[str, Any]) -> list[str]:
+    """``provenance``'s fields as the closing lines of a results page."""
+    m = r["machine"]
+    return [
+        f"Machine: {m['cpu']}, {m['cpus']} cores, {m['platform']}.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v) + ".",
+        f"Command: `{r['command']}` ({r['written_at']}).",
+    ]
 
 
 def machine_info() -> dict[str, Any]:

@@ -166,7 +166,13 @@ def report(
 
 @app.command()
 def plot(
-    model: Annotated[Path, typer.Option(help="Local model directory (as model.path in a job).")],
+    model: Annotated[
+        Path,
+        typer.Option(
+            help="Local model directory, or OWNER/NAME in the local Hugging Face cache (as "
+            "model.path in a job)."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Output file: .png (a figure) or .html (a table).")],
     text: Annotated[str | None, typer.Option(help="The text to look at.")] = None,
     file: Annotated[Path | None, typer.Option(help="Read the text from this file.")] = None,
@@ -179,6 +185,9 @@ def plot(
     bos: Annotated[bool, typer.Option(help="Prepend the BOS token, as jobs do by default.")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    revision: Annotated[
+        str | None, typer.Option(help="With a repo id: branch, tag or commit (default main).")
+    ] = None,
 ) -> None:
     """Per-prompt logit-lens grid: layers x positions, each cell the layer's top-1 next token."""
     from codelens.engine.analysis.grid import METRICS, PlotError, compute_grid, read_lines
@@ -198,7 +207,7 @@ def plot(
         if file is not None:
             text, first_line = read_lines(file, lines)
         assert text is not None
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, revision=revision, dtype=dtype, device=device)
         grid = compute_grid(loaded, text, add_bos=bos, first_line=first_line)
         out.parent.mkdir(parents=True, exist_ok=True)
         if kind == ".png":
@@ -217,18 +226,24 @@ def plot(
 
 @app.command()
 def bench(
-    model: Annotated[Path, typer.Option("--model", help="Local model directory.")],
+    model: Annotated[
+        Path,
+        typer.Option("--model", help="Local model directory, or OWNER/NAME in the local HF cache."),
+    ],
     tokens: Annotated[int, typer.Option(help="Tokens to time (random ids).")] = 512,
     seq_len: Annotated[int, typer.Option(help="Tokens per forward pass.")] = 512,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    revision: Annotated[
+        str | None, typer.Option(help="With a repo id: branch, tag or commit (default main).")
+    ] = None,
 ) -> None:
     """What the lens costs per token on your model and device: lens vs forward vs the matmul bound."""
     from codelens.engine.model.loading import load_model
     from codelens.workers.bench import bench_tokens, run_codelens, run_matmul
 
     try:
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, revision=revision, dtype=dtype, device=device)
     except CodelensError as e:
         _fail(e)
     ids = bench_tokens(loaded.parts.head.vocab_size, tokens)

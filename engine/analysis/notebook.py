@@ -49,12 +49,14 @@ class Lens:
         cls,
         model_dir: str | os.PathLike[str],
         *,
+        revision: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
     ) -> Lens:
-        """Load a local model directory as ``codelens run`` does (``model`` in a job spec).
+        """Load a model as ``codelens run`` does (``model`` in a job spec): a local directory,
+        or ``OWNER/NAME`` from the local Hugging Face cache at ``revision`` (default main).
 
         Raises:
             ModelLoadError, UnsupportedArchitectureError, SelfCheckError: as a job would.
@@ -62,6 +64,7 @@ class Lens:
         return cls(
             load_model(
                 model_dir,
+                revision=revision,
                 dtype=dtype,
                 device=device,
                 allow_pickle=allow_pickle,

@@ -286,3 +286,22 @@ def test_ray_workers_that_resolved_different_commits_are_inconsistent(job_spec, 
     problem = executor._inconsistency({"device": "cpu", "model_source": {"commit": TAGGED}})
     assert f"model commit='{TAGGED}', worker 0 has '{MAIN}'" in problem
     assert "model.revision" in problem
+
+
+def test_the_plot_command_and_the_notebook_load_a_repo_id_at_a_revision(hub_cache, tmp_path):
+    """Every entry point resolves a repo id the same way: `codelens plot --revision` and
+    `Lens.load(revision=)` read the tagged snapshot, and an unknown revision is named."""
+    from typer.testing import CliRunner
+
+    from codelens.engine.analysis.notebook import Lens
+    from codelens.workers.cli import app
+
+    out = tmp_path / "grid.html"
+    args = ["plot", "--model", REPO, "--revision", "v1", "--text", "def f(x):\n", "--out", str(out)]
+    shown = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert shown.exit_code == 0, shown.output
+    assert out.exists()
+    lens = Lens.load(REPO, revision="v1", device="cpu")
+    assert lens.loaded.source.commit == TAGGED
+    missing = CliRunner().invoke(app, [*args[:4], "v9", *args[5:], "--device", "cpu"])
+    assert missing.exit_code != 0 and "v9" in missing.output

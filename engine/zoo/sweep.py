@@ -8,8 +8,9 @@ architecture ends in one of three states, always with the reason:
 
 * ``table`` / ``rule``: supported; the head came from the surgery table or the general rule.
 * ``refused``: the lens cannot read it (the surgery module or the self-check says why).
-* ``not built``: no tiny model could be made here (multimodal configs, configs whose sizes the
-  generic builder cannot shrink, models that need extra packages); not a verdict on the lens.
+* ``not built``: no tiny model could be made here (composite configs such as multimodal ones,
+  configs whose sizes the generic builder cannot shrink, models that need extra packages); not a
+  verdict on the lens.
 
 ``python -m codelens.engine.zoo.sweep [OUT.md]`` prints (or writes) the table.
 """
@@ -74,7 +75,7 @@ def sweep_one(model_type: str, model_class: str) -> SweepRow:
     except Exception as e:  # noqa: BLE001 - every failure is a row of the table
         return row("not built", f"tiny config: {_first_line(e)}")
     if not own and any(key != "text_config" for key in getattr(config, "sub_configs", {}) or {}):
-        return row("not built", "multimodal config (vision tower): no generic tiny build")
+        return row("not built", "composite config: sub-models (a vision tower, ...) it cannot shrink")
     try:
         with torch.device("meta"):
             shape_only = transformers.AutoModelForCausalLM.from_config(config)

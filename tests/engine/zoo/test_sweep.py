@@ -24,7 +24,7 @@ def test_every_causal_lm_gets_a_verdict_and_every_refusal_a_reason():
                 "tiny config",
                 "tiny model",
                 "forward",
-                "multimodal config",
+                "composite config",
                 "the generic tiny config has",
             ) or r.reason.startswith("the generic tiny config has"), r
         else:

@@ -35,6 +35,12 @@ from codelens.kernels.stats import LensRequest, LensStats, check_inputs
 _LOW31 = 0x7FFFFFFF
 DEFAULT_VOCAB_CHUNK = 8192
 DEFAULT_BUDGET_BYTES = 256 << 20
+"""Working-memory bound on a CPU (and the floor elsewhere): caches, not capacity, limit there."""
+CUDA_BUDGET_FRACTION = 0.25
+"""On a CUDA device the bound is this share of the memory free when the call starts..."""
+CUDA_BUDGET_MAX_BYTES = 8 << 30
+"""...at most this much: 8 GiB holds a token block of hundreds of tokens x 29 layers x 8192
+vocabulary entries, enough for the matmuls to run at full speed."""
 # Bytes per (row, vocab entry) of live memory in one chunk step: the reused z and e buffers
 # (fp32), a comparison mask, the bias/soft-cap copy of z when the head has one, and slack for
 # top-k and the boundary-tie fallback's packed keys.
@@ -79,18 +85,28 @@ def _merge_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return unpack_keys(keys)
 
 
-def _chunk_topk(z: Tensor, k: int, first_id: int) -> tuple[Tensor, Tensor]:
+def chunk_topk(
+    z: Tensor, k: int, first_id: int, *, sync_free: bool | None = None
+) -> tuple[Tensor, Tensor]:
     """Top-k of one vocabulary chunk ``z [..., Vc]`` with ties broken by the smaller id.
 
     ``torch.topk`` on floats is fast but does not define which of several equal values it keeps.
-    Asking for k + 1 tells whether the k-th value is tied with a value left out; only such rows
-    (rare: an exact tie at the boundary) are redone with packed int64 keys, which are exact.
-    Ties *inside* the selected set are ordered exactly by ``_merge_topk``.
+    On a CPU, asking for k + 1 tells whether the k-th value is tied with a value left out; only
+    such rows (rare: an exact tie at the boundary) are redone with packed int64 keys, which are
+    exact. On other devices (``sync_free``, default: off the CPU) the packed keys are used for
+    every row, so nothing waits for the device. Ties *inside* the selected set are ordered
+    exactly by ``_merge_topk``. Returns ``(values [..., k], ids [..., k])``.
     """
     n = z.shape[-1]
     if k >= n:
         ids = torch.arange(first_id, first_id + n, device=z.device).expand(z.shape)
         return z, ids
+    if sync_free is None:
+        sync_free = z.device.type != "cpu"
+    if sync_free:
+        # Off the CPU, asking whether a row has a boundary tie would wait for the device: the
+        # packed keys are exact for every row, at the price of an int64 top-k.
+        return unpack_keys(pack_keys(z, first_id).topk(k, -1).values)
     values, idx = z.topk(k + 1, -1)
     boundary_tie = values[..., k - 1] == values[..., k]
     values, ids = values[..., :k], idx[..., :k] + first_id
@@ -110,6 +126,19 @@ def _rescale(alpha_base: Tensor, m_old: Tensor, m_new: Tensor) -> Tensor:
     )
 
 
+def default_budget_bytes(device: torch.device) -> int:
+    """The working-memory bound of ``lens_stats_torch`` on ``device``.
+
+    ``DEFAULT_BUDGET_BYTES`` on a CPU. On a CUDA device ``CUDA_BUDGET_FRACTION`` of its free
+    memory, between ``DEFAULT_BUDGET_BYTES`` and ``CUDA_BUDGET_MAX_BYTES``: a CPU-sized budget
+    there gives blocks of a few dozen tokens and thousands of small steps per batch.
+    """
+    if device.type != "cuda":
+        return DEFAULT_BUDGET_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(CUDA_BUDGET_MAX_BYTES, max(DEFAULT_BUDGET_BYTES, free * CUDA_BUDGET_FRACTION)))
+
+
 def lens_stats_torch(
     hidden: Tensor,
     head: Head,
@@ -118,7 +147,7 @@ def lens_stats_torch(
     final_hidden: Tensor | None = None,
     *,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    budget_bytes: int | None = None,
 ) -> LensStats:
     """Lens statistics with working memory bounded by ``budget_bytes``.
 
@@ -131,7 +160,8 @@ def lens_stats_torch(
         final_hidden: ``[T, d]`` the final layer's rows, needed for ``kl_final``. When it is the
             same storage as ``hidden[-1]`` its logits are reused instead of recomputed.
         vocab_chunk: vocabulary entries per step.
-        budget_bytes: bound on the step temporaries; sets the token block size.
+        budget_bytes: bound on the step temporaries; sets the token block size (default:
+            ``default_budget_bytes`` of the device).
 
     Returns:
         LensStats on ``hidden``'s device.
@@ -141,7 +171,12 @@ def lens_stats_torch(
     n_vocab = head.vocab_size
     device = hidden.device
     vocab_chunk = max(1, min(vocab_chunk, n_vocab))
+    if budget_bytes is None:
+        budget_bytes = default_budget_bytes(device)
     rows_per_step = max(1, budget_bytes // (vocab_chunk * _BYTES_PER_LOGIT))
+    # Each token set's ids, split by vocabulary chunk once (one host round trip per call): the
+    # chunk loop then indexes with ready tensors and never waits for the device.
+    set_chunks = _ids_by_chunk(request.token_sets, n_vocab, vocab_chunk, device)
     token_block = max(1, rows_per_step // (n_layers + 1))
 
     final_is_last = (
@@ -172,6 +207,7 @@ def lens_stats_torch(
             head,
             request,
             vocab_chunk,
+            set_chunks,
             {name: tensor[:, block] for name, tensor in out.items()},
         )
 
@@ -195,6 +231,18 @@ def lens_stats_torch(
     )
 
 
+def _ids_by_chunk(
+    token_sets: tuple[tuple[str, Tensor], ...], n_vocab: int, vocab_chunk: int, device
+) -> list[list[Tensor]]:
+    """Per vocabulary chunk, per token set: the set's ids in the chunk, relative to its start."""
+    chunks: list[list[Tensor]] = []
+    host = [ids.detach().cpu() for _, ids in token_sets]
+    for v0 in range(0, n_vocab, vocab_chunk):
+        v1 = min(n_vocab, v0 + vocab_chunk)
+        chunks.append([(ids[(ids >= v0) & (ids < v1)] - v0).to(device) for ids in host])
+    return chunks
+
+
 def _token_block(
     hidden: Tensor,
     finite: Tensor,
@@ -204,9 +252,13 @@ def _token_block(
     head: Head,
     request: LensRequest,
     vocab_chunk: int,
+    set_chunks: list[list[Tensor]],
     out: dict[str, Tensor],
 ) -> None:
-    """All statistics for one block of tokens (all layers), written into the ``out`` views."""
+    """All statistics for one block of tokens (all layers), written into the ``out`` views.
+
+    Nothing in the chunk loop reads a device value on the host, so on a GPU the loop only queues
+    kernels."""
     n_layers, n_tok, _ = hidden.shape
     n_vocab = head.vocab_size
     fp32 = torch.float32
@@ -251,7 +303,7 @@ def _token_block(
         )
 
         # The chunk's top-k holds its max: no separate pass over z for it.
-        values, ids = _chunk_topk(z, request.k, v0)
+        values, ids = chunk_topk(z, request.k, v0)
         top_values, top_ids = _merge_topk(
             torch.cat([top_values, values], -1), torch.cat([top_ids, ids], -1), request.k
         )
@@ -265,8 +317,7 @@ def _token_block(
         shift = torch.where(s > 0, s * (m - m_new), 0.0)
         t = (t + shift) * alpha + _rowdot(e, z) - m_new * s_chunk
         s = s * alpha + s_chunk
-        for j, (_, ids) in enumerate(request.token_sets):
-            local = ids[(ids >= v0) & (ids < v1)] - v0
+        for j, local in enumerate(set_chunks[v0 // vocab_chunk]):
             set_sums[..., j] = set_sums[..., j] * alpha + e[..., local].sum(-1)
         m = m_new
         del e
@@ -284,10 +335,9 @@ def _token_block(
         for c in range(targets.shape[1]):
             counts[..., c] += _count_greater(z, z_thresh[..., c : c + 1])
             inside = has_target[:, c] & (targets[:, c] >= v0) & (targets[:, c] < v1)
-            if inside.any():
-                local = (targets[:, c] - v0).clamp(0, v1 - v0 - 1)
-                gathered = z.gather(-1, local.view(1, -1, 1).expand(n_layers, -1, 1))[..., 0]
-                z_target[..., c] = torch.where(inside, gathered, z_target[..., c])
+            local = (targets[:, c] - v0).clamp(0, v1 - v0 - 1)
+            gathered = z.gather(-1, local.view(1, -1, 1).expand(n_layers, -1, 1))[..., 0]
+            z_target[..., c] = torch.where(inside, gathered, z_target[..., c])
 
     log_s = torch.log(s)
     lse = m + log_s

@@ -16,7 +16,7 @@ from codelens.kernels import (
     lens_stats_torch,
     resolve_impl,
 )
-from codelens.kernels.lens_torch import pack_keys, unpack_keys
+from codelens.kernels.lens_torch import chunk_topk, default_budget_bytes, pack_keys, unpack_keys
 
 FLOAT_FIELDS = (
     "lse",
@@ -260,3 +260,45 @@ def test_bad_arguments_are_named(bad, match):
             request,
             bad.get("final", h[-1]),
         )
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_chunk_topk_breaks_ties_by_the_smaller_id_either_way(sync_free):
+    """The CPU path (float top-k, packed keys only for tied rows) and the sync-free path used on
+    GPUs (packed keys for every row) select the same exact top-k set, boundary ties included
+    (the order inside the set is fixed later, by the merge)."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randint(0, 6, (7, 40), generator=gen).float()  # many exact ties
+    z[2] = 1.0  # a row of one value: the k smallest ids win
+    values, ids = chunk_topk(z, 5, 100, sync_free=sync_free)
+    for row in range(7):
+        best = sorted(range(40), key=lambda i: (-z[row, i].item(), i))[:5]
+        assert sorted(ids[row].tolist()) == sorted(100 + i for i in best), row
+        assert sorted(values[row].tolist()) == sorted(z[row, best].tolist()), row
+
+
+def test_the_working_memory_bound_follows_the_device():
+    assert default_budget_bytes(torch.device("cpu")) == 256 << 20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_torch_path_never_waits_for_a_cuda_device_in_its_chunk_loop():
+    """With sync debugging set to error, any host read of a device value in the loop raises."""
+    gen = torch.Generator().manual_seed(0)
+    head = make_head("rms", 64, 5000, gen=gen)
+    head = Head(
+        norm=FinalNorm(
+            head.norm.kind, head.norm.weight.cuda(), None, head.norm.eps, head.norm.weight_offset
+        ),
+        unembed=head.unembed.cuda(),
+    )
+    hidden = torch.randn(4, 33, 64, generator=gen).cuda()
+    targets = torch.randint(0, 5000, (33, 3), generator=gen).cuda()
+    request = LensRequest(k=7, token_sets=(("s", torch.tensor([3, 4999]).cuda()),))
+    lens_stats_torch(hidden, head, targets, request, hidden[-1], vocab_chunk=1024)  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = lens_stats_torch(hidden, head, targets, request, hidden[-1], vocab_chunk=1024)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(stats.lse).all()

@@ -140,6 +140,7 @@ class LensWorker:
             "d_model": parts.head.d_model,
             "token_sets": lens.token_set_ids,
             "self_check_max_abs_err": self.loaded.self_check_max_abs_err,
+            "impl_check_max_abs_err": self.runner.impl_check_max_abs_err,
             "model_source": self.loaded.source.record() if self.loaded.source else None,
             "placement": None if placement is None else placement.describe(),
         }

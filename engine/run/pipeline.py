@@ -19,6 +19,7 @@ The slot layout (which layers and sites, the final layer L last among the block 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
@@ -28,10 +29,11 @@ import torch
 from torch import Tensor
 
 from codelens.engine.data.windows import target_columns
+from codelens.engine.errors import SelfCheckError
 from codelens.engine.model.capture import BlockReplay, ResidualCapture, RouterCapture
 from codelens.engine.model.loading import LoadedModel
 from codelens.engine.run.request import ResolvedLens
-from codelens.kernels import LensStats, lens_stats
+from codelens.kernels import LensImpl, LensStats, lens_stats
 
 
 class LensInput(Protocol):
@@ -144,6 +146,12 @@ class LensBatch:
         )
 
 
+IMPL_CHECK_TOLERANCE_NATS = {True: 1e-3, False: 1e-1}
+"""Allowed difference from the torch path at load (``LensPipeline.check_impl``), in nats, for
+fp32 models (True) and bf16/fp16 ones: the fused kernel rounds its operands to the model's dtype,
+as the model's own head does, and the torch path computes in fp32 (kernels/DESIGN.md)."""
+
+
 class LensPipeline:
     """Capture and lens for one loaded model and one resolved lens request.
 
@@ -215,18 +223,57 @@ class LensPipeline:
         return buffer[:, rows], None if routed is None else routed[:, rows]
 
     @torch.inference_mode()
-    def statistics(self, hidden: Tensor, targets: Tensor) -> LensStats:
+    def statistics(
+        self, hidden: Tensor, targets: Tensor, impl: LensImpl | None = None
+    ) -> LensStats:
         """``kernels.lens_stats`` of ``hidden [n_slots, T, d]`` against ``targets [T, 1 + A]``
-        (on the head's device), KL against the final block slot."""
+        (on the head's device), KL against the final block slot, with ``impl`` (default: the
+        job's)."""
         stats, _ = lens_stats(
             hidden,
             self.head,
             targets.to(self.device),
             self.lens.request,
             hidden[self.lens.final_slot],
-            impl=self.lens.impl,
+            impl=self.lens.impl if impl is None else impl,
         )
         return stats
+
+    def check_impl(self, probe: Sequence[LensInput]) -> float:
+        """Prove the job's lens implementation against the torch path on ``probe``, as the
+        self-check proves the head: the same residual rows through both, every continuous
+        statistic compared (ranks and top-k ids may differ between near-equal logits).
+
+        Returns:
+            The largest difference in nats (0.0 when the job's implementation is the torch one).
+
+        Raises:
+            SelfCheckError: it exceeds ``IMPL_CHECK_TOLERANCE_NATS`` for the model's dtype.
+        """
+        if self.lens.impl is LensImpl.TORCH:
+            return 0.0
+        hidden, _ = self.capture(probe)
+        targets = torch.from_numpy(np.concatenate([x.targets for x in probe])).long()
+        mine = self.statistics(hidden, targets)
+        reference = self.statistics(hidden, targets, LensImpl.TORCH)
+        err = 0.0
+        for name in ("lse", "entropy", "kl_final", "target_logprob", "topk_logprobs"):
+            a, b = getattr(mine, name), getattr(reference, name)
+            if a is None:
+                continue
+            both = torch.isfinite(a) & torch.isfinite(b)
+            if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+                err = math.inf
+            elif both.any():
+                err = max(err, (a[both].double() - b[both].double()).abs().max().item())
+        bound = IMPL_CHECK_TOLERANCE_NATS[self.dtype == torch.float32]
+        if not err <= bound:
+            raise SelfCheckError(
+                f"lens.impl {self.lens.impl.value!r} differs from the torch path by {err:.3g} "
+                f"nats on a probe batch (allowed {bound:g} in {self.dtype}); set lens.impl: torch "
+                "to run, and report the model and device"
+            )
+        return err
 
     def launch(self, inputs: Sequence[LensInput]) -> PendingBatch:
         """Capture and lens for a batch, with the copy to the host started but not awaited.

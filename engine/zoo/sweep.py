@@ -75,7 +75,7 @@ def sweep_one(model_type: str, model_class: str) -> SweepRow:
     except Exception as e:  # noqa: BLE001 - every failure is a row of the table
         return row("not built", f"tiny config: {_first_line(e)}")
     if not own and any(key != "text_config" for key in getattr(config, "sub_configs", {}) or {}):
-        return row("not built", "composite config: sub-models (a vision tower, ...) it cannot shrink")
+        return row("not built", "composite config: sub-models (a vision tower, ...) not shrunk")
     try:
         with torch.device("meta"):
             shape_only = transformers.AutoModelForCausalLM.from_config(config)

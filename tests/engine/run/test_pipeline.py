@@ -130,3 +130,55 @@ def test_windows_are_batched_by_length_and_come_back_in_window_order(
         batch.stats.target_rank.numpy(),
         torch.cat([a.stats.target_rank for a in alone], dim=1).numpy(),
     )
+
+
+def _triton_or_skip():
+    import os
+
+    import pytest
+    import torch
+
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+
+
+def test_the_lens_implementation_is_proven_against_the_torch_path_at_load(tiny_loaded_model):
+    from codelens.engine.run.runner import ShardRunner
+
+    _triton_or_skip()
+    loaded = tiny_loaded_model("llama")
+    spec = LensSpec(k=3, lookahead=[2], impl="triton")
+    runner = ShardRunner(spec, loaded, batch_tokens=256)
+    assert 0.0 <= runner.impl_check_max_abs_err < 1e-3
+    torch_runner = ShardRunner(LensSpec(k=3, lookahead=[2], impl="torch"), loaded, batch_tokens=256)
+    assert torch_runner.impl_check_max_abs_err == 0.0  # nothing to prove against itself
+
+
+def test_an_implementation_that_disagrees_with_the_torch_path_is_refused(
+    tiny_loaded_model, monkeypatch
+):
+    """A kernel whose log-sum-exp is off by 0.01 nats (as a broken build would be) never runs a
+    shard: the job stops at load with the difference and the fix."""
+    import dataclasses
+
+    import pytest
+
+    from codelens.engine.errors import SelfCheckError
+    from codelens.engine.run import pipeline
+    from codelens.engine.run.runner import ShardRunner
+    from codelens.kernels import LensImpl
+
+    _triton_or_skip()
+    real = pipeline.lens_stats
+
+    def off_by_a_little(*args, impl, **kwargs):
+        stats, chosen = real(*args, impl=impl, **kwargs)
+        if impl is not LensImpl.TORCH:
+            stats = dataclasses.replace(stats, lse=stats.lse + 0.01)
+        return stats, chosen
+
+    monkeypatch.setattr(pipeline, "lens_stats", off_by_a_little)
+    spec = LensSpec(k=3, lookahead=[2], impl="triton")
+    with pytest.raises(SelfCheckError, match=r"lens.impl 'triton' differs from the torch path by"):
+        ShardRunner(spec, tiny_loaded_model("llama"), batch_tokens=256)

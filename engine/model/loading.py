@@ -611,6 +611,22 @@ def load_tokenizer(
     return _load_tokenizer(info.path, trust_remote_code)
 
 
+def auto_model_class(config: Any) -> Any:
+    """The transformers auto class that builds ``config``'s model: ``AutoModelForCausalLM``, or
+    for a multimodal checkpoint whose model type has no causal-LM class (Mistral 3)
+    ``AutoModelForImageTextToText``, whose text tower the lens reads (the model then runs on text
+    only). A config neither maps falls to ``AutoModelForCausalLM``, which names the problem."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    image_text = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    model_type = getattr(config, "model_type", None)
+    if model_type not in causal and model_type in image_text:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
 def load_model(
     path: str | os.PathLike[str],
     *,
@@ -665,7 +681,7 @@ def load_model(
     _go_offline()
 
     # Imported here, after going offline, so that a first import of the auto classes also sees it.
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     common = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     try:
@@ -690,7 +706,7 @@ def load_model(
         resolved_device = torch.device(placement.head_device)
     where = _device_map_kwargs(resolved_device, placement, offload_folder)
     try:
-        model, loading_info = AutoModelForCausalLM.from_pretrained(
+        model, loading_info = auto_model_class(config_obj).from_pretrained(
             info.path,
             config=config_obj,
             dtype=resolved_dtype,

@@ -439,11 +439,11 @@ def plan_placement(
         ModelLoadError: transformers cannot build the model class, it has no single list of
             decoder blocks, or it does not fit.
     """
-    from transformers import AutoModelForCausalLM
+    from codelens.engine.model.loading import auto_model_class
 
     try:
         with torch.device("meta"):
-            empty = AutoModelForCausalLM.from_config(
+            empty = auto_model_class(config).from_config(
                 config,
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,

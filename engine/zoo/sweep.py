@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from codelens.engine.errors import CodelensError
-from codelens.engine.model.loading import run_self_check
+from codelens.engine.model.loading import auto_model_class, run_self_check
 from codelens.engine.model.surgery import model_parts
 
 MAX_PARAMETERS = 20_000_000
@@ -53,8 +53,6 @@ def _first_line(error: BaseException) -> str:
 
 def sweep_one(model_type: str, model_class: str) -> SweepRow:
     """Build a tiny ``model_type`` model, find its lens parts and self-check them."""
-    import transformers
-
     from codelens.engine.zoo.tiny_models import (
         MULTIMODAL_FAMILIES,
         TINY_FAMILIES,
@@ -78,12 +76,12 @@ def sweep_one(model_type: str, model_class: str) -> SweepRow:
         return row("not built", "composite config: sub-models (a vision tower, ...) not shrunk")
     try:
         with torch.device("meta"):
-            shape_only = transformers.AutoModelForCausalLM.from_config(config)
+            shape_only = auto_model_class(config).from_config(config)
             size = sum(p.numel() for p in shape_only.parameters())
         if size > MAX_PARAMETERS:
             return row("not built", f"the generic tiny config has {size:,} parameters")
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        model = auto_model_class(config).from_config(config, dtype=torch.float32).eval()
         with torch.no_grad():
             for param in model.parameters():  # trained-looking norms: not all ones / zeros
                 if param.dim() == 1:
@@ -111,11 +109,15 @@ def sweep_one(model_type: str, model_class: str) -> SweepRow:
 
 def sweep_architectures(model_types: list[str] | None = None) -> list[SweepRow]:
     """One ``SweepRow`` per causal-LM ``model_type`` of the installed transformers (or those)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto import modeling_auto
     from transformers.utils import logging as hf_logging
 
+    from codelens.engine.zoo.tiny_models import MULTIMODAL_FAMILIES
+
     hf_logging.set_verbosity_error()
-    names = dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    names = dict(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    for family in MULTIMODAL_FAMILIES:  # read through their text tower (Mistral 3 has no causal LM)
+        names.setdefault(family, modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[family])
     chosen = sorted(names) if model_types is None else model_types
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

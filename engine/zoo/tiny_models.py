@@ -37,6 +37,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
+from codelens.engine.model.loading import auto_model_class
+
 TINY_FAMILIES: tuple[str, ...] = (
     "gpt2",
     "gpt_bigcode",
@@ -369,9 +371,28 @@ MODERN_FAMILIES: tuple[str, ...] = (
 """The code-model families of 2025-26 without a model-surgery entry (the general rule reads
 them), built by :func:`generic_tiny_config` from their HF config class with tiny sizes."""
 
-MULTIMODAL_FAMILIES: tuple[str, ...] = ("gemma3",)
+MULTIMODAL_FAMILIES: tuple[str, ...] = ("gemma3", "mistral3")
 """Checkpoints with a vision tower whose text tower the lens reads (``Gemma3ForConditional
-Generation``): a tiny text config as in ``MODERN_FAMILIES`` plus a one-layer vision tower."""
+Generation``, ``Mistral3ForConditionalGeneration``): a tiny text config as in
+``MODERN_FAMILIES`` plus a one-layer vision tower."""
+
+_TEXT_TOWERS = {"gemma3": "gemma3_text", "mistral3": "ministral3"}
+"""The text model type inside each multimodal family (Mistral 3 checkpoints: Ministral 3)."""
+
+
+def _mistral3(text: PretrainedConfig, vocab_size: int) -> PretrainedConfig:
+    vision = transformers.PixtralVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=16,
+        image_size=28,
+        patch_size=14,
+    )
+    return transformers.Mistral3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=vocab_size - 1
+    )
 
 
 def _gemma3(text: PretrainedConfig, vocab_size: int) -> PretrainedConfig:
@@ -522,14 +543,14 @@ def tiny_config(
     """
     if family in MODERN_FAMILIES or family in MULTIMODAL_FAMILIES:
         config = generic_tiny_config(
-            f"{family}_text" if family in MULTIMODAL_FAMILIES else family,
+            _TEXT_TOWERS.get(family, family),
             vocab_size=vocab_size,
             n_layers=n_layers,
             d_model=max(d_model, 64),  # latent attention and Mamba heads need the room
             special_token_ids=special_token_ids,
         )
         if family in MULTIMODAL_FAMILIES:
-            config = _gemma3(config, vocab_size)
+            config = {"gemma3": _gemma3, "mistral3": _mistral3}[family](config, vocab_size)
     elif family in _CONFIG_BUILDERS:
         if d_model % 16:
             # 4 heads of d/4, and rotary / CodeGen's 4-way qkv split need an even head size.
@@ -602,7 +623,7 @@ def build_tiny_model(
     )
     # Model construction runs HF's _init_weights from the global RNG: seed it right before.
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = auto_model_class(config).from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for param in model.parameters():  # shared (tied) parameters are yielded once
             if param.dim() == 1:

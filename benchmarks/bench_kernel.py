@@ -15,7 +15,9 @@ Usage (on a machine with a CUDA GPU)::
 Writes ``benchmarks/results/kernel-<device>-<UTC time>.json`` and ``.md`` (device, versions, the
 exact command, the time and one row per shape). Without a CUDA device it prints why and exits 0;
 ``--compile-only`` then still compiles the main kernel for sm_90 and reports its shared memory,
-spill instructions and whether it uses wgmma (a static check that needs no GPU).
+spill instructions, registers, SASS size and whether it uses wgmma (a static check that needs no
+GPU); ``--compile-only --sweep`` does so for every ``SWEEP_CONFIGS`` candidate and writes
+``benchmarks/results/kernel_sm90.json``.
 """
 
 from __future__ import annotations
@@ -276,11 +278,89 @@ def compile_only(config) -> dict:
 
         sass = get_sass(kernel.asm["cubin"])
         result.update(
-            hgmma=sass.count("HGMMA"), spill_stores=sass.count("STL"), spill_loads=sass.count("LDL")
+            hgmma=sass.count("HGMMA"),
+            spill_stores=sass.count("STL"),
+            spill_loads=sass.count("LDL"),
+            # get_sass writes one "CTRL<tab>INSTRUCTION" line per instruction (labels apart).
+            sass_instructions=sum("\t" in line for line in sass.splitlines()),
+            registers=_registers(kernel.asm["cubin"]),
         )
     except Exception as exc:  # nvdisasm missing or format change: the PTX facts still stand
         result["sass"] = f"unavailable: {exc}"
     return result
+
+
+def _registers(cubin: bytes) -> int | None:
+    """Registers per thread of the cubin's kernel (``cuobjdump --dump-resource-usage``)."""
+    import subprocess
+    import tempfile
+
+    from triton.tools.disasm import path_to_cuobjdump
+
+    found = path_to_cuobjdump()  # a path (Triton 3.9), or (path, version) in older releases
+    cuobjdump = found[0] if isinstance(found, tuple) else found
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run(
+            [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
+    found = re.search(r"REG:(\d+)", usage)
+    return int(found.group(1)) if found else None
+
+
+SWEEP_CONFIGS = (
+    # (block_m, block_n, block_k, num_warps, num_stages): the default first, then the candidates
+    # the review named (BLOCK_N 256, fewer warps for two CTAs per SM, smaller M tiles).
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 4, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 32, 8, 3),
+    (64, 128, 64, 4, 3),
+    (128, 64, 64, 4, 3),
+    (128, 256, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+)
+
+
+def sweep(out_dir: Path) -> Path:
+    """``compile_only`` of every ``SWEEP_CONFIGS`` entry, written to ``kernel_sm90.json``:
+    ``{strategy, config, spill_stores, spill_loads, shared_mem_bytes, registers,
+    sass_instructions}`` per entry, with the versions and the command (no GPU needed)."""
+    import triton
+
+    from codelens.workers.bench import provenance
+
+    base = _config_type()()
+    entries = []
+    for bm, bn, bk, warps, stages in SWEEP_CONFIGS:
+        config = dataclasses.replace(
+            base, block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages
+        )
+        r = compile_only(config)
+        entries.append(
+            {
+                "strategy": "triton-fused",
+                "config": r["config"],
+                "spill_stores": r.get("spill_stores"),
+                "spill_loads": r.get("spill_loads"),
+                "shared_mem_bytes": r["shared_bytes"],
+                "registers": r.get("registers"),
+                "sass_instructions": r.get("sass_instructions"),
+                "wgmma": r.get("hgmma"),
+            }
+        )
+        print(json.dumps(entries[-1]), flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "kernel_sm90.json"
+    record = {
+        "target": "sm_90 (compiled offline with triton.compile; no device)",
+        "triton": triton.__version__,
+        **provenance("benchmarks/bench_kernel.py", sys.argv[1:]),
+        "entries": entries,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def _markdown(meta: dict, results: list[dict], checks: list[dict]) -> str:
@@ -352,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="compile for sm_90 and report shared memory / spills (no GPU needed)",
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="with --compile-only: every SWEEP_CONFIGS entry, written to kernel_sm90.json",
+    )
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -367,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     config = dataclasses.replace(config_type(), **overrides)
 
+    if args.compile_only and args.sweep:
+        print(f"wrote {sweep(args.out_dir)}")
+        return 0
     if args.compile_only:
         print(json.dumps(compile_only(config), indent=2))
         return 0

@@ -233,13 +233,8 @@ class RunDir:
         The part is encoded per column as ``PART_ENCODING`` says (host time per row is what a part
         write costs the run); the rows read back are the table's, schema and dictionaries included.
         """
-        final = self.part_path(shard)
-        staged = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        try:
-            write_part(table, staged)
-            self.commit_part(shard, staged, manifest_line(shard, entry))
-        finally:
-            staged.unlink(missing_ok=True)
+        write_part(table, self.part_path(shard))  # atomic: a temporary name, then a rename
+        self._record(manifest_line(shard, entry))
 
     def commit_part(self, shard: int, staged: Path, line: bytes) -> None:
         """Commit a part file already written (by ``write_part``) to ``staged``, a path in this run
@@ -254,15 +249,19 @@ class RunDir:
             RunDirError: ``staged`` does not exist: the worker wrote it where this process cannot
                 see it (a directory that is not shared between the nodes).
         """
-        final = self.part_path(shard)
         try:
-            os.replace(staged, final)
+            os.replace(staged, self.part_path(shard))
         except FileNotFoundError:
             raise RunDirError(
                 f"the part file of shard {shard} is not at {staged}, where its worker wrote it: "
                 f"{self.path} must be one directory shared by every node (NFS, Lustre, ...), "
                 "mounted at the same path on the driver's node and the workers'"
             ) from None
+        self._record(line)
+
+    def _record(self, line: bytes) -> None:
+        """The second step of a commit, once the part has its final name: make the
+        rename durable, then append (and fsync) its manifest line."""
         _fsync_dir(self.lens_dir)
         with open(self.manifest_file, "ab+") as f:
             # A crash mid-append leaves a torn last line without its newline: start a new line,

@@ -798,7 +798,7 @@ class _Scheduler:
         With two shards in flight the actor was running both (one on the device, one on the host),
         so the death cannot be pinned on either: both are rerun alone, uncharged.
         """
-        lost = list(slot.inflight)  # oldest first: the first one was running
+        lost = list(slot.inflight)
         for ref in [r for r, t in self.tasks.items() if t.slot is slot]:
             del self.tasks[ref]  # they fail with the process; their errors need no handling
         slot.inflight.clear()
@@ -809,9 +809,8 @@ class _Scheduler:
             _short(err),
         )
         # A node preemption (autoscaler drain) is no shard's fault.
-        preempted = bool(getattr(err, "preempted", False))
+        charged = len(lost) == 1 and not getattr(err, "preempted", False)
         for task in lost:
-            charged = len(lost) == 1 and not preempted
             self._requeue(task, f"worker died: {_short(err)}", charged=charged, alone=True)
         slot.state, slot.down_since, slot.revive_delay = "reviving", time.monotonic(), 0.0
         self._revive(slot)
@@ -856,6 +855,8 @@ class _Scheduler:
     def _requeue(self, task: _Task, error: str, *, charged: bool, alone: bool = False) -> None:
         """Run ``task``'s shard again (``alone``: with no other shard on its actor), or record it
         as failed after ``max_attempts`` charges."""
+        # A part this attempt's worker may have written before it failed is never committed.
+        task.part.unlink(missing_ok=True)
         index = task.shard.index
         if charged:
             self.failed_attempts[index] = self.failed_attempts.get(index, 0) + 1

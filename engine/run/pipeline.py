@@ -31,7 +31,7 @@ from torch import Tensor
 from codelens.engine.data.windows import target_columns
 from codelens.engine.errors import SelfCheckError
 from codelens.engine.model.capture import BlockReplay, ResidualCapture, RouterCapture
-from codelens.engine.model.loading import LoadedModel
+from codelens.engine.model.loading import PROBE_LENGTHS, PROBE_TEXTS, LoadedModel
 from codelens.engine.run.request import ResolvedLens
 from codelens.kernels import LensImpl, LensStats, lens_stats
 
@@ -239,10 +239,11 @@ class LensPipeline:
         )
         return stats
 
-    def check_impl(self, probe: Sequence[LensInput]) -> float:
-        """Prove the job's lens implementation against the torch path on ``probe``, as the
-        self-check proves the head: the same residual rows through both, every continuous
-        statistic compared (ranks and top-k ids may differ between near-equal logits).
+    def check_impl(self) -> float:
+        """Prove the job's lens implementation against the torch path on the self-check's probe
+        texts (``model.loading.PROBE_TEXTS``), as the self-check proves the head: the same
+        residual rows through both, every continuous statistic compared (ranks and top-k ids may
+        differ between near-equal logits).
 
         Returns:
             The largest difference in nats (0.0 when the job's implementation is the torch one).
@@ -252,6 +253,15 @@ class LensPipeline:
         """
         if self.lens.impl is LensImpl.TORCH:
             return 0.0
+        tokenizer = self.loaded.tokenizer
+        probe = [
+            TextInput.of(
+                tokenizer(text, add_special_tokens=False)["input_ids"][:cap],
+                self.lens.spec.lookahead,
+                tokenizer.bos_token_id,
+            )
+            for text, cap in zip(PROBE_TEXTS, PROBE_LENGTHS, strict=True)
+        ]
         hidden, _ = self.capture(probe)
         targets = torch.from_numpy(np.concatenate([x.targets for x in probe])).long()
         mine = self.statistics(hidden, targets)

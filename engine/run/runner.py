@@ -32,9 +32,9 @@ import pyarrow as pa
 import torch
 
 from codelens.engine.data.windows import Shard, WindowTask
-from codelens.engine.model.loading import PROBE_LENGTHS, PROBE_TEXTS, LoadedModel
+from codelens.engine.model.loading import LoadedModel
 from codelens.engine.run.aggregates import shard_partials
-from codelens.engine.run.pipeline import LensBatch, LensPipeline, PendingBatch, TextInput
+from codelens.engine.run.pipeline import LensBatch, LensPipeline, PendingBatch
 from codelens.engine.run.request import resolve_lens
 from codelens.engine.run.rows import lens_table
 from codelens.engine.schemas import LensSpec
@@ -69,18 +69,6 @@ def batches(windows: Sequence[WindowTask], batch_tokens: int) -> list[list[Windo
     return out
 
 
-def probe_inputs(loaded: LoadedModel, lens: LensSpec) -> list[TextInput]:
-    """The load-time probe texts (``model.loading.PROBE_TEXTS``) as lens inputs."""
-    tokenizer = loaded.tokenizer
-    bos = tokenizer.bos_token_id
-    vocab = loaded.parts.head.vocab_size
-    inputs = []
-    for text, cap in zip(PROBE_TEXTS, PROBE_LENGTHS, strict=True):
-        ids = [i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i < vocab]
-        inputs.append(TextInput.of(ids[:cap], lens.lookahead, bos))
-    return inputs
-
-
 class ShardRunner:
     """Runs shards of a job through one loaded model.
 
@@ -99,7 +87,7 @@ class ShardRunner:
         self.batch_tokens = batch_tokens
         # The implementation is proven against the torch path before any shard, as the head is
         # by the self-check (a no-op for the torch path itself).
-        self.impl_check_max_abs_err = self.pipeline.check_impl(probe_inputs(loaded, lens))
+        self.impl_check_max_abs_err = self.pipeline.check_impl()
 
     def compute(self, task: Shard) -> LensBatch:
         """The device part of a shard: every batch's statistics, on the host, in window order.

@@ -221,11 +221,6 @@ class ModelParts:
         return len(self.blocks)
 
 
-def supported_architectures() -> list[str]:
-    """Sorted class names in ``SUPPORTED`` (for messages and ``codelens`` help text)."""
-    return sorted(SUPPORTED)
-
-
 def _unsupported(model: nn.Module, problem: str) -> UnsupportedArchitectureError:
     if type(model).__name__ not in SUPPORTED:
         return UnsupportedArchitectureError(
@@ -365,11 +360,7 @@ def discover_family(model: nn.Module) -> FamilySpec:
     n_layers = _config_value(model, "num_hidden_layers")
     prefix, base = _language_model(model, prefix, base, n_layers)
     children = dict(base.named_children())
-    lists = [
-        name
-        for name, child in children.items()
-        if isinstance(child, nn.ModuleList) and len(child) == n_layers
-    ]
+    lists = _block_lists(base, n_layers)
     if len(lists) != 1:
         found = "no" if not lists else f"{len(lists)} ({', '.join(lists)})"
         raise _unsupported(
@@ -436,8 +427,13 @@ def _base_model(model: nn.Module) -> tuple[str, nn.Module]:
     return holders[0]
 
 
-def _holds_blocks(module: nn.Module, n_layers: object) -> bool:
-    return any(isinstance(c, nn.ModuleList) and len(c) == n_layers for c in module.children())
+def _block_lists(module: nn.Module, n_layers: object) -> list[str]:
+    """Names of ``module``'s children that are ``ModuleList``s of ``n_layers`` modules."""
+    return [
+        name
+        for name, child in module.named_children()
+        if isinstance(child, nn.ModuleList) and len(child) == n_layers
+    ]
 
 
 def _language_model(
@@ -446,9 +442,9 @@ def _language_model(
     """The module holding the blocks: ``base`` itself, or for a multimodal model (Gemma 3,
     Mistral 3, Llama 4 with their vision towers) the one child of ``base`` that does (its
     ``language_model``). The lens reads the text tower; the model runs on text only."""
-    if _holds_blocks(base, n_layers):
+    if _block_lists(base, n_layers):
         return prefix, base
-    towers = [(n, c) for n, c in base.named_children() if _holds_blocks(c, n_layers)]
+    towers = [(n, c) for n, c in base.named_children() if _block_lists(c, n_layers)]
     if len(towers) == 1:
         return f"{prefix}.{towers[0][0]}", towers[0][1]
     return prefix, base  # discover_family names what is missing

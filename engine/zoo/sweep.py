@@ -27,6 +27,13 @@ import torch
 from codelens.engine.errors import CodelensError
 from codelens.engine.model.loading import auto_model_class, run_self_check
 from codelens.engine.model.surgery import model_parts
+from codelens.engine.zoo.tiny_models import (
+    MULTIMODAL_FAMILIES,
+    TINY_FAMILIES,
+    generic_tiny_config,
+    random_model,
+    tiny_config,
+)
 
 MAX_PARAMETERS = 20_000_000
 """A tiny config bigger than this was not shrunk by the generic builder: not built (too slow)."""
@@ -53,12 +60,6 @@ def _first_line(error: BaseException) -> str:
 
 def sweep_one(model_type: str, model_class: str) -> SweepRow:
     """Build a tiny ``model_type`` model, find its lens parts and self-check them."""
-    from codelens.engine.zoo.tiny_models import (
-        MULTIMODAL_FAMILIES,
-        TINY_FAMILIES,
-        generic_tiny_config,
-        tiny_config,
-    )
 
     def row(state: str, reason: str) -> SweepRow:
         return SweepRow(model_type, model_class, state, reason)
@@ -80,12 +81,7 @@ def sweep_one(model_type: str, model_class: str) -> SweepRow:
             size = sum(p.numel() for p in shape_only.parameters())
         if size > MAX_PARAMETERS:
             return row("not built", f"the generic tiny config has {size:,} parameters")
-        torch.manual_seed(0)
-        model = auto_model_class(config).from_config(config, dtype=torch.float32).eval()
-        with torch.no_grad():
-            for param in model.parameters():  # trained-looking norms: not all ones / zeros
-                if param.dim() == 1:
-                    param.add_(torch.randn_like(param) * 0.1)
+        model = random_model(config)
     except Exception as e:  # noqa: BLE001
         return row("not built", f"tiny model: {_first_line(e)}")
     try:
@@ -111,8 +107,6 @@ def sweep_architectures(model_types: list[str] | None = None) -> list[SweepRow]:
     """One ``SweepRow`` per causal-LM ``model_type`` of the installed transformers (or those)."""
     from transformers.models.auto import modeling_auto
     from transformers.utils import logging as hf_logging
-
-    from codelens.engine.zoo.tiny_models import MULTIMODAL_FAMILIES
 
     hf_logging.set_verbosity_error()
     names = dict(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)

@@ -567,6 +567,19 @@ def tiny_config(
     return config
 
 
+def random_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
+    """The fp32 model of ``config`` with HF's random init (seeded), every 1-D parameter (norm
+    weights and biases) perturbed by ``PERTURB_STD`` so none is all ones or zeros, in eval mode."""
+    # Model construction runs HF's _init_weights from the global RNG: seed it right before.
+    torch.manual_seed(seed)
+    model = auto_model_class(config).from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():  # shared (tied) parameters are yielded once
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * PERTURB_STD)
+    return model.eval()
+
+
 def build_tiny_model(
     out_dir: Path,
     family: str = "llama",
@@ -621,14 +634,7 @@ def build_tiny_model(
         special_token_ids=special,
         **config_overrides,
     )
-    # Model construction runs HF's _init_weights from the global RNG: seed it right before.
-    torch.manual_seed(seed)
-    model = auto_model_class(config).from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():  # shared (tied) parameters are yielded once
-            if param.dim() == 1:
-                param.add_(torch.randn_like(param) * PERTURB_STD)
-    model.eval()
+    model = random_model(config, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Safetensors is the default format of save_pretrained (the only one in transformers 5).
     model.save_pretrained(out_dir)

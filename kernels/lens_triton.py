@@ -5,7 +5,7 @@ Same contract as ``lens_stats_torch`` (see ``codelens.kernels.stats`` for the de
 ``lse``, ``entropy``, target/look-ahead log-probs and ranks, ``kl_final = KL(q || p)`` against the
 token's final-layer row, top-k (ties to the smaller id) and token-set log-masses.
 
-Three launches: the norm pre-pass (``_norm_stage_kernel``), the fused matmul + streaming
+Three launches: the norm pre-pass (``norm_stage.stage_rows``), the fused matmul + streaming
 statistics (``_lens_main_kernel``) and a fixed-order torch merge, so runs are bitwise
 deterministic. Why it is built this way (slot layout for KL, the streaming top-k, precision
 modes, block sizes): ``kernels/DESIGN.md``. Measured accuracy and sm_90 compile figures:
@@ -17,7 +17,6 @@ importing the package never needs Triton and nothing here touches CUDA before a 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +24,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from codelens.kernels.head import Head, NormKind
+from codelens.kernels.head import Head
 from codelens.kernels.lens_torch import unpack_keys
+from codelens.kernels.norm_stage import (
+    KIND_FINAL,
+    KIND_HIDDEN,
+    KIND_PAD,
+    NEG_BIG,
+    PRECISIONS,
+    check_mode,
+    dot_precision,
+    interpreting,
+    normalized_rows,
+    post_flags,
+    postprocess,
+    stage_dtype,
+    stage_rows,
+)
 from codelens.kernels.stats import LensRequest, LensStats, check_inputs
 
-# Sentinel for "no value": below every real logit, above -inf so that exp(NEG_BIG - m) = 0 and
-# 0 * (NEG_BIG - m) = 0 (no 0 * inf NaNs for padded vocabulary columns or empty state).
-NEG_BIG = tl.constexpr(-1.0e30)
 _LOW31 = 0x7FFFFFFF
-_KIND_PAD, _KIND_HIDDEN, _KIND_FINAL = 0, 1, 2
-_PRECISIONS = ("model", "fp32")
 
 
 @dataclass(frozen=True)
@@ -71,11 +80,6 @@ class LensTritonConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def interpreting() -> bool:
-    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def default_config(d_model: int, interpret: bool | None = None) -> LensTritonConfig:
     """Block sizes for ``d_model``: the GPU defaults, or few large tiles under the interpreter."""
     if interpret is None:
@@ -95,151 +99,6 @@ def default_config(d_model: int, interpret: bool | None = None) -> LensTritonCon
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _postprocess(
-    z,
-    bias,
-    logit_scale,
-    softcap,
-    HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-):
-    """``post(z) = c * tanh(scale * (z + b) / c)``, the terms switched by the constexpr flags.
-
-    ``z``: a logit tile (any shape, fp32); ``bias``: ``b_U`` broadcast to it; ``logit_scale``
-    (``Head.logit_scale``, Granite: ``1 / logits_scaling``) and ``softcap`` (Gemma-2's ``c``):
-    scalars, read only when their flag is set.
-    """
-    if HAS_BIAS:
-        z = z + bias
-    if HAS_SCALE:
-        z = z * logit_scale
-    if HAS_SOFTCAP:
-        # tanh(|y|) = (1 - e) / (1 + e), e = exp(-2|y|) in (0, 1]: no overflow for any y.
-        y = z / softcap
-        e = tl.exp(-2.0 * tl.abs(y))
-        th = (1.0 - e) / (1.0 + e)
-        z = tl.where(y < 0, -th, th) * softcap
-    return z
-
-
-@triton.jit
-def _norm_stage_kernel(
-    h_ptr,
-    f_ptr,  # hidden [L, T, d] and final_hidden [T, d] (any float dtype, any strides)
-    src_off_ptr,  # [R_pad] int64 element offset of each slot's row in its source
-    src_kind_ptr,  # [R_pad] int8: 0 padding, 1 row of hidden, 2 row of final_hidden
-    h_stride_d,
-    f_stride_d,
-    nw_ptr,
-    nb_ptr,
-    w_offset,
-    eps,  # norm weight [d], norm bias [d], weight offset, epsilon
-    x_ptr,  # out [R_pad, d] normalised rows in the operand dtype
-    finite_ptr,  # out [R_pad] int8: 1 where the source row is all finite
-    tgt_ptr,  # [R_pad, CP] int32 target ids per slot (-1 none)
-    thr_ptr,  # out [R_pad, CP] fp32 rank thresholds z~ (+inf without a target)
-    w_ptr,
-    stride_wv,
-    b_ptr,
-    logit_scale,
-    softcap,  # W_U [V, d], b_U [V], post-processing
-    R_pad,
-    D,
-    C: tl.constexpr,
-    CP: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    IS_LAYER: tl.constexpr,
-    HAS_NW: tl.constexpr,
-    HAS_NB: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-):
-    """Norm + staging + rank thresholds for ``BLOCK_R`` slots (one ``[BLOCK_R, d]`` tile).
-
-    ``x_hat = (x - mean) / sqrt(var + eps) * (w + offset) + b`` (LayerNorm) or
-    ``x / sqrt(mean(x^2) + eps) * (w + offset)`` (RMSNorm), fp32, then rounded to the operand
-    dtype; ``z~[r, c] = post(x_hat_r . W_U[t_rc] + b_U[t_rc])`` from the rounded row, the logit
-    a vocabulary entry must beat to rank above target ``c`` of slot ``r``.
-
-    Grid: ``(R_pad / BLOCK_R,)``; each program loads its slots' rows from ``hidden`` or
-    ``final_hidden`` (the slot map says which), so the ``[R_pad, d]`` operand of the main kernel
-    is written once and the final layer's rows sit beside the rows they are compared with.
-
-    Arguments, by group:
-        sources: ``h_ptr [L, T, d]``, ``f_ptr [T, d]``, per-slot ``src_off``/``src_kind``, strides.
-        norm: weight ``[d]``, bias ``[d]``, weight offset (Gemma's ``1 + w``), ``eps``.
-        outputs: ``x_ptr [R_pad, d]`` (operand dtype), ``finite_ptr [R_pad]`` int8.
-        targets: ``tgt_ptr [R_pad, CP]`` int32 ids (-1 none) -> ``thr_ptr [R_pad, CP]`` fp32.
-        head: ``W_U [V, d]`` (row stride), ``b_U [V]``, logit scale, soft-cap.
-        sizes and switches: ``R_pad``, ``D``; constexpr ``C`` targets (``CP`` padded), block
-            sizes, ``IS_LAYER`` (LayerNorm vs RMSNorm) and the ``HAS_*`` flags.
-    """
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R_pad
-    cols = tl.arange(0, BLOCK_D)
-    dmask = cols < D
-    kind = tl.load(src_kind_ptr + rows, mask=rmask, other=0)
-    off = tl.load(src_off_ptr + rows, mask=rmask, other=0)
-    from_h = (kind == 1)[:, None] & dmask[None, :]
-    from_f = (kind == 2)[:, None] & dmask[None, :]
-    # Exactly one of the two loads is live per row; the other contributes an exact 0.
-    x = tl.load(
-        h_ptr + off[:, None] + cols[None, :].to(tl.int64) * h_stride_d, mask=from_h, other=0.0
-    ).to(tl.float32)
-    x += tl.load(
-        f_ptr + off[:, None] + cols[None, :].to(tl.int64) * f_stride_d, mask=from_f, other=0.0
-    ).to(tl.float32)
-    ok = tl.abs(x) <= 3.4028234663852886e38  # False for inf and NaN
-    finite = tl.sum(tl.where(ok, 0, 1), 1) == 0
-    x = tl.where(finite[:, None], x, 0.0)
-
-    if IS_LAYER:
-        mean = tl.sum(x, 1) / D
-        x = tl.where(dmask[None, :], x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
-    x = x * rstd[:, None]
-    if HAS_NW:
-        x = x * (tl.load(nw_ptr + cols, mask=dmask, other=0.0).to(tl.float32) + w_offset)[None, :]
-    if HAS_NB:
-        x = x + tl.load(nb_ptr + cols, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    # Rows with a NaN/inf become exact zeros (as in the torch path): finite garbage statistics,
-    # masked to NaN by the launcher, and a harmless KL reference for the token's other layers.
-    x = tl.where(finite[:, None] & dmask[None, :], x, 0.0)
-    if x_ptr.dtype.element_ty == tl.bfloat16:
-        # Round to nearest even by hand (bit-exact with the GPU's cvt.rn.bf16.f32 for finite x):
-        # the interpreter's fp32 -> bf16 cast truncates, and its RTNE mode drops the carry.
-        bits = x.to(tl.int32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        xs = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        xs = x.to(x_ptr.dtype.element_ty)
-    tl.store(x_ptr + rows[:, None] * D + cols[None, :], xs, mask=rmask[:, None] & dmask[None, :])
-    tl.store(finite_ptr + rows, finite.to(tl.int8), mask=rmask)
-
-    xs32 = xs.to(tl.float32)
-    for c in tl.static_range(C):
-        t = tl.load(tgt_ptr + rows * CP + c, mask=rmask, other=-1)
-        has = t >= 0
-        t64 = tl.maximum(t, 0).to(tl.int64)
-        wt = tl.load(
-            w_ptr + t64[:, None] * stride_wv + cols[None, :],
-            mask=has[:, None] & dmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + t64, mask=has, other=0.0).to(tl.float32)
-        zt = _postprocess(
-            tl.sum(xs32 * wt, 1), bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP
-        )
-        tl.store(thr_ptr + rows * CP + c, tl.where(has, zt, float("inf")), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["n_chunks"])
@@ -376,7 +235,7 @@ def _lens_main_kernel(
         bias = 0.0
         if HAS_BIAS:
             bias = tl.load(b_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        z = _postprocess(acc, bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
+        z = postprocess(acc, bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
         z = tl.where(cmask[None, :], z, NEG_BIG)
 
         # Online softmax statistics; m starts at NEG_BIG (finite), so alpha = 0 on the first tile
@@ -507,152 +366,6 @@ def _pack(values: Tensor, ids: Tensor) -> Tensor:
     return (key << 32) | (_LOW31 - ids.to(torch.int64))
 
 
-def _dot_precision(operands_fp32: bool, precision: str) -> str:
-    if not operands_fp32:
-        return "tf32"  # ignored for 16-bit operands; Triton's default
-    if precision == "fp32" or torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
-def _stage_dtype(w_u: Tensor, precision: str) -> torch.dtype:
-    """The MMA operand dtype: ``W_U``'s (``"model"``) or fp32 (``"fp32"``)."""
-    return torch.float32 if precision == "fp32" else w_u.dtype
-
-
-def _post_flags(head: Head) -> dict[str, bool]:
-    return {
-        "HAS_BIAS": head.unembed_bias is not None,
-        "HAS_SCALE": head.logit_scale != 1.0,
-        "HAS_SOFTCAP": head.softcap is not None,
-    }
-
-
-def _stage(
-    hidden: Tensor,
-    f_src: Tensor,
-    src_off: Tensor,
-    kind: Tensor,
-    slot_tgt: Tensor,
-    n_cols: int,
-    head: Head,
-    w_u: Tensor,
-    stage_dtype: torch.dtype,
-    interpret: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the norm pre-pass over ``R`` slots.
-
-    Returns:
-        ``x_stage [R, d]`` (``stage_dtype``), ``finite [R]`` int8 and rank thresholds
-        ``thr [R, CP]`` fp32 (``CP = slot_tgt.shape[1]``).
-    """
-    r_pad, cp = slot_tgt.shape
-    d = head.d_model
-    device = hidden.device
-    x_stage = torch.empty(r_pad, d, dtype=stage_dtype, device=device)
-    slot_finite = torch.empty(r_pad, dtype=torch.int8, device=device)
-    thr = torch.empty(r_pad, cp, dtype=torch.float32, device=device)
-    norm = head.norm
-    bias = head.unembed_bias
-    softcap = head.softcap if head.softcap is not None else 1.0
-    dummy = w_u  # never read: the matching constexpr flag prunes the load
-    block_d = triton.next_power_of_2(d)
-    # Interpreter: one program for many rows (per-op cost, not per-element); GPU: ~4k elements
-    # per program keeps the [BLOCK_R, BLOCK_D] fp32 tile in registers.
-    block_r = 128 if interpret else max(1, min(16, 4096 // block_d))
-    _norm_stage_kernel[(triton.cdiv(r_pad, block_r),)](
-        hidden,
-        f_src,
-        src_off,
-        kind,
-        hidden.stride(-1),
-        f_src.stride(-1),
-        norm.weight if norm.weight is not None else dummy,
-        norm.bias if norm.bias is not None else dummy,
-        float(norm.weight_offset),
-        float(norm.eps),
-        x_stage,
-        slot_finite,
-        slot_tgt,
-        thr,
-        w_u,
-        w_u.stride(0),
-        bias if bias is not None else dummy,
-        float(head.logit_scale),
-        float(softcap),
-        r_pad,
-        d,
-        C=n_cols,
-        CP=cp,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-        IS_LAYER=norm.kind is NormKind.LAYER,
-        HAS_NW=norm.weight is not None,
-        HAS_NB=norm.bias is not None,
-        **_post_flags(head),
-        num_warps=4 if block_d <= 2048 else 8,
-    )
-    return x_stage, slot_finite, thr
-
-
-def _check_mode(interpret: bool) -> None:
-    """Raise if Triton's functions were decorated in another mode than ``TRITON_INTERPRET`` says.
-
-    Triton picks interpreter or compiler when a function is decorated (at import), so setting the
-    variable after ``triton`` (or this module) was imported leaves compiled-mode functions that
-    fail obscurely in the interpreter, and the reverse.
-    """
-    decorated = {
-        "triton.language": type(tl.sum).__name__ == "InterpretedFunction",
-        __name__: type(_lens_main_kernel).__name__ == "InterpretedFunction",
-    }
-    stale = [module for module, is_interpreted in decorated.items() if is_interpreted != interpret]
-    if stale:
-        raise RuntimeError(
-            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} but {', '.join(stale)} "
-            f"{'was' if len(stale) == 1 else 'were'} imported "
-            f"{'without' if interpret else 'with'} it: set the variable before anything imports "
-            "triton (torch._dynamo, and so transformers, does)"
-        )
-
-
-def normalized_rows(rows: Tensor, head: Head, precision: str = "model") -> Tensor:
-    """The normalised rows exactly as the kernel's MMA sees them (for tests and probes).
-
-    Args:
-        rows: ``[N, d]`` residual rows (fp32, bf16 or fp16).
-        head: the read-out path whose final norm is applied.
-        precision: ``"model"`` (rounded to ``W_U``'s dtype) or ``"fp32"``.
-
-    Returns:
-        ``[N, d]`` in the operand dtype; rows with a NaN/inf are zeros.
-    """
-    if rows.dim() != 2 or rows.shape[1] != head.d_model:
-        raise ValueError(f"rows must be [N, {head.d_model}], got {tuple(rows.shape)}")
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
-    _check_mode(interpreting())
-    n = rows.shape[0]
-    device = rows.device
-    kind = torch.full((n,), _KIND_HIDDEN, dtype=torch.int8, device=device)
-    src_off = torch.arange(n, device=device, dtype=torch.int64) * rows.stride(0)
-    no_targets = torch.full((n, 1), -1, dtype=torch.int32, device=device)
-    w_u = head.unembed
-    x_stage, _, _ = _stage(
-        rows,
-        rows,
-        src_off,
-        kind,
-        no_targets,
-        0,
-        head,
-        w_u,
-        _stage_dtype(w_u, precision),
-        interpreting(),
-    )
-    return x_stage
-
-
 def lens_stats_triton(
     hidden: Tensor,
     head: Head,
@@ -683,10 +396,10 @@ def lens_stats_triton(
         statistics and -1 ranks and ids.
     """
     check_inputs(hidden, targets, final_hidden, request, head.vocab_size, head.d_model)
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     interpret = interpreting()
-    _check_mode(interpret)
+    check_mode(interpret)
     device = hidden.device
     if device.type != "cuda" and not (device.type == "cpu" and interpret):
         raise RuntimeError(
@@ -819,10 +532,10 @@ def _slot_maps(
     layer = torch.where(layer_ok, nonfinal[pos.clamp(max=len(layout.nonfinal))], -1)
     if layout.kl and layout.final_shared:
         layer = torch.where(is_final, n_layers - 1, layer)
-        kind = torch.where(is_final | layer_ok, _KIND_HIDDEN, _KIND_PAD)
+        kind = torch.where(is_final | layer_ok, KIND_HIDDEN, KIND_PAD)
     else:
-        kind = torch.where(layer_ok, _KIND_HIDDEN, torch.where(is_final, _KIND_FINAL, _KIND_PAD))
-    kind = torch.where(tok_ok, kind, _KIND_PAD).to(torch.int8)
+        kind = torch.where(layer_ok, KIND_HIDDEN, torch.where(is_final, KIND_FINAL, KIND_PAD))
+    kind = torch.where(tok_ok, kind, KIND_PAD).to(torch.int8)
     token = torch.where(tok_ok, t0 + local_tok, -1)
 
     # Output rows: non-final layer at list position p -> group p // per_group, slot p % per_group;
@@ -879,19 +592,19 @@ def _launch(
     h_off = layer.clamp_min(0) * hidden.stride(0) + tok0 * hidden.stride(1)
     f_src = final_hidden if final_hidden is not None else hidden[-1]
     f_off = tok0 * f_src.stride(0)
-    src_off = torch.where(kind == _KIND_FINAL, f_off, h_off).to(torch.int64)
+    src_off = torch.where(kind == KIND_FINAL, f_off, h_off).to(torch.int64)
     slot_tgt = torch.full((r_pad, cp), -1, dtype=torch.int32, device=device)
     slot_tgt[:, :n_cols] = torch.where(
-        (kind != _KIND_PAD)[:, None], targets.to(device)[tok0].int(), -1
+        (kind != KIND_PAD)[:, None], targets.to(device)[tok0].int(), -1
     )
 
-    stage_dtype = _stage_dtype(w_u, precision)
-    x_stage, slot_finite, thr = _stage(
-        hidden, f_src, src_off, kind, slot_tgt, n_cols, head, w_u, stage_dtype, interpret
+    operand_dtype = stage_dtype(w_u, precision)
+    x_stage, slot_finite, thr = stage_rows(
+        hidden, f_src, src_off, kind, slot_tgt, n_cols, head, w_u, operand_dtype, interpret
     )
     bias = head.unembed_bias
     softcap = head.softcap if head.softcap is not None else 1.0
-    flags = _post_flags(head)
+    flags = post_flags(head)
     dummy = w_u  # never read: the matching constexpr flag prunes the load
 
     n_tiles = triton.cdiv(n_vocab, bn)
@@ -905,7 +618,7 @@ def _launch(
     ptv = torch.empty(n_chunks, r_pad, kp, dtype=torch.float32, device=device)
     pti = torch.empty(n_chunks, r_pad, kp, dtype=torch.int32, device=device)
     tau = torch.full((r_pad,), NEG_BIG.value, dtype=torch.float32, device=device)
-    upcast = interpret or stage_dtype == torch.float32 or w_u.dtype != stage_dtype
+    upcast = interpret or operand_dtype == torch.float32 or w_u.dtype != operand_dtype
     block_k = min(cfg.block_k, max(16, triton.next_power_of_2(d)))
     _lens_main_kernel[(n_row_blocks * n_chunks,)](
         x_stage,
@@ -945,7 +658,7 @@ def _launch(
         KL=layout.kl,
         UPCAST=upcast,
         EVEN_K=d % block_k == 0,
-        DOT_PRECISION=_dot_precision(upcast or stage_dtype == torch.float32, precision),
+        DOT_PRECISION=dot_precision(upcast or operand_dtype == torch.float32, precision),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from codelens.kernels.head import Head
-from codelens.kernels.stats import LensRequest, LensStats, check_inputs
+from codelens.kernels.stats import LensRequest, LensStats, check_inputs, masked_stats
 
 _LOW31 = 0x7FFFFFFF
 DEFAULT_VOCAB_CHUNK = 8192
@@ -49,10 +49,16 @@ _BYTES_PER_LOGIT = 24
 
 def pack_keys(z: Tensor, first_id: int) -> Tensor:
     """Pack fp32 values ``z [..., n]`` with ids ``first_id + arange(n)`` into sortable int64 keys."""
-    bits = (z + 0.0).contiguous().view(torch.int32)  # +0.0 folds -0.0 into +0.0
-    key = torch.where(bits < 0, bits ^ _LOW31, bits).to(torch.int64)
     ids = torch.arange(first_id, first_id + z.shape[-1], device=z.device, dtype=torch.int64)
-    return (key << 32) | (_LOW31 - ids)
+    return pack_ids(z, ids)
+
+
+def pack_ids(values: Tensor, ids: Tensor) -> Tensor:
+    """Sortable int64 keys ``(order-preserving int32 of value) << 32 | (2^31-1 - id)`` of fp32
+    ``values`` with their ``ids`` (broadcast): descending order is (value desc, id asc)."""
+    bits = (values + 0.0).contiguous().view(torch.int32)  # +0.0 folds -0.0 into +0.0
+    key = torch.where(bits < 0, bits ^ _LOW31, bits).to(torch.int64)
+    return (key << 32) | (_LOW31 - ids.to(torch.int64))
 
 
 def unpack_keys(packed: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,10 +84,9 @@ def _count_greater(z: Tensor, threshold: Tensor) -> Tensor:
     return mask.sum(-1)
 
 
-def _merge_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def merge_topk(values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k best of a small candidate set ``[..., n]``, ordered (value desc, id asc), exactly."""
-    keys = pack_keys(values, 0) & ~0xFFFFFFFF | (_LOW31 - ids)  # re-pack with the real ids
-    keys = keys.topk(min(k, keys.shape[-1]), -1).values
+    keys = pack_ids(values, ids).topk(min(k, values.shape[-1]), -1).values
     return unpack_keys(keys)
 
 
@@ -95,7 +100,7 @@ def chunk_topk(
     such rows (rare: an exact tie at the boundary) are redone with packed int64 keys, which are
     exact. On other devices (``sync_free``, default: off the CPU) the packed keys are used for
     every row, so nothing waits for the device. Ties *inside* the selected set are ordered
-    exactly by ``_merge_topk``. Returns ``(values [..., k], ids [..., k])``.
+    exactly by ``merge_topk``. Returns ``(values [..., k], ids [..., k])``.
     """
     n = z.shape[-1]
     if k >= n:
@@ -211,24 +216,7 @@ def lens_stats_torch(
             {name: tensor[:, block] for name, tensor in out.items()},
         )
 
-    bad = ~finite
-    for name in ("lse", "entropy", "kl", "lp", "topk_lp", "sets"):
-        out[name][bad] = torch.nan
-    for name in ("rank", "topk_ids"):
-        out[name][bad] = -1
-    return LensStats(
-        lse=out["lse"],
-        entropy=out["entropy"] if request.entropy else None,
-        kl_final=out["kl"] if request.kl_final else None,
-        target_logprob=out["lp"][..., 0],
-        target_rank=out["rank"][..., 0],
-        topk_ids=out["topk_ids"],
-        topk_logprobs=out["topk_lp"],
-        ahead_logprob=out["lp"][..., 1:],
-        ahead_rank=out["rank"][..., 1:],
-        set_logmass=out["sets"],
-        finite=finite,
-    )
+    return masked_stats(out, finite, request)
 
 
 def _ids_by_chunk(
@@ -304,7 +292,7 @@ def _token_block(
 
         # The chunk's top-k holds its max: no separate pass over z for it.
         values, ids = chunk_topk(z, request.k, v0)
-        top_values, top_ids = _merge_topk(
+        top_values, top_ids = merge_topk(
             torch.cat([top_values, values], -1), torch.cat([top_ids, ids], -1), request.k
         )
 

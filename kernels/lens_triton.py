@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from codelens.kernels.head import Head
-from codelens.kernels.lens_torch import unpack_keys
+from codelens.kernels.lens_torch import pack_ids, unpack_keys
 from codelens.kernels.norm_stage import (
     KIND_FINAL,
     KIND_HIDDEN,
@@ -41,9 +41,7 @@ from codelens.kernels.norm_stage import (
     stage_dtype,
     stage_rows,
 )
-from codelens.kernels.stats import LensRequest, LensStats, check_inputs
-
-_LOW31 = 0x7FFFFFFF
+from codelens.kernels.stats import LensRequest, LensStats, check_inputs, masked_stats
 
 
 @dataclass(frozen=True)
@@ -359,13 +357,6 @@ def _plan_layout(n_layers: int, block_m: int, kl: bool, final_shared: bool) -> _
     return _Layout(lb, block_m // lb, groups, lb - 1, nonfinal, True, final_shared)
 
 
-def _pack(values: Tensor, ids: Tensor) -> Tensor:
-    """Sortable int64 keys, descending = (value desc, id asc), as ``lens_torch.pack_keys``."""
-    bits = (values + 0.0).contiguous().view(torch.int32)  # +0.0 folds -0.0 into +0.0
-    key = torch.where(bits < 0, bits ^ _LOW31, bits).to(torch.int64)
-    return (key << 32) | (_LOW31 - ids.to(torch.int64))
-
-
 def lens_stats_triton(
     hidden: Tensor,
     head: Head,
@@ -457,7 +448,7 @@ def lens_stats_triton(
             "kl": out_kl,
             "lp": out_lp,
             "rank": out_rank,
-            "ids": out_ids,
+            "topk_ids": out_ids,
             "topk_lp": out_tlp,
             "sets": out_sets,
             "finite": finite,
@@ -481,24 +472,7 @@ def lens_stats_triton(
                 outs,
             )
 
-    bad = ~finite
-    for tensor in (out_lse, out_ent, out_kl, out_lp, out_tlp, out_sets):
-        tensor[bad] = torch.nan
-    for tensor in (out_rank, out_ids):
-        tensor[bad] = -1
-    return LensStats(
-        lse=out_lse,
-        entropy=out_ent if request.entropy else None,
-        kl_final=out_kl if request.kl_final else None,
-        target_logprob=out_lp[..., 0],
-        target_rank=out_rank[..., 0],
-        topk_ids=out_ids,
-        topk_logprobs=out_tlp,
-        ahead_logprob=out_lp[..., 1:],
-        ahead_rank=out_rank[..., 1:],
-        set_logmass=out_sets,
-        finite=finite,
-    )
+    return masked_stats(outs, finite, request)
 
 
 def _slot_maps(
@@ -699,11 +673,11 @@ def _launch(
         outs["sets"][:, block] = (torch.log(g) - log_s[sl, None]).view(*shape, n_sets)
 
     ids = pti[:, sl].permute(1, 0, 2).reshape(sl.numel(), -1)  # [N, S * KP]
-    keys = _pack(ptv[:, sl].permute(1, 0, 2).reshape(sl.numel(), -1), ids)
+    keys = pack_ids(ptv[:, sl].permute(1, 0, 2).reshape(sl.numel(), -1), ids)
     # Empty state entries (negative ids) must never be chosen: the union holds >= k real ones.
     keys = torch.where(ids >= 0, keys, torch.iinfo(torch.int64).min)
     values, top_ids = unpack_keys(keys.topk(k, -1).values)
-    outs["ids"][:, block] = top_ids.int().view(*shape, k)
+    outs["topk_ids"][:, block] = top_ids.int().view(*shape, k)
     outs["topk_lp"][:, block] = (values - lse[sl, None]).view(*shape, k)
 
 

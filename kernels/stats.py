@@ -87,6 +87,36 @@ class LensStats:
         )
 
 
+def masked_stats(out: dict[str, Tensor], finite: Tensor, request: LensRequest) -> LensStats:
+    """Assemble ``LensStats`` from an implementation's output buffers, flagging non-finite rows.
+
+    Args:
+        out: ``lse, entropy, kl [L, T]``, ``lp [L, T, 1 + A]`` and ``rank`` (target column first),
+            ``topk_ids, topk_lp [L, T, k]``, ``sets [L, T, S]``; written in place.
+        finite: ``[L, T]`` bool, False for rows whose residual had a NaN/inf: their statistics
+            become NaN and their ranks and top-k ids -1.
+        request: what was computed (entropy and KL are None when not requested).
+    """
+    bad = ~finite
+    for name in ("lse", "entropy", "kl", "lp", "topk_lp", "sets"):
+        out[name][bad] = torch.nan
+    for name in ("rank", "topk_ids"):
+        out[name][bad] = -1
+    return LensStats(
+        lse=out["lse"],
+        entropy=out["entropy"] if request.entropy else None,
+        kl_final=out["kl"] if request.kl_final else None,
+        target_logprob=out["lp"][..., 0],
+        target_rank=out["rank"][..., 0],
+        topk_ids=out["topk_ids"],
+        topk_logprobs=out["topk_lp"],
+        ahead_logprob=out["lp"][..., 1:],
+        ahead_rank=out["rank"][..., 1:],
+        set_logmass=out["sets"],
+        finite=finite,
+    )
+
+
 def check_inputs(
     hidden: Tensor,
     targets: Tensor,

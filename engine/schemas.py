@@ -102,8 +102,11 @@ class LensSpec(_Strict):
     token_sets: dict[str, list[str | int]] = {}
     """Named token sets: log of the probability mass on the set per row (column set_<name>). A
     string counts the first token of its encoding without special tokens; an int is a token id."""
-    impl: Literal["auto", "torch", "triton"] = "auto"
-    """'auto': the fused Triton kernel on a CUDA GPU, the vocab-chunked torch path elsewhere."""
+    impl: Literal["auto", "torch", "triton", "triton-fused", "triton-chunked"] = "auto"
+    """'auto': a Triton strategy on a CUDA GPU, the vocab-chunked torch path elsewhere. 'triton':
+    the default strategy for the model's width and k; 'triton-fused' (one kernel: GEMM tiles with
+    the statistics in their epilogue, k <= 64) or 'triton-chunked' (cuBLAS GEMM per row block and
+    vocabulary chunk, then a fold kernel; any k) pick one. job.json records the one that ran."""
     sites: list[Literal["block", "attn"]] = ["block"]
     """Where in the residual stream to read: 'block' = the output of each block (layer 0 = the
     embeddings); 'attn' = inside block l right after its attention sublayer (h_{l-1} + attn_l, with

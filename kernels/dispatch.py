@@ -1,9 +1,13 @@
-"""Choose the lens implementation: ``auto | torch | triton``.
+"""Choose the lens implementation: ``auto | torch | triton | triton-fused | triton-chunked``.
 
-``auto`` runs the fused Triton kernel on a CUDA device and the vocab-chunked torch path elsewhere.
-An explicit ``triton`` never falls back: where Triton cannot run it raises with the reason and the
-fix. On a CPU it runs only under ``TRITON_INTERPRET=1`` (slowly; for tests). Nothing here imports
-Triton or touches CUDA at import time.
+Two Triton strategies compute the same contract: ``triton-fused`` (one kernel: GEMM tiles with the
+statistics in the epilogue, ``lens_triton``) and ``triton-chunked`` (a vendor GEMM per row block
+and vocabulary chunk into a reused buffer, then a fold kernel, ``lens_chunked``). ``triton`` is
+the default strategy for the shape (``triton_strategy``); ``auto`` is that on a CUDA device and the
+vocab-chunked torch path elsewhere. An explicit Triton choice never falls back: where Triton cannot
+run it raises with the reason and the fix. On a CPU the kernels run only under
+``TRITON_INTERPRET=1`` (slowly; for tests). Nothing here imports Triton or touches CUDA at import
+time.
 """
 
 from __future__ import annotations
@@ -24,11 +28,46 @@ from codelens.kernels.stats import LensRequest, LensStats
 
 
 class LensImpl(str, enum.Enum):
-    """Which lens implementation runs."""
+    """Which lens implementation runs (``AUTO`` and ``TRITON`` resolve to one of the others)."""
 
     AUTO = "auto"
     TORCH = "torch"
     TRITON = "triton"
+    TRITON_FUSED = "triton-fused"
+    TRITON_CHUNKED = "triton-chunked"
+
+    @property
+    def is_triton(self) -> bool:
+        """Whether this is one of the Triton strategies (or the choice between them)."""
+        return self in (LensImpl.TRITON, LensImpl.TRITON_FUSED, LensImpl.TRITON_CHUNKED)
+
+
+FUSED_MAX_K = 64
+"""The largest k the fused kernel keeps well: its top-k state lives in registers next to the
+accumulator tile (k = 100 spills; k = 1024 needs ~10 GB of partials per launch), so a larger k
+goes to the chunked strategy, whose top-k for such k runs in torch on each chunk."""
+
+STRATEGY_BY_WIDTH: tuple[tuple[int, LensImpl], ...] = ((1 << 30, LensImpl.TRITON_CHUNKED),)
+"""``(largest d_model, strategy)`` rows, first match wins: what ``triton`` means for k <=
+``FUSED_MAX_K``. Predicted, not yet measured on a GPU (kernels/DESIGN.md, "Choosing the
+strategy"): the chunked strategy's GEMM runs at cuBLAS speed and its fold costs ~8 bytes of
+traffic per logit, against a fused epilogue that does not overlap its MMA at one CTA per SM, so it
+is predicted ahead at every width. ``benchmarks/gpu_check.sh`` measures both per shape class and
+prints the table to put here."""
+
+
+def triton_strategy(d_model: int | None, k: int | None) -> LensImpl:
+    """The Triton strategy ``triton`` runs for a model of width ``d_model`` and top-``k``.
+
+    Unknown sizes (None) take the choice for the widest models and a small k.
+    """
+    if k is not None and k > FUSED_MAX_K:
+        return LensImpl.TRITON_CHUNKED
+    width = d_model if d_model is not None else 1 << 30
+    for max_width, strategy in STRATEGY_BY_WIDTH:
+        if width <= max_width:
+            return strategy
+    return STRATEGY_BY_WIDTH[-1][1]
 
 
 TRITON_SUPPORTED = ">=3.6,<3.10"
@@ -77,8 +116,20 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     )
 
 
-def resolve_impl(impl: LensImpl | str, device: torch.device | str) -> LensImpl:
-    """The implementation that will run for ``impl`` on ``device`` (never AUTO)."""
+def resolve_impl(
+    impl: LensImpl | str,
+    device: torch.device | str,
+    *,
+    d_model: int | None = None,
+    k: int | None = None,
+) -> LensImpl:
+    """The implementation that will run for ``impl`` on ``device``: never AUTO or TRITON, which
+    become ``TORCH`` or the strategy ``triton_strategy(d_model, k)`` picks.
+
+    Raises:
+        RuntimeError: an explicit Triton choice that cannot run here (the reason names the fix),
+            or ``triton-fused`` with a k above ``FUSED_MAX_K``.
+    """
     impl = LensImpl(impl)
     device = torch.device(device)
     if impl is LensImpl.AUTO:
@@ -87,17 +138,24 @@ def resolve_impl(impl: LensImpl | str, device: torch.device | str) -> LensImpl:
         reason = triton_unavailable_reason(device)
         if reason is not None:
             warnings.warn(
-                f"lens.impl 'auto' runs the torch lens on {device}: the Triton kernel cannot "
+                f"lens.impl 'auto' runs the torch lens on {device}: the Triton kernels cannot "
                 f"run ({reason})",
                 RuntimeWarning,
                 stacklevel=2,
             )
             return LensImpl.TORCH
-        return LensImpl.TRITON
-    if impl is LensImpl.TRITON:
+        return triton_strategy(d_model, k)
+    if impl.is_triton:
         reason = triton_unavailable_reason(device)
         if reason is not None:
-            raise RuntimeError(f"lens.impl 'triton' cannot run: {reason}")
+            raise RuntimeError(f"lens.impl {impl.value!r} cannot run: {reason}")
+    if impl is LensImpl.TRITON:
+        return triton_strategy(d_model, k)
+    if impl is LensImpl.TRITON_FUSED and k is not None and k > FUSED_MAX_K:
+        raise RuntimeError(
+            f"lens.impl 'triton-fused' keeps at most k={FUSED_MAX_K} in registers, got k={k}; "
+            "use impl 'triton' or 'triton-chunked' (its top-k for such k runs per chunk)"
+        )
     return impl
 
 
@@ -116,14 +174,18 @@ def lens_stats(
     Returns:
         The statistics and the implementation that computed them.
     """
-    chosen = resolve_impl(impl, hidden.device)
-    if chosen is LensImpl.TRITON:
-        from codelens.kernels.lens_triton import lens_stats_triton  # imports triton lazily
+    chosen = resolve_impl(impl, hidden.device, d_model=head.d_model, k=request.k)
+    if chosen.is_triton:
+        # Imported here: these modules import triton.
+        if chosen is LensImpl.TRITON_FUSED:
+            from codelens.kernels.lens_triton import lens_stats_triton as run
+        else:
+            from codelens.kernels.lens_chunked import lens_stats_chunked as run
 
         # Triton launches on the *current* CUDA device; the rows may live on another one (the
         # last GPU of a model split over several), so make theirs current for the launch.
         on_device = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
         with on_device:
-            return lens_stats_triton(hidden, head, targets, request, final_hidden), chosen
+            return run(hidden, head, targets, request, final_hidden), chosen
     extra = {} if budget_bytes is None else {"budget_bytes": budget_bytes}
     return lens_stats_torch(hidden, head, targets, request, final_hidden, **extra), chosen

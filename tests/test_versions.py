@@ -54,7 +54,9 @@ def test_triton_outside_the_tested_range_is_refused_by_name(installed, version):
 def test_triton_inside_the_tested_range_runs_on_cuda(installed, version):
     installed(triton=version)
     assert triton_unavailable_reason(torch.device("cuda")) is None
-    assert resolve_impl("auto", "cuda") is LensImpl.TRITON
+    chosen = resolve_impl("auto", "cuda", d_model=4096, k=10)
+    assert chosen.is_triton and chosen is not LensImpl.TRITON  # a concrete strategy
+    assert resolve_impl("triton", "cuda", d_model=4096, k=10) is chosen
 
 
 def test_auto_falls_back_to_torch_with_a_warning(installed):

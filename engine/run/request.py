@@ -172,7 +172,7 @@ def resolve_lens(lens: LensSpec, loaded: LoadedModel) -> ResolvedLens:
         )
     token_sets = resolve_token_sets(lens.token_sets, loaded.tokenizer, head.vocab_size)
     try:
-        impl = resolve_impl(LensImpl(lens.impl), loaded.device)
+        impl = resolve_impl(LensImpl(lens.impl), loaded.device, d_model=head.d_model, k=lens.k)
     except RuntimeError as exc:  # kernels/ cannot raise our errors; the reason names the fix
         raise SpecError(str(exc)) from None
     pad_id = loaded.tokenizer.pad_token_id

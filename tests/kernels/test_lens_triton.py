@@ -1,4 +1,6 @@
-"""The fused Triton lens kernel, run in Triton's CPU interpreter, against two float64 oracles.
+"""The Triton lens strategies (fused; chunked GEMM + fold), run in Triton's CPU interpreter,
+against two float64 oracles. Every contract test runs once per strategy (the ``lens_kernel``
+fixture).
 
 * The **staged oracle**: ``lens_stats_naive`` on the normalised rows exactly as the kernel's MMA
   sees them (``normalized_rows``: rounded to ``W_U``'s dtype) through an identity norm. It isolates
@@ -36,14 +38,16 @@ from codelens.kernels import (
     lens_stats,
     lens_stats_naive,
     lens_stats_torch,
+    triton_strategy,
 )
+from codelens.kernels.lens_chunked import LensChunkedConfig, lens_stats_chunked
 from codelens.kernels.lens_triton import (
     LensTritonConfig,
     _plan_layout,
     _slot_maps,
     lens_stats_triton,
-    normalized_rows,
 )
+from codelens.kernels.norm_stage import normalized_rows
 
 pytestmark = pytest.mark.triton
 
@@ -65,6 +69,27 @@ TIGHT_ATOL = 3e-5
 MODEL_ATOL = {torch.float32: 1e-5, torch.float16: 6e-3, torch.bfloat16: 5e-2}
 # Small blocks and vocabulary chunks: several row blocks, chunks and raster groups at tiny shapes.
 SMALL = LensTritonConfig(block_m=16, block_n=64, block_k=32, group_m=2, vocab_chunk=128)
+# The chunked strategy's equivalent: several token blocks, vocabulary chunks (not a multiple of
+# the fold step) and rows per fold program.
+SMALL_CHUNKED = LensChunkedConfig(
+    rows_per_gemm=16, vocab_chunk=100, fold_block_r=4, fold_block_v=32
+)
+STRATEGIES = {"fused": (lens_stats_triton, SMALL), "chunked": (lens_stats_chunked, SMALL_CHUNKED)}
+
+
+@pytest.fixture(params=sorted(STRATEGIES))
+def lens_kernel(request):
+    """One Triton strategy: ``run(hidden, head, targets, request, final, small=False, **kw)``;
+    ``small`` selects its small-block configuration."""
+    fn, small_config = STRATEGIES[request.param]
+
+    def run(*args, small: bool = False, **kwargs):
+        if small:
+            kwargs.setdefault("config", small_config)
+        return fn(*args, **kwargs)
+
+    run.strategy = request.param
+    return run
 
 
 class _StagedNorm(FinalNorm):
@@ -207,25 +232,25 @@ def assert_model_accuracy(got, hidden, head, targets, request, final_hidden, ato
 
 
 CASES = [
-    # kind, dtype, L, T, d, V, k, A, config
-    ("layernorm_bias", torch.float32, 3, 11, 48, 301, 5, 2, None),
-    ("gemma_softcap", torch.float32, 4, 7, 40, 517, 4, 1, SMALL),
-    ("granite_scale", torch.float16, 3, 9, 48, 301, 1, 2, None),
-    ("padded_vocab", torch.float16, 2, 13, 24, 200, 5, 0, SMALL),
-    ("layernorm_bias", torch.bfloat16, 3, 10, 48, 301, 8, 2, SMALL),
-    ("gemma_softcap", torch.bfloat16, 4, 6, 32, 389, 5, 1, None),
+    # kind, dtype, L, T, d, V, k, A, small blocks
+    ("layernorm_bias", torch.float32, 3, 11, 48, 301, 5, 2, False),
+    ("gemma_softcap", torch.float32, 4, 7, 40, 517, 4, 1, True),
+    ("granite_scale", torch.float16, 3, 9, 48, 301, 1, 2, False),
+    ("padded_vocab", torch.float16, 2, 13, 24, 200, 5, 0, True),
+    ("layernorm_bias", torch.bfloat16, 3, 10, 48, 301, 8, 2, True),
+    ("gemma_softcap", torch.bfloat16, 4, 6, 32, 389, 5, 1, False),
 ]
 
 
 @pytest.mark.parametrize(
-    "kind,dtype,L,T,d,V,k,A,config", CASES, ids=[f"{c[0]}-{str(c[1])[6:]}" for c in CASES]
+    "kind,dtype,L,T,d,V,k,A,small", CASES, ids=[f"{c[0]}-{str(c[1])[6:]}" for c in CASES]
 )
-def test_matches_float64_oracles(kind, dtype, L, T, d, V, k, A, config):
-    gen = torch.Generator().manual_seed(CASES.index((kind, dtype, L, T, d, V, k, A, config)))
+def test_matches_float64_oracles(lens_kernel, kind, dtype, L, T, d, V, k, A, small):
+    gen = torch.Generator().manual_seed(CASES.index((kind, dtype, L, T, d, V, k, A, small)))
     head = make_head(kind, d, V, dtype, gen)
     hidden, targets = make_inputs(L, T, d, V, A, dtype, gen)
     request = LensRequest(k=k, token_sets=token_sets(V))
-    got = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=config)
+    got = lens_kernel(hidden, head, targets, request, hidden[-1], small=small)
 
     want, xs, staged_head = staged_oracle(hidden, head, targets, request, hidden[-1])
     assert_tight(got, want, xs, staged_head, targets, got.finite)
@@ -250,17 +275,17 @@ def test_staged_rows_round_to_nearest_like_torch(dtype):
     assert ((got.float() - want.float()).abs()[differ] <= ulp[differ]).all()
 
 
-def test_fp32_precision_mode_reaches_torch_accuracy():
+def test_fp32_precision_mode_reaches_torch_accuracy(lens_kernel):
     gen = torch.Generator().manual_seed(5)
     head = make_head("layernorm_bias", 48, 301, torch.bfloat16, gen)
     hidden, targets = make_inputs(3, 9, 48, 301, 2, torch.bfloat16, gen)
     request = LensRequest(k=5, token_sets=token_sets(301))
-    got = lens_stats_triton(hidden, head, targets, request, hidden[-1], precision="fp32")
+    got = lens_kernel(hidden, head, targets, request, hidden[-1], precision="fp32")
     errors = assert_model_accuracy(got, hidden, head, targets, request, hidden[-1], 1e-5)
     assert max(err for err, _ in errors.values()) < 1e-4
 
 
-def test_exact_ties_go_to_the_smaller_id_across_chunks():
+def test_exact_ties_go_to_the_smaller_id_across_chunks(lens_kernel):
     gen = torch.Generator().manual_seed(1)
     L, T, d, V = 2, 5, 40, 700
     w = torch.randn(V, d, generator=gen) * 0.3
@@ -273,7 +298,7 @@ def test_exact_ties_go_to_the_smaller_id_across_chunks():
     hidden = u + 0.3 * torch.randn(L, T, d, generator=gen)
     targets = torch.full((T, 1), 300)
     request = LensRequest(k=6, kl_final=False, entropy=False)
-    got = lens_stats_triton(hidden, head, targets, request, config=SMALL)
+    got = lens_kernel(hidden, head, targets, request, small=True)
     want = lens_stats_naive(hidden, head, targets, request)
 
     assert (got.topk_ids[..., :5] == torch.tensor([11, 12, 40, 300, 650], dtype=torch.int32)).all()
@@ -283,19 +308,19 @@ def test_exact_ties_go_to_the_smaller_id_across_chunks():
     assert ((got.target_rank >= 0) & (got.target_rank <= 4)).all()
     torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs, atol=1e-5, rtol=0)
     # k = 2: three tied candidates compete for two slots inside one tile.
-    top2 = lens_stats_triton(hidden, head, targets, LensRequest(k=2, kl_final=False), config=SMALL)
+    top2 = lens_kernel(hidden, head, targets, LensRequest(k=2, kl_final=False), small=True)
     assert (top2.topk_ids == torch.tensor([11, 12], dtype=torch.int32)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-def test_non_finite_rows_are_flagged(dtype):
+def test_non_finite_rows_are_flagged(lens_kernel, dtype):
     gen = torch.Generator().manual_seed(2)
     head = make_head("granite_scale", 32, 257, dtype, gen)
     hidden, targets = make_inputs(3, 8, 32, 257, 1, dtype, gen)
     hidden[0, 2, 5] = torch.inf
     hidden[1, 6, 0] = torch.nan
     request = LensRequest(k=3, token_sets=token_sets(257))
-    got = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=SMALL)
+    got = lens_kernel(hidden, head, targets, request, hidden[-1], small=True)
 
     bad = torch.zeros(3, 8, dtype=torch.bool)
     bad[0, 2] = bad[1, 6] = True
@@ -313,16 +338,16 @@ def test_non_finite_rows_are_flagged(dtype):
         torch.testing.assert_close(a, b, atol=MODEL_ATOL[dtype], rtol=0, msg=name)
 
 
-def test_final_hidden_shared_or_separate():
+def test_final_hidden_shared_or_separate(lens_kernel):
     gen = torch.Generator().manual_seed(3)
     head = make_head("layernorm_bias", 48, 301, torch.float32, gen)
     hidden, targets = make_inputs(3, 9, 48, 301, 1, torch.float32, gen)
     final = torch.randn(9, 48, generator=gen) * 3  # a final layer that is not among the lens rows
     request = LensRequest(k=4)
 
-    shared = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=SMALL)
-    copied = lens_stats_triton(hidden, head, targets, request, hidden[-1].clone(), config=SMALL)
-    other = lens_stats_triton(hidden, head, targets, request, final, config=SMALL)
+    shared = lens_kernel(hidden, head, targets, request, hidden[-1], small=True)
+    copied = lens_kernel(hidden, head, targets, request, hidden[-1].clone(), small=True)
+    other = lens_kernel(hidden, head, targets, request, final, small=True)
 
     assert (shared.kl_final[-1] == 0).all()
     assert copied.kl_final[-1].abs().max() < 1e-5  # same values, recomputed as a separate row
@@ -336,12 +361,12 @@ def test_final_hidden_shared_or_separate():
     assert (other.kl_final[-1] > 0.1).all()
 
 
-def test_final_layer_only():
+def test_final_layer_only(lens_kernel):
     gen = torch.Generator().manual_seed(4)
     head = make_head("gemma_softcap", 32, 200, torch.float32, gen)
     hidden, targets = make_inputs(1, 6, 32, 200, 1, torch.float32, gen)
     request = LensRequest(k=2, token_sets=token_sets(200))
-    got = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=SMALL)
+    got = lens_kernel(hidden, head, targets, request, hidden[-1], small=True)
     want, xs, staged_head = staged_oracle(hidden, head, targets, request, hidden[-1])
     assert_tight(got, want, xs, staged_head, targets, got.finite)
     assert (got.kl_final == 0).all()
@@ -367,26 +392,66 @@ def test_statistics_switched_off_and_several_launches():
     assert_tight(one, want, xs, staged_head, targets, one.finite)
 
 
-def test_bitwise_deterministic():
+def test_bitwise_deterministic(lens_kernel):
     gen = torch.Generator().manual_seed(7)
     head = make_head("gemma_softcap", 40, 517, torch.bfloat16, gen)
     hidden, targets = make_inputs(4, 7, 40, 517, 2, torch.bfloat16, gen)
     request = LensRequest(k=5, token_sets=token_sets(517))
-    first = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=SMALL)
-    second = lens_stats_triton(hidden, head, targets, request, hidden[-1], config=SMALL)
+    first = lens_kernel(hidden, head, targets, request, hidden[-1], small=True)
+    second = lens_kernel(hidden, head, targets, request, hidden[-1], small=True)
     for field in dataclasses.fields(first):
         assert same_bits(getattr(first, field.name), getattr(second, field.name)), field.name
 
 
-def test_dispatch_runs_the_kernel_under_the_interpreter():
+@pytest.mark.parametrize(
+    "impl,k,want",
+    [
+        ("triton-fused", 2, LensImpl.TRITON_FUSED),
+        ("triton-chunked", 2, LensImpl.TRITON_CHUNKED),
+        ("triton", 2, triton_strategy(32, 2)),
+        ("triton", 65, LensImpl.TRITON_CHUNKED),  # above what the fused kernel keeps
+    ],
+)
+def test_dispatch_runs_each_strategy_under_the_interpreter(impl, k, want):
     gen = torch.Generator().manual_seed(8)
     head = make_head("granite_scale", 32, 200, torch.float32, gen)
     hidden, targets = make_inputs(2, 5, 32, 200, 0, torch.float32, gen)
-    request = LensRequest(k=2)
-    got, impl = lens_stats(hidden, head, targets, request, hidden[-1], impl="triton")
-    assert impl is LensImpl.TRITON
-    direct = lens_stats_triton(hidden, head, targets, request, hidden[-1])
-    assert torch.equal(got.lse, direct.lse) and torch.equal(got.topk_ids, direct.topk_ids)
+    request = LensRequest(k=k)
+    got, chosen = lens_stats(hidden, head, targets, request, hidden[-1], impl=impl)
+    assert chosen is want
+    direct = {LensImpl.TRITON_FUSED: lens_stats_triton, LensImpl.TRITON_CHUNKED: lens_stats_chunked}
+    ref = direct[want](hidden, head, targets, request, hidden[-1])
+    assert torch.equal(got.lse, ref.lse) and torch.equal(got.topk_ids, ref.topk_ids)
+
+
+def test_the_fused_kernel_refuses_a_k_it_cannot_hold():
+    gen = torch.Generator().manual_seed(8)
+    head = make_head("granite_scale", 32, 200, torch.float32, gen)
+    hidden, targets = make_inputs(2, 5, 32, 200, 0, torch.float32, gen)
+    with pytest.raises(RuntimeError, match=r"at most k=64.*'triton-chunked'"):
+        lens_stats(hidden, head, targets, LensRequest(k=65), hidden[-1], impl="triton-fused")
+
+
+@pytest.mark.parametrize("max_fold_k", [64, 0], ids=["fold-top-k", "torch-top-k"])
+def test_chunked_large_k_and_token_blocks(max_fold_k):
+    """k = 70 (above the fold kernel's register state by default: top-k per chunk in torch) and,
+    with ``max_fold_k`` 0, a small k through the same path; one token per GEMM block."""
+    gen = torch.Generator().manual_seed(11)
+    head = make_head("padded_vocab", 24, 200, torch.float16, gen)
+    hidden, targets = make_inputs(3, 9, 24, 200, 1, torch.float16, gen)
+    for k in (70, 3):
+        request = LensRequest(k=k, token_sets=token_sets(200))
+        config = dataclasses.replace(SMALL_CHUNKED, max_fold_k=max_fold_k, rows_per_gemm=3)
+        got = lens_stats_chunked(hidden, head, targets, request, hidden[-1], config=config)
+        want, xs, staged_head = staged_oracle(hidden, head, targets, request, hidden[-1])
+        assert_tight(got, want, xs, staged_head, targets, got.finite)
+        # Token blocks of one token vs the default blocks: the same statistics.
+        whole = lens_stats_chunked(hidden, head, targets, request, hidden[-1])
+        for name in FLOAT_FIELDS:
+            torch.testing.assert_close(
+                getattr(got, name), getattr(whole, name), atol=2e-5, rtol=0, equal_nan=True
+            )
+        assert torch.equal(got.topk_ids, whole.topk_ids)
 
 
 @pytest.mark.parametrize(
@@ -416,27 +481,32 @@ def test_slot_layout_covers_every_row_once(n_layers, shared, slots_per_token):
             assert (layer[final_slot] == n_layers - 1).all()
 
 
-def test_rejects_bad_arguments():
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_rejects_bad_arguments(strategy):
+    fn = STRATEGIES[strategy][0]
     gen = torch.Generator().manual_seed(9)
     head = make_head("layernorm_bias", 16, 64, torch.float32, gen)
     hidden, targets = make_inputs(2, 3, 16, 64, 0, torch.float32, gen)
     request = LensRequest(k=2, kl_final=False)
     with pytest.raises(ValueError, match="precision"):
-        lens_stats_triton(hidden, head, targets, request, precision="tf32")
-    with pytest.raises(ValueError, match="power of two"):
-        LensTritonConfig(block_m=24)
+        fn(hidden, head, targets, request, precision="tf32")
     with pytest.raises(ValueError, match="targets"):
-        lens_stats_triton(hidden, head, targets[:2], request)
+        fn(hidden, head, targets[:2], request)
     with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
-        lens_stats_triton(hidden.double(), head, targets, request)
+        fn(hidden.double(), head, targets, request)
     with pytest.raises(ValueError, match="rows must be"):
         normalized_rows(hidden, head)
+    with pytest.raises(ValueError, match="power of two"):
+        LensTritonConfig(block_m=24)
+    with pytest.raises(ValueError, match="fold_block_v must be a power of two"):
+        LensChunkedConfig(fold_block_v=100)
 
 
-def test_codelens_run_with_impl_triton_matches_the_torch_run(
-    tiny_model_dir, tmp_path, write_corpus, job_file, assert_same_rows
+@pytest.mark.parametrize("impl", ["triton-fused", "triton-chunked"])
+def test_codelens_run_with_each_strategy_matches_the_torch_run(
+    tiny_model_dir, tmp_path, write_corpus, job_file, assert_same_rows, impl
 ):
-    """End to end through the CLI: the same job with impl triton and impl torch."""
+    """End to end through the CLI: the same job with a Triton strategy and with impl torch."""
     import json
 
     import pyarrow.parquet as pq
@@ -446,20 +516,20 @@ def test_codelens_run_with_impl_triton_matches_the_torch_run(
 
     src = write_corpus(tmp_path / "src", {"a.py": "def f(x):\n    return x * 2\n\nprint(f(21))\n"})
     runs = {}
-    for impl in ("torch", "triton"):
+    for name in ("torch", impl):
         job = job_file(
-            tmp_path / f"{impl}.yaml",
+            tmp_path / f"{name}.yaml",
             tiny_model_dir("llama"),
             src,
-            tmp_path / impl,
+            tmp_path / name,
             tokens={"window": 64, "overlap": 8},
-            lens={"k": 4, "impl": impl, "token_sets": {"kw": ["def", "return"]}},
+            lens={"k": 4, "impl": name, "token_sets": {"kw": ["def", "return"]}},
             execution={"batch_tokens": 64},
         )
         result = CliRunner().invoke(app, ["run", str(job)])
         assert result.exit_code == 0, result.output
-        assert json.loads((tmp_path / impl / "job.json").read_text())["resolved"]["impl"] == impl
-        runs[impl] = pq.read_table(tmp_path / impl / "lens")
+        assert json.loads((tmp_path / name / "job.json").read_text())["resolved"]["impl"] == name
+        runs[name] = pq.read_table(tmp_path / name / "lens")
     assert runs["torch"].num_rows > 0
     # fp32 model: both at fp32 accuracy (float columns within 1e-4, the others equal)
-    assert_same_rows(runs["torch"], runs["triton"], atol=1e-4)
+    assert_same_rows(runs["torch"], runs[impl], atol=1e-4)

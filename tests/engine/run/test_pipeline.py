@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from codelens.engine.run.pipeline import LensPipeline, TextInput
 from codelens.engine.run.request import resolve_lens
@@ -143,20 +144,22 @@ def _triton_or_skip():
         pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
 
 
-def test_the_lens_implementation_is_proven_against_the_torch_path_at_load(tiny_loaded_model):
+@pytest.mark.parametrize("impl", ["triton-fused", "triton-chunked"])
+def test_the_lens_implementation_is_proven_against_the_torch_path_at_load(tiny_loaded_model, impl):
     from codelens.engine.run.runner import ShardRunner
 
     _triton_or_skip()
     loaded = tiny_loaded_model("llama")
-    spec = LensSpec(k=3, lookahead=[2], impl="triton")
+    spec = LensSpec(k=3, lookahead=[2], impl=impl)
     runner = ShardRunner(spec, loaded, batch_tokens=256)
     assert 0.0 <= runner.impl_check_max_abs_err < 1e-3
     torch_runner = ShardRunner(LensSpec(k=3, lookahead=[2], impl="torch"), loaded, batch_tokens=256)
     assert torch_runner.impl_check_max_abs_err == 0.0  # nothing to prove against itself
 
 
+@pytest.mark.parametrize("impl", ["triton", "triton-fused", "triton-chunked"])
 def test_an_implementation_that_disagrees_with_the_torch_path_is_refused(
-    tiny_loaded_model, monkeypatch
+    tiny_loaded_model, monkeypatch, impl
 ):
     """A kernel whose log-sum-exp is off by 0.01 nats (as a broken build would be) never runs a
     shard: the job stops at load with the difference and the fix."""
@@ -179,6 +182,10 @@ def test_an_implementation_that_disagrees_with_the_torch_path_is_refused(
         return stats, chosen
 
     monkeypatch.setattr(pipeline, "lens_stats", off_by_a_little)
-    spec = LensSpec(k=3, lookahead=[2], impl="triton")
-    with pytest.raises(SelfCheckError, match=r"lens.impl 'triton' differs from the torch path by"):
-        ShardRunner(spec, tiny_loaded_model("llama"), batch_tokens=256)
+    spec = LensSpec(k=3, lookahead=[2], impl=impl)
+    loaded = tiny_loaded_model("llama")
+    # 'triton' is named as the strategy it resolved to.
+    ran = resolve_lens(spec, loaded).impl.value
+    assert ran != "triton" and (ran == impl or impl == "triton")
+    with pytest.raises(SelfCheckError, match=rf"lens.impl '{ran}' differs from the torch path by"):
+        ShardRunner(spec, loaded, batch_tokens=256)

@@ -41,7 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from codelens.kernels.head import Head
-from codelens.kernels.lens_torch import chunk_topk, merge_topk, pack_ids, unpack_keys
+from codelens.kernels.lens_torch import chunk_topk, matmul_fp32, merge_topk, pack_ids, unpack_keys
 from codelens.kernels.norm_stage import (
     KIND_FINAL,
     KIND_HIDDEN,
@@ -264,10 +264,6 @@ def _fold_chunk_kernel(
 # Host side
 # --------------------------------------------------------------------------------------------------
 
-_MM_OUT_DTYPE: bool | None = None
-"""Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for 16-bit CUDA operands (torch >= 2.9;
-checked on first use)."""
-
 
 @contextlib.contextmanager
 def _tf32(enabled: bool):
@@ -281,30 +277,6 @@ def _tf32(enabled: bool):
         yield
     finally:
         torch.set_float32_matmul_precision(before)
-
-
-def _gemm_fp32(x: Tensor, w: Tensor, out: Tensor) -> None:
-    """``out [R, n] = x [R, d] @ w [n, d]^T`` with fp32 output and fp32 accumulation.
-
-    16-bit operands on a GPU go straight to cuBLAS with an fp32 result; elsewhere (the CPU, a
-    torch without ``out_dtype``, or fp32 rows against a 16-bit ``W_U`` in ``precision="fp32"``)
-    they are widened first, which is exact: the product of two bf16 or fp16 values is exact in
-    fp32, so only the accumulation order differs.
-    """
-    global _MM_OUT_DTYPE
-    if x.dtype == w.dtype == torch.float32:
-        torch.mm(x, w.T, out=out)
-        return
-    if x.dtype == w.dtype and x.is_cuda and _MM_OUT_DTYPE is not False:
-        try:
-            torch.mm(x, w.T, out_dtype=torch.float32, out=out)
-            _MM_OUT_DTYPE = True
-            return
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError):
-            _MM_OUT_DTYPE = False
-    torch.mm(x.float(), w.float().T, out=out)
 
 
 def lens_stats_chunked(
@@ -460,8 +432,10 @@ def _run_blocks(
         for v0 in range(0, n_vocab, vocab_chunk):
             n = min(n_vocab, v0 + vocab_chunk) - v0
             z = buf[: n_rows * n].view(n_rows, n)
+            w = w_u[v0 : v0 + n]
             with _tf32(use_tf32):
-                _gemm_fp32(x_stage, w_u[v0 : v0 + n], z)
+                # precision "fp32" with a 16-bit head: the chunk widened (exact), IEEE products.
+                matmul_fp32(x_stage, w if w.dtype == operand_dtype else w.float(), z)
             _fold_chunk_kernel[(triton.cdiv(n_rows, cfg.fold_block_r),)](
                 z,
                 ref,

@@ -131,6 +131,37 @@ def _rescale(alpha_base: Tensor, m_old: Tensor, m_new: Tensor) -> Tensor:
     )
 
 
+_MM_OUT_DTYPE: bool | None = None
+"""Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for 16-bit CUDA operands (torch >= 2.9;
+found out on first use)."""
+
+
+def matmul_fp32(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
+    """``out [..., n] = x [..., d] @ w [n, d]^T`` with fp32 accumulation and output; returns out.
+
+    ``x`` is fp32 (or ``w``'s dtype). 16-bit ``w`` on a GPU multiplies in its dtype: cuBLAS with an
+    fp32 result (``x`` must then hold values representable in it, as the rounded rows do).
+    Elsewhere, or on a torch without ``out_dtype``, the operands are widened first, which is exact
+    for 16-bit values (their products are exact in fp32; only the accumulation order differs).
+    """
+    global _MM_OUT_DTYPE
+    flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    if w.dtype == torch.float32:
+        torch.mm(flat_x.float(), w.T, out=flat_out)
+        return out
+    if x.is_cuda and _MM_OUT_DTYPE is not False:
+        try:
+            torch.mm(flat_x.to(w.dtype), w.T, out_dtype=torch.float32, out=flat_out)
+            _MM_OUT_DTYPE = True
+            return out
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE = False
+    torch.mm(flat_x.float(), w.float().T, out=flat_out)
+    return out
+
+
 def default_budget_bytes(device: torch.device) -> int:
     """The working-memory bound of ``lens_stats_torch`` on ``device``.
 
@@ -253,9 +284,14 @@ def _token_block(
     # Rows with a NaN/inf are zeroed so they cannot poison shared reductions; they are masked out
     # of the results by the caller.
     x = torch.where(finite[..., None], head.norm.apply(hidden), 0.0)  # [L, Tb, d]
+    # On a GPU a 16-bit head multiplies in its own dtype (tensor cores, fp32 accumulation and
+    # output), as the model's head does; elsewhere, and for fp32 heads, in fp32.
+    operand = head.unembed.dtype if x.is_cuda else fp32
+    if operand != fp32:
+        x = x.to(operand).to(fp32)  # the rounded rows, so thresholds and logits agree
     xq = None
     if final_hidden is not None and not final_is_last:
-        xq = head.norm.apply(final_hidden)
+        xq = head.norm.apply(final_hidden).to(operand).to(fp32)
         xq = torch.where(torch.isfinite(xq).all(-1, keepdim=True), xq, 0.0)  # [Tb, d]
 
     # Thresholds for the ranks: each target's logit by a gathered dot product.
@@ -281,13 +317,13 @@ def _token_block(
     e_buf = torch.empty_like(z_buf)
     for v0 in range(0, n_vocab, vocab_chunk):
         v1 = min(n_vocab, v0 + vocab_chunk)
-        w = head.unembed[v0:v1].to(fp32)  # [Vc, d]; a view when the head is fp32
+        w = head.unembed[v0:v1].to(operand)  # [Vc, d]; a view in the operand dtype
         b = head.unembed_bias[v0:v1] if head.unembed_bias is not None else None
         n = v1 - v0
         # Logits and exp go into buffers reused across chunks: a fresh tensor of this size costs
         # page faults on every chunk on a CPU. A flat prefix of a buffer is contiguous at any n.
         z = head.postprocess(
-            torch.matmul(x, w.T, out=z_buf[: n_layers * n_tok * n].view(n_layers, n_tok, n)), b
+            matmul_fp32(x, w, z_buf[: n_layers * n_tok * n].view(n_layers, n_tok, n)), b
         )
 
         # The chunk's top-k holds its max: no separate pass over z for it.
@@ -311,7 +347,11 @@ def _token_block(
         del e
 
         if request.kl_final:
-            zq = z[-1] if final_is_last else head.postprocess(xq @ w.T, b)  # [Tb, Vc]
+            zq = (
+                z[-1]
+                if final_is_last
+                else head.postprocess(matmul_fp32(xq, w, torch.empty(n_tok, n, device=x.device)), b)
+            )  # [Tb, Vc]
             mq_new = torch.maximum(mq, zq.amax(-1))
             alpha_q = _rescale(sq, mq, mq_new)
             eq = torch.exp(zq - mq_new[:, None])

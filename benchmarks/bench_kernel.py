@@ -75,12 +75,63 @@ def make_problem(d: int, V: int, n_layers: int, n_tokens: int, device: str, seed
     return hidden, head, targets, request
 
 
+def forward_problem(d: int, V: int, n_layers: int, n_tokens: int, device: str, seed: int = 0):
+    """``make_problem`` with the residual rows of a real forward: a random-weight two-block
+    Llama of width ``d`` and vocabulary ``V`` (transformers' own init), its three residual streams
+    (embedding, block 1, block 2) cycled over ``n_layers`` lens layers, read through its own final
+    norm and LM head. Random weights give near-uniform logits: close to the worst case for the
+    top-k insertion (every chunk has fresh candidates)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    heads = max(1, d // 128)
+    config = LlamaConfig(
+        hidden_size=d,
+        intermediate_size=2 * d,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=V,
+        max_position_embeddings=max(4096, n_tokens),
+    )
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, V, (1, n_tokens), device=device)
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states  # 3 x [1, T, d]
+    hidden = torch.stack([states[layer % len(states)][0] for layer in range(n_layers)])
+    norm = model.model.norm
+    head = Head(
+        FinalNorm(NormKind.RMS, norm.weight.detach(), None, norm.variance_epsilon),
+        model.lm_head.weight.detach(),
+    )
+    targets = torch.randint(0, V, (n_tokens, 1 + LOOKAHEAD), device=device)
+    for j in range(1 + LOOKAHEAD):
+        targets[n_tokens - 1 - j :, j] = -1
+    token_set = torch.randperm(V, device=device)[:512]
+    request = LensRequest(k=K, entropy=True, kl_final=True, token_sets=(("set", token_set),))
+    return hidden.contiguous(), head, targets, request
+
+
+PROBLEMS = {"synthetic": make_problem, "forward": forward_problem}
+
+
+def strategy_fn(strategy: str, config):
+    """The lens function of ``strategy`` (``config`` applies to the fused kernel)."""
+    if strategy == "triton-fused":
+        from codelens.kernels.lens_triton import lens_stats_triton
+
+        return lambda *a, **kw: lens_stats_triton(*a, config=config, **kw)
+    from codelens.kernels.lens_chunked import lens_stats_chunked
+
+    return lens_stats_chunked
+
+
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     ok = a.isfinite() & b.isfinite()
     return (a[ok].double() - b[ok].double()).abs().max().item() if ok.any() else 0.0
 
 
-def check(model: str, n_tokens: int, config, device: str) -> dict:
+def check(model: str, n_tokens: int, config, device: str, strategy: str = "triton-fused") -> dict:
     """Kernel vs ``lens_stats_torch`` at a production shape; raises AssertionError on a mismatch.
 
     Two comparisons: ``precision="fp32"`` against the torch path on the raw rows (same accuracy
@@ -88,8 +139,9 @@ def check(model: str, n_tokens: int, config, device: str) -> dict:
     rows through an identity norm (isolates the kernel's arithmetic from the bf16 rounding of the
     normalised rows, which it shares with the model's own head). Plus bitwise determinism.
     """
-    from codelens.kernels.lens_triton import lens_stats_triton, normalized_rows
+    from codelens.kernels.norm_stage import normalized_rows
 
+    run = strategy_fn(strategy, config)
     name, d, V, n_layers = MODELS[model]
     hidden, head, targets, request = make_problem(d, V, n_layers, n_tokens, device, seed=1)
     final = hidden[-1]
@@ -102,15 +154,13 @@ def check(model: str, n_tokens: int, config, device: str) -> dict:
         "topk_logprobs",
         "set_logmass",
     )
-    report: dict = {"model": name, "rows": n_layers * n_tokens}
+    report: dict = {"model": name, "strategy": strategy, "rows": n_layers * n_tokens}
 
-    exact = lens_stats_triton(
-        hidden, head, targets, request, final, config=config, precision="fp32"
-    )
+    exact = run(hidden, head, targets, request, final, precision="fp32")
     ref = lens_stats_torch(hidden, head, targets, request, final)
     report["fp32_vs_torch"] = {f: _max_err(getattr(exact, f), getattr(ref, f)) for f in fields}
 
-    fast = lens_stats_triton(hidden, head, targets, request, final, config=config)
+    fast = run(hidden, head, targets, request, final)
     xs = normalized_rows(hidden.reshape(-1, d), head).view(n_layers, n_tokens, d)
     staged = dataclasses.replace(head, norm=_IdentityNorm(NormKind.RMS, None, None, 0.0))
     ref_staged = lens_stats_torch(xs, staged, targets, request, xs[-1])
@@ -139,7 +189,7 @@ def check(model: str, n_tokens: int, config, device: str) -> dict:
     report["topk_value_gap_at_mismatch"] = (at_got - at_want).abs().max().item()
     del z
 
-    again = lens_stats_triton(hidden, head, targets, request, final, config=config)
+    again = run(hidden, head, targets, request, final)
     report["deterministic"] = all(
         torch.equal(a.view(torch.int32), b.view(torch.int32))
         if a.is_floating_point()
@@ -158,28 +208,42 @@ def check(model: str, n_tokens: int, config, device: str) -> dict:
     return report
 
 
-def bench_shape(model: str, rows_target: int, config, warmup: int, rep: int, device: str) -> dict:
-    """Time the kernel and the bf16 matmul bound at one (model, rows) shape."""
+def bench_shape(
+    model: str,
+    rows_target: int,
+    config,
+    warmup: int,
+    rep: int,
+    device: str,
+    strategies: tuple[str, ...] = ("triton-fused",),
+    source: str = "synthetic",
+) -> list[dict]:
+    """Time each strategy and the bf16 matmul bound at one (model, rows) shape: one result per
+    strategy, each with the bound's figures beside it."""
     from triton.testing import do_bench
-
-    from codelens.kernels.lens_triton import lens_stats_triton
 
     name, d, V, n_layers = MODELS[model]
     n_tokens = max(1, round(rows_target / n_layers))
     rows = n_layers * n_tokens
     flop = 2.0 * rows * d * V
-    hidden, head, targets, request = make_problem(d, V, n_layers, n_tokens, device)
+    hidden, head, targets, request = PROBLEMS[source](d, V, n_layers, n_tokens, device)
     final = hidden[-1]
-    result = {"model": name, "d": d, "V": V, "layers": n_layers, "tokens": n_tokens, "rows": rows}
-
-    def lens() -> None:
-        lens_stats_triton(hidden, head, targets, request, final, config=config)
-
-    torch.cuda.reset_peak_memory_stats()
-    ms = do_bench(lens, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    result["kernel_ms"], result["kernel_ms_p20"], result["kernel_ms_p80"] = ms
-    result["kernel_tflops"] = flop / (ms[0] * 1e-3) / 1e12
-    result["kernel_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    shape = {"model": name, "d": d, "V": V, "layers": n_layers, "tokens": n_tokens, "rows": rows}
+    results = []
+    for strategy in strategies:
+        run = strategy_fn(strategy, config)
+        result = {**shape, "strategy": strategy, "rows_source": source}
+        torch.cuda.reset_peak_memory_stats()
+        ms = do_bench(
+            lambda run=run: run(hidden, head, targets, request, final),
+            warmup=warmup,
+            rep=rep,
+            quantiles=[0.5, 0.2, 0.8],
+        )
+        result["kernel_ms"], result["kernel_ms_p20"], result["kernel_ms_p80"] = ms
+        result["kernel_tflops"] = flop / (ms[0] * 1e-3) / 1e12
+        result["kernel_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        results.append(result)
 
     x = hidden.reshape(rows, d)
     w_t = head.unembed.T  # [d, V] view: cuBLAS handles the transposed operand
@@ -191,13 +255,27 @@ def bench_shape(model: str, rows_target: int, config, warmup: int, rep: int, dev
 
         mm_ms = do_bench(matmul, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
         logits = None  # free the [rows, V] logits before the next shape
-        result["matmul_ms"] = mm_ms[0]
-        result["matmul_tflops"] = flop / (mm_ms[0] * 1e-3) / 1e12
-        result["fraction_of_matmul"] = result["kernel_tflops"] / result["matmul_tflops"]
+        for result in results:
+            result["matmul_ms"] = mm_ms[0]
+            result["matmul_tflops"] = flop / (mm_ms[0] * 1e-3) / 1e12
+            result["fraction_of_matmul"] = result["kernel_tflops"] / result["matmul_tflops"]
     except torch.OutOfMemoryError:
-        result["matmul_ms"] = result["matmul_tflops"] = result["fraction_of_matmul"] = None
+        for result in results:
+            result["matmul_ms"] = result["matmul_tflops"] = result["fraction_of_matmul"] = None
     torch.cuda.empty_cache()
-    return result
+    return results
+
+
+def choose_defaults(results: list[dict]) -> list[dict]:
+    """Per model width: the strategy with the smallest median time over its shapes (what
+    ``kernels/dispatch.py``'s ``STRATEGY_BY_WIDTH`` should say)."""
+    by_width: dict[int, dict[str, list[float]]] = {}
+    for r in results:
+        by_width.setdefault(r["d"], {}).setdefault(r["strategy"], []).append(r["kernel_ms"])
+    return [
+        {"d": d, "strategy": min(times, key=lambda s: sum(times[s]) / len(times[s])), "ms": times}
+        for d, times in sorted(by_width.items())
+    ]
 
 
 def compile_only(config) -> dict:
@@ -207,9 +285,6 @@ def compile_only(config) -> dict:
     divisibility hints the JIT would derive at run time (16-byte aligned pointers, ``d`` and the
     strides multiples of 16), so the software pipeliner behaves as on the device.
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from codelens.kernels import lens_triton as lt
 
@@ -243,6 +318,7 @@ def compile_only(config) -> dict:
         "BLOCK_N": config.block_n,
         "BLOCK_K": config.block_k,
         "GROUP_M": config.group_m,
+        "K": 10,
         "KP": 16,
         "C": 1 + LOOKAHEAD,
         "CP": 4,
@@ -258,16 +334,32 @@ def compile_only(config) -> dict:
         "EVEN_K": True,
         "DOT_PRECISION": "tf32",
     }
+    return _compile_sm90(
+        fn,
+        types,
+        constexprs,
+        aligned_extra=["stride_wv", "D", "R_pad"],
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        config=dataclasses.asdict(config),
+    )
+
+
+def _compile_sm90(fn, types: dict, constexprs: dict, aligned_extra, options: dict, config: dict):
+    """``triton.compile`` of ``fn`` for sm_90 with the JIT's divisibility hints (pointers and
+    ``aligned_extra`` multiples of 16): shared memory, wgmma, spills, registers, SASS size."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     signature = {n: "constexpr" if n in constexprs else types[n] for n in fn.arg_names}
-    aligned = [n for n, t in types.items() if t.startswith("*")] + ["stride_wv", "D", "R_pad"]
+    aligned = [n for n, t in types.items() if t.startswith("*")] + list(aligned_extra)
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     start = time.time()
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = kernel.asm["ptx"]
     result = {
-        "config": dataclasses.asdict(config),
+        "config": config,
         "compile_s": round(time.time() - start, 1),
         "shared_bytes": kernel.metadata.shared,
         "wgmma_in_ptx": ptx.count("wgmma.mma_async"),
@@ -288,6 +380,57 @@ def compile_only(config) -> dict:
     except Exception as exc:  # nvdisasm missing or format change: the PTX facts still stand
         result["sass"] = f"unavailable: {exc}"
     return result
+
+
+def compile_fold(config) -> dict:
+    """Compile the chunked strategy's fold kernel for sm_90 (no GPU needed), at the benchmark's
+    statistics (k 10, two look-ahead offsets, KL, entropy, one token set)."""
+    from codelens.kernels import lens_chunked as lc
+
+    fn = lc._fold_chunk_kernel
+    types = {
+        "z_ptr": "*fp32",
+        "ref_ptr": "*i32",
+        "b_ptr": "*bf16",
+        "setm_ptr": "*fp32",
+        "tgt_ptr": "*i32",
+        "thr_ptr": "*fp32",
+        "st_ptr": "*fp32",
+        "zt_ptr": "*fp32",
+        "cnt_ptr": "*i32",
+        "g_ptr": "*fp32",
+        "tv_ptr": "*fp32",
+        "ti_ptr": "*i32",
+        "n_rows": "i32",
+        "V": "i32",
+        "v0": "i32",
+        "n_cols": "i32",
+        "logit_scale": "fp32",
+        "softcap": "fp32",
+    }
+    constexprs = {
+        "BLOCK_R": config.fold_block_r,
+        "BLOCK_V": config.fold_block_v,
+        "KP": 16,
+        "C": 1 + LOOKAHEAD,
+        "CP": 4,
+        "NS": 1,
+        "NSP": 1,
+        "HAS_BIAS": False,
+        "HAS_SCALE": False,
+        "HAS_SOFTCAP": False,
+        "ENTROPY": True,
+        "KL": True,
+        "TOPK": True,
+    }
+    return _compile_sm90(
+        fn,
+        types,
+        constexprs,
+        aligned_extra=["n_cols", "V"],
+        options={"num_warps": config.num_warps},
+        config=dataclasses.asdict(config),
+    )
 
 
 def _registers(cubin: bytes) -> int | None:
@@ -323,6 +466,16 @@ SWEEP_CONFIGS = (
 )
 
 
+FOLD_SWEEP_CONFIGS = (
+    # (fold_block_r, fold_block_v, num_warps): the default first.
+    (1, 1024, 4),
+    (1, 2048, 4),
+    (1, 1024, 2),
+    (2, 1024, 4),
+    (1, 4096, 8),
+)
+
+
 def sweep(out_dir: Path) -> Path:
     """``compile_only`` of every ``SWEEP_CONFIGS`` entry, written to ``kernel_sm90.json``:
     ``{strategy, config, spill_stores, spill_loads, shared_mem_bytes, registers,
@@ -341,6 +494,27 @@ def sweep(out_dir: Path) -> Path:
         entries.append(
             {
                 "strategy": "triton-fused",
+                "kernel": "_lens_main_kernel",
+                "epilogue": "block-wide insertion gated at the exact running k-th value",
+                "config": r["config"],
+                "spill_stores": r.get("spill_stores"),
+                "spill_loads": r.get("spill_loads"),
+                "shared_mem_bytes": r["shared_bytes"],
+                "registers": r.get("registers"),
+                "sass_instructions": r.get("sass_instructions"),
+                "wgmma": r.get("hgmma"),
+            }
+        )
+        print(json.dumps(entries[-1]), flush=True)
+    from codelens.kernels.lens_chunked import LensChunkedConfig
+
+    for block_r, block_v, warps in FOLD_SWEEP_CONFIGS:
+        config = LensChunkedConfig(fold_block_r=block_r, fold_block_v=block_v, num_warps=warps)
+        r = compile_fold(config)
+        entries.append(
+            {
+                "strategy": "triton-chunked",
+                "kernel": "_fold_chunk_kernel (the GEMM is cuBLAS)",
                 "config": r["config"],
                 "spill_stores": r.get("spill_stores"),
                 "spill_loads": r.get("spill_loads"),
@@ -374,9 +548,9 @@ def _markdown(meta: dict, results: list[dict], checks: list[dict]) -> str:
         f"- statistics: k={K}, {LOOKAHEAD} look-ahead columns, kl_final, entropy, one token set",
         f"- kernel config: `{meta['config']}`",
         "",
-        "| model | d | V | rows (layers x tokens) | kernel ms | kernel TFLOP/s | matmul ms "
-        "| matmul TFLOP/s | kernel / matmul | peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | strategy | d | V | rows (layers x tokens) | kernel ms | kernel TFLOP/s "
+        "| matmul ms | matmul TFLOP/s | kernel / matmul | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         frac = r["fraction_of_matmul"]
@@ -384,10 +558,13 @@ def _markdown(meta: dict, results: list[dict], checks: list[dict]) -> str:
         mm_ms = "OOM" if r["matmul_ms"] is None else f"{r['matmul_ms']:.2f}"
         mm_tf = "OOM" if r["matmul_tflops"] is None else f"{r['matmul_tflops']:.0f}"
         lines.append(
-            f"| {r['model']} | {r['d']} | {r['V']} | {r['rows']} ({r['layers']} x {r['tokens']}) "
+            f"| {r['model']} | {r['strategy']} | {r['d']} | {r['V']} "
+            f"| {r['rows']} ({r['layers']} x {r['tokens']}) "
             f"| {r['kernel_ms']:.2f} | {r['kernel_tflops']:.0f} | {mm_ms} | {mm_tf} | {frac} "
             f"| {r['kernel_peak_mem_gb']:.1f} |"
         )
+    for choice in choose_defaults(results):
+        lines.append(f"\nDefault for d = {choice['d']}: {choice['strategy']} ({choice['ms']} ms)")
     for c in checks:
         lines += [
             "",
@@ -437,6 +614,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --compile-only: every SWEEP_CONFIGS entry, written to kernel_sm90.json",
     )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=["triton-fused", "triton-chunked"],
+        default=["triton-fused"],
+        help="the lens strategies to check and time",
+    )
+    parser.add_argument(
+        "--source",
+        choices=sorted(PROBLEMS),
+        default="synthetic",
+        help="residual rows: synthetic normals, or a random-weight model's real forward",
+    )
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -473,20 +663,29 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "config": dataclasses.asdict(config),
     }
-    checks = [check("qwen7b", args.check_tokens, config, device)] if args.check else []
+    checks = (
+        [check("qwen7b", args.check_tokens, config, device, s) for s in args.strategies]
+        if args.check
+        else []
+    )
     results = []
     for model in args.models:
         for rows in args.rows:
-            r = bench_shape(model, rows, config, args.warmup, args.rep, device)
-            results.append(r)
-            frac = r["fraction_of_matmul"]
-            print(
-                f"{r['model']:>20s} rows={r['rows']:>6d}: kernel {r['kernel_ms']:8.2f} ms "
-                f"{r['kernel_tflops']:6.0f} TFLOP/s | matmul "
-                f"{r['matmul_tflops'] or float('nan'):6.0f} TFLOP/s | "
-                f"{'n/a' if frac is None else f'{100 * frac:.1f} %'}",
-                flush=True,
+            shape_results = bench_shape(
+                model, rows, config, args.warmup, args.rep, device, args.strategies, args.source
             )
+            results += shape_results
+            for r in shape_results:
+                frac = r["fraction_of_matmul"]
+                print(
+                    f"{r['model']:>20s} {r['strategy']:>14s} rows={r['rows']:>6d}: "
+                    f"{r['kernel_ms']:8.2f} ms {r['kernel_tflops']:6.0f} TFLOP/s | matmul "
+                    f"{r['matmul_tflops'] or float('nan'):6.0f} TFLOP/s | "
+                    f"{'n/a' if frac is None else f'{100 * frac:.1f} %'}",
+                    flush=True,
+                )
+    meta["strategies"], meta["rows_source"] = args.strategies, args.source
+    meta["defaults"] = choose_defaults(results)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()

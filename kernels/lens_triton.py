@@ -127,6 +127,7 @@ def _lens_main_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    K: tl.constexpr,
     KP: tl.constexpr,
     C: tl.constexpr,
     CP: tl.constexpr,
@@ -154,7 +155,7 @@ def _lens_main_kernel(
         u   <- u * alpha_q + sum e_q (z_q - z)      (kl = u / s_q + lse - lse_q; z_q: final slot)
         cnt <- cnt + #{z > thr}                     (ranks), zt <- z at the target ids
         g   <- g * alpha + sum_{v in S} e           (token-set masses)
-        top-KP values/ids <- gated insertion of z  (ties to the smaller id)
+        top-k values/ids <- gated insertion of z (ties to the smaller id; KP slots, K live)
 
     Args (shapes; S = n_chunks, R_pad = padded slots, CP = padded targets, KP = padded k):
         x_ptr, w_ptr, stride_wv, b_ptr: the staged rows ``[R_pad, D]``, ``W_U [V, D]`` (row stride
@@ -167,7 +168,7 @@ def _lens_main_kernel(
         R_pad, V, D, n_chunks, chunk_tiles, n_row_blocks: sizes and the grid's shape.
         logit_scale, softcap: the head's post-processing constants.
         BLOCK_* / GROUP_M / LB: tiling, raster group and layer slots per token (DESIGN.md).
-        KP, C, CP, NS, NSP: padded k, targets (1 + look-ahead), token sets.
+        K, KP, C, CP, NS, NSP: k and its padding, targets (1 + look-ahead), token sets.
         HAS_* / ENTROPY / KL / UPCAST / EVEN_K / DOT_PRECISION: compile-time switches.
     """
     # Grouped raster: GROUP_M row blocks x all chunks per group, row block fastest, so programs
@@ -195,7 +196,11 @@ def _lens_main_kernel(
     zt = tl.zeros([BLOCK_M, CP], tl.float32)
     cnt = tl.zeros([BLOCK_M, CP], tl.int32)
     gs = tl.zeros([BLOCK_M, NSP], tl.float32)
-    tv = tl.full([BLOCK_M, KP], NEG_BIG, tl.float32)
+    # Slots >= K start at +inf: never the minimum, so the gate below is the exact running k-th
+    # value (not the KP-th) and no insertion round is spent on the padding slots.
+    tv = tl.where(tl.arange(0, KP)[None, :] < K, NEG_BIG, float("inf")) + tl.zeros(
+        [BLOCK_M, KP], tl.float32
+    )
     # Distinct negative ids for empty slots keep "the minimum with the largest id" unique.
     ti = tl.zeros([BLOCK_M, KP], tl.int32) + (-1 - tl.arange(0, KP))[None, :]
     tau_loc = tl.full([BLOCK_M], NEG_BIG, tl.float32)
@@ -621,6 +626,7 @@ def _launch(
         BLOCK_N=bn,
         BLOCK_K=block_k,
         GROUP_M=cfg.group_m,
+        K=k,
         KP=kp,
         C=n_cols,
         CP=cp,

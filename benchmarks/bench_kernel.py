@@ -299,7 +299,6 @@ def compile_only(config) -> dict:
         "thr_ptr": "*fp32",
         "tau_ptr": "*fp32",
         "pf_ptr": "*fp32",
-        "pzt_ptr": "*fp32",
         "pcnt_ptr": "*i32",
         "pset_ptr": "*fp32",
         "ptv_ptr": "*fp32",
@@ -396,7 +395,6 @@ def compile_fold(config) -> dict:
         "tgt_ptr": "*i32",
         "thr_ptr": "*fp32",
         "st_ptr": "*fp32",
-        "zt_ptr": "*fp32",
         "cnt_ptr": "*i32",
         "g_ptr": "*fp32",
         "tv_ptr": "*fp32",
@@ -476,6 +474,29 @@ FOLD_SWEEP_CONFIGS = (
 )
 
 
+FUSED_EPILOGUE = (
+    "one reduction per target (log-prob from the pre-pass threshold); top-k gated at the exact "
+    "running k-th value"
+)
+"""What the fused kernel's epilogue is at this commit: a sweep keeps the entries of earlier
+epilogues in ``kernel_sm90.json`` under ``earlier_epilogues``, so the file shows before and after."""
+
+
+def _earlier_entries(path: Path) -> list[dict]:
+    """The fused entries of ``path`` (a previous sweep) whose epilogue is not today's."""
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    entries = previous.get("earlier_epilogues", []) + [
+        {**e, "written_at": previous.get("written_at")} for e in previous.get("entries", [])
+    ]
+    return [
+        e
+        for e in entries
+        if e.get("strategy") == "triton-fused" and e.get("epilogue") != FUSED_EPILOGUE
+    ]
+
+
 def sweep(out_dir: Path) -> Path:
     """``compile_only`` of every ``SWEEP_CONFIGS`` entry, written to ``kernel_sm90.json``:
     ``{strategy, config, spill_stores, spill_loads, shared_mem_bytes, registers,
@@ -495,7 +516,7 @@ def sweep(out_dir: Path) -> Path:
             {
                 "strategy": "triton-fused",
                 "kernel": "_lens_main_kernel",
-                "epilogue": "block-wide insertion gated at the exact running k-th value",
+                "epilogue": FUSED_EPILOGUE,
                 "config": r["config"],
                 "spill_stores": r.get("spill_stores"),
                 "spill_loads": r.get("spill_loads"),
@@ -527,11 +548,13 @@ def sweep(out_dir: Path) -> Path:
         print(json.dumps(entries[-1]), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "kernel_sm90.json"
+    earlier = _earlier_entries(path)
     record = {
         "target": "sm_90 (compiled offline with triton.compile; no device)",
         "triton": triton.__version__,
         **provenance("benchmarks/bench_kernel.py", sys.argv[1:]),
         "entries": entries,
+        "earlier_epilogues": earlier,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

@@ -11,7 +11,7 @@ separate reference) and vocabulary chunk ``[v0, v0 + V_c)``:
 
        z = post(buf)                  m' = max(m, max z),  a = e^(m - m'),  e = e^(z - m')
        s <- s a + sum e               t <- (t + s (m - m')) a + sum e (z - m')
-       g <- g a + sum_{v in S} e      cnt <- cnt + #{z > thr},  zt <- z at the target id
+       g <- g a + sum_{v in S} e      cnt <- cnt + #{v != t : z_v > thr}
        z_q = post(buf[ref])           (the token's final-layer row, same buffer)
        u <- u a_q + sum e_q (z_q - z),  s_q <- s_q a_q + sum e_q   (a_q, e_q as a, e for z_q)
        top-k <- per-row insertion gated at the running k-th value
@@ -54,7 +54,13 @@ from codelens.kernels.norm_stage import (
     stage_dtype,
     stage_rows,
 )
-from codelens.kernels.stats import LensRequest, LensStats, check_inputs, masked_stats
+from codelens.kernels.stats import (
+    LensRequest,
+    LensStats,
+    check_inputs,
+    masked_stats,
+    target_logprob,
+)
 
 
 @dataclass(frozen=True)
@@ -112,8 +118,7 @@ def _fold_chunk_kernel(
     tgt_ptr,
     thr_ptr,  # [R_b, CP] int32 target ids (-1 none), fp32 rank thresholds
     st_ptr,  # in/out [6, R_b] fp32: m, s, t, u, m_q, s_q
-    zt_ptr,
-    cnt_ptr,  # in/out [R_b, CP] fp32 target logits, int32 counts z > thr
+    cnt_ptr,  # in/out [R_b, CP] int32 counts z > thr over the non-target columns
     g_ptr,  # in/out [R_b, NSP] fp32 set sums (relative to m)
     tv_ptr,
     ti_ptr,  # in/out [R_b, KP] fp32 values, int32 ids of the running top-k (with TOPK)
@@ -164,7 +169,6 @@ def _fold_chunk_kernel(
     mq = tl.load(st_ptr + 4 * plane + rows, mask=rmask, other=NEG_BIG)
     sq = tl.load(st_ptr + 5 * plane + rows, mask=rmask, other=0.0)
     cmask2 = rmask[:, None] & (cidx[None, :] < CP)
-    zt = tl.load(zt_ptr + rows[:, None] * CP + cidx[None, :], mask=cmask2, other=0.0)
     cnt = tl.load(cnt_ptr + rows[:, None] * CP + cidx[None, :], mask=cmask2, other=0)
     gs = tl.load(g_ptr + rows[:, None] * NSP + sidx[None, :], mask=rmask[:, None], other=0.0)
     if TOPK:
@@ -205,12 +209,11 @@ def _fold_chunk_kernel(
         for c in tl.static_range(C):
             tc = tl.load(tgt_ptr + rows * CP + c, mask=rmask, other=-1)
             thc = tl.load(thr_ptr + rows * CP + c, mask=rmask, other=float("inf"))
-            hit = ((v0 + cols)[None, :] == tc[:, None]) & cmask[None, :]
-            zt_c = tl.sum(tl.where(hit, z, 0.0), 1)
-            gt_c = tl.sum((z > thc[:, None]).to(tl.int32), 1)
-            sel = cidx[None, :] == c
-            zt += tl.where(sel, zt_c[:, None], 0.0)
-            cnt += tl.where(sel, gt_c[:, None], 0)
+            # One reduction per target: its own column never counts (the GEMM's logit may round
+            # above the pre-pass threshold); its log-prob is the threshold's (``_finish``).
+            others = (v0 + cols)[None, :] != tc[:, None]
+            gt_c = tl.sum(((z > thc[:, None]) & others).to(tl.int32), 1)
+            cnt += tl.where(cidx[None, :] == c, gt_c[:, None], 0)
 
         if KL:
             raw_q = tl.load(z_ptr + ref[:, None] * n_cols + cols[None, :], mask=live, other=0.0)
@@ -252,7 +255,6 @@ def _fold_chunk_kernel(
     tl.store(st_ptr + 3 * plane + rows, u, mask=rmask)
     tl.store(st_ptr + 4 * plane + rows, mq, mask=rmask)
     tl.store(st_ptr + 5 * plane + rows, sq, mask=rmask)
-    tl.store(zt_ptr + rows[:, None] * CP + cidx[None, :], zt, mask=cmask2)
     tl.store(cnt_ptr + rows[:, None] * CP + cidx[None, :], cnt, mask=cmask2)
     tl.store(g_ptr + rows[:, None] * NSP + sidx[None, :], gs, mask=rmask[:, None])
     if TOPK:
@@ -420,7 +422,6 @@ def _run_blocks(
 
         state = torch.zeros(6, n_rows, dtype=torch.float32, device=device)
         state[0] = state[4] = NEG_BIG.value
-        zt = torch.zeros(n_rows, cp, dtype=torch.float32, device=device)
         cnt = torch.zeros(n_rows, cp, dtype=torch.int32, device=device)
         gs = torch.zeros(n_rows, nsp, dtype=torch.float32, device=device)
         # Slots >= k start at +inf: never the minimum, so the gate is the exact k-th value.
@@ -444,7 +445,6 @@ def _run_blocks(
                 slot_tgt,
                 thr,
                 state,
-                zt,
                 cnt,
                 gs,
                 tv,
@@ -486,7 +486,7 @@ def _run_blocks(
             keys = torch.where(ti[:n_out] >= 0, keys, torch.iinfo(torch.int64).min)
             top_values, top_ids = unpack_keys(keys.topk(k, -1).values)
         _finish(
-            state, zt, cnt, gs, thr, slot_tgt, slot_finite, top_values, top_ids,
+            state, cnt, gs, thr, slot_tgt, slot_finite, top_values, top_ids,
             n_layers, nt, n_cols, request, final_shared,
             {name: t[:, t0 : t0 + nt] for name, t in out.items()}, finite[:, t0 : t0 + nt],
         )  # fmt: skip
@@ -494,7 +494,6 @@ def _run_blocks(
 
 def _finish(
     state: Tensor,
-    zt: Tensor,
     cnt: Tensor,
     gs: Tensor,
     thr: Tensor,
@@ -527,11 +526,10 @@ def _finish(
         if final_shared:
             kl[-1] = 0.0  # its own reference
         out["kl"].copy_(kl)
-    z_t, thr_o = zt[:n_out, :n_cols], thr[:n_out, :n_cols]
     has = slot_tgt[:n_out, :n_cols] >= 0
-    # The target never counts itself, even where the GEMM's logit rounds above the threshold.
-    counts = cnt[:n_out, :n_cols].long() - (z_t > thr_o).long()
-    out["lp"].copy_(torch.where(has, z_t - lse[:, None], torch.nan).view(*grid, n_cols))
+    counts = cnt[:n_out, :n_cols].long()
+    lp = torch.where(has, target_logprob(thr[:n_out, :n_cols], lse[:, None]), torch.nan)
+    out["lp"].copy_(lp.view(*grid, n_cols))
     out["rank"].copy_(torch.where(has, counts, -1).int().view(*grid, n_cols))
     n_sets = len(request.token_sets)
     if n_sets:

@@ -41,7 +41,13 @@ from codelens.kernels.norm_stage import (
     stage_dtype,
     stage_rows,
 )
-from codelens.kernels.stats import LensRequest, LensStats, check_inputs, masked_stats
+from codelens.kernels.stats import (
+    LensRequest,
+    LensStats,
+    check_inputs,
+    masked_stats,
+    target_logprob,
+)
 
 
 @dataclass(frozen=True)
@@ -110,8 +116,7 @@ def _lens_main_kernel(
     thr_ptr,  # [R_pad, CP] int32 target ids, fp32 rank thresholds
     tau_ptr,  # [R_pad] fp32 shared lower bound of each row's k-th largest logit
     pf_ptr,  # out [4, S, R_pad] fp32: m, s, t, u per (row, chunk)
-    pzt_ptr,
-    pcnt_ptr,  # out [S, R_pad, CP] fp32 in-chunk target logits, int32 counts z > z~
+    pcnt_ptr,  # out [S, R_pad, CP] int32 counts z > z~ over the non-target columns
     pset_ptr,  # out [S, R_pad, NSP] fp32 set sums (relative to the chunk's m)
     ptv_ptr,
     pti_ptr,  # out [S, R_pad, KP] fp32 values, int32 ids of the chunk's top-KP
@@ -153,7 +158,7 @@ def _lens_main_kernel(
         s   <- s * alpha + sum e                    (lse = m + log s)
         t   <- (t + s (m - m')) * alpha + sum e (z - m')   (entropy = log s - t / s)
         u   <- u * alpha_q + sum e_q (z_q - z)      (kl = u / s_q + lse - lse_q; z_q: final slot)
-        cnt <- cnt + #{z > thr}                     (ranks), zt <- z at the target ids
+        cnt <- cnt + #{v != t : z_v > thr}          (ranks; logprob = thr - lse)
         g   <- g * alpha + sum_{v in S} e           (token-set masses)
         top-k values/ids <- gated insertion of z (ties to the smaller id; KP slots, K live)
 
@@ -162,7 +167,7 @@ def _lens_main_kernel(
             ``stride_wv``) and ``b_U [V]``.
         setm_ptr, tgt_ptr, thr_ptr, tau_ptr: set multiplicities ``[NS, V]``, target ids and rank
             thresholds ``[R_pad, CP]``, the shared per-row k-th-value bound ``[R_pad]``.
-        pf_ptr, pzt_ptr, pcnt_ptr, pset_ptr, ptv_ptr, pti_ptr: the outputs per (row, chunk):
+        pf_ptr, pcnt_ptr, pset_ptr, ptv_ptr, pti_ptr: the outputs per (row, chunk):
             ``m, s, t, u [4, S, R_pad]``, target logits and counts ``[S, R_pad, CP]``, set sums
             ``[S, R_pad, NSP]``, top-KP values and ids ``[S, R_pad, KP]``.
         R_pad, V, D, n_chunks, chunk_tiles, n_row_blocks: sizes and the grid's shape.
@@ -193,7 +198,6 @@ def _lens_main_kernel(
     s = tl.zeros([BLOCK_M], tl.float32)
     t_acc = tl.zeros([BLOCK_M], tl.float32)
     u = tl.zeros([BLOCK_M], tl.float32)
-    zt = tl.zeros([BLOCK_M, CP], tl.float32)
     cnt = tl.zeros([BLOCK_M, CP], tl.int32)
     gs = tl.zeros([BLOCK_M, NSP], tl.float32)
     # Slots >= K start at +inf: never the minimum, so the gate below is the exact running k-th
@@ -261,10 +265,9 @@ def _lens_main_kernel(
         for c in tl.static_range(C):
             tc = tl.load(tgt_ptr + rows * CP + c)
             thc = tl.load(thr_ptr + rows * CP + c)
-            zt_c = tl.sum(tl.where(cols[None, :] == tc[:, None], z, 0.0), 1)
-            gt_c = tl.sum((z > thc[:, None]).to(tl.int32), 1)
+            other = cols[None, :] != tc[:, None]
+            gt_c = tl.sum(((z > thc[:, None]) & other).to(tl.int32), 1)
             sel = cidx[None, :] == c
-            zt += tl.where(sel, zt_c[:, None], 0.0)
             cnt += tl.where(sel, gt_c[:, None], 0)
 
         if KL:
@@ -312,7 +315,6 @@ def _lens_main_kernel(
     tl.store(pf_ptr + plane + base, s)
     tl.store(pf_ptr + 2 * plane + base, t_acc)
     tl.store(pf_ptr + 3 * plane + base, u)
-    tl.store(pzt_ptr + base[:, None] * CP + cidx[None, :], zt)
     tl.store(pcnt_ptr + base[:, None] * CP + cidx[None, :], cnt)
     tl.store(pset_ptr + base[:, None] * NSP + sidx[None, :], gs)
     kidx = tl.arange(0, KP)
@@ -591,7 +593,6 @@ def _launch(
     n_chunks = triton.cdiv(n_tiles, chunk_tiles)
     chunk_cols = chunk_tiles * bn
     pf = torch.empty(4, n_chunks, r_pad, dtype=torch.float32, device=device)
-    pzt = torch.empty(n_chunks, r_pad, cp, dtype=torch.float32, device=device)
     pcnt = torch.empty(n_chunks, r_pad, cp, dtype=torch.int32, device=device)
     pset = torch.empty(n_chunks, r_pad, nsp, dtype=torch.float32, device=device)
     ptv = torch.empty(n_chunks, r_pad, kp, dtype=torch.float32, device=device)
@@ -609,7 +610,6 @@ def _launch(
         thr,
         tau,
         pf,
-        pzt,
         pcnt,
         pset,
         ptv,
@@ -666,11 +666,8 @@ def _launch(
 
     tgt = slot_tgt[sl, :n_cols].long()  # [N, C]
     has = tgt >= 0
-    chunk_of = tgt.clamp_min(0) // chunk_cols  # the chunk that holds each target
-    z_t = pzt[chunk_of, sl[:, None], torch.arange(n_cols, device=device)]  # [N, C]
-    thr_o = thr[sl, :n_cols]
-    counts = pcnt[:, sl, :n_cols].sum(0, dtype=torch.int64) - (z_t > thr_o).long()
-    lp = torch.where(has, z_t - lse[sl, None], torch.nan)
+    counts = pcnt[:, sl, :n_cols].sum(0, dtype=torch.int64)
+    lp = torch.where(has, target_logprob(thr[sl, :n_cols], lse[sl, None]), torch.nan)
     outs["lp"][:, block] = lp.view(*shape, n_cols)
     outs["rank"][:, block] = torch.where(has, counts, -1).int().view(*shape, n_cols)
 

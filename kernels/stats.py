@@ -87,6 +87,12 @@ class LensStats:
         )
 
 
+def target_logprob(z_target: Tensor, lse: Tensor) -> Tensor:
+    """``z_t - lse``, at most 0: the Triton kernels take ``z_t`` from the pre-pass's dot product,
+    which may sit a rounding step above the logit the log-sum-exp saw."""
+    return (z_target - lse).clamp_max(0.0)
+
+
 def masked_stats(out: dict[str, Tensor], finite: Tensor, request: LensRequest) -> LensStats:
     """Assemble ``LensStats`` from an implementation's output buffers, flagging non-finite rows.
 

@@ -497,6 +497,23 @@ def _earlier_entries(path: Path) -> list[dict]:
     ]
 
 
+def _entry(r: dict, strategy: str, kernel: str, epilogue: str | None = None) -> dict:
+    """One ``kernel_sm90.json`` entry from a ``_compile_sm90`` result."""
+    entry = {"strategy": strategy, "kernel": kernel}
+    if epilogue is not None:
+        entry["epilogue"] = epilogue
+    return {
+        **entry,
+        "config": r["config"],
+        "spill_stores": r.get("spill_stores"),
+        "spill_loads": r.get("spill_loads"),
+        "shared_mem_bytes": r["shared_bytes"],
+        "registers": r.get("registers"),
+        "sass_instructions": r.get("sass_instructions"),
+        "wgmma": r.get("hgmma"),
+    }
+
+
 def sweep(out_dir: Path) -> Path:
     """``compile_only`` of every ``SWEEP_CONFIGS`` entry, written to ``kernel_sm90.json``:
     ``{strategy, config, spill_stores, spill_loads, shared_mem_bytes, registers,
@@ -511,40 +528,16 @@ def sweep(out_dir: Path) -> Path:
         config = dataclasses.replace(
             base, block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages
         )
-        r = compile_only(config)
         entries.append(
-            {
-                "strategy": "triton-fused",
-                "kernel": "_lens_main_kernel",
-                "epilogue": FUSED_EPILOGUE,
-                "config": r["config"],
-                "spill_stores": r.get("spill_stores"),
-                "spill_loads": r.get("spill_loads"),
-                "shared_mem_bytes": r["shared_bytes"],
-                "registers": r.get("registers"),
-                "sass_instructions": r.get("sass_instructions"),
-                "wgmma": r.get("hgmma"),
-            }
+            _entry(compile_only(config), "triton-fused", "_lens_main_kernel", FUSED_EPILOGUE)
         )
         print(json.dumps(entries[-1]), flush=True)
     from codelens.kernels.lens_chunked import LensChunkedConfig
 
     for block_r, block_v, warps in FOLD_SWEEP_CONFIGS:
         config = LensChunkedConfig(fold_block_r=block_r, fold_block_v=block_v, num_warps=warps)
-        r = compile_fold(config)
-        entries.append(
-            {
-                "strategy": "triton-chunked",
-                "kernel": "_fold_chunk_kernel (the GEMM is cuBLAS)",
-                "config": r["config"],
-                "spill_stores": r.get("spill_stores"),
-                "spill_loads": r.get("spill_loads"),
-                "shared_mem_bytes": r["shared_bytes"],
-                "registers": r.get("registers"),
-                "sass_instructions": r.get("sass_instructions"),
-                "wgmma": r.get("hgmma"),
-            }
-        )
+        kernel = "_fold_chunk_kernel (the GEMM is cuBLAS)"
+        entries.append(_entry(compile_fold(config), "triton-chunked", kernel))
         print(json.dumps(entries[-1]), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "kernel_sm90.json"

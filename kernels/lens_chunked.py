@@ -46,11 +46,11 @@ from codelens.kernels.norm_stage import (
     KIND_FINAL,
     KIND_HIDDEN,
     NEG_BIG,
-    PRECISIONS,
-    check_mode,
+    check_kernel_inputs,
     interpreting,
     post_flags,
     postprocess,
+    set_multiplicities,
     stage_dtype,
     stage_rows,
 )
@@ -58,6 +58,8 @@ from codelens.kernels.stats import (
     LensRequest,
     LensStats,
     check_inputs,
+    empty_outputs,
+    final_is_shared,
     masked_stats,
     target_logprob,
 )
@@ -310,42 +312,14 @@ def lens_stats_chunked(
         LensStats on ``hidden``'s device, non-finite rows flagged as in ``lens_stats_torch``.
     """
     check_inputs(hidden, targets, final_hidden, request, head.vocab_size, head.d_model)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    w_u = check_kernel_inputs(hidden, head, targets, request, final_hidden, precision)
     interpret = interpreting()
-    check_mode(interpret)
-    device = hidden.device
-    if device.type != "cuda" and not (device.type == "cpu" and interpret):
-        raise RuntimeError(
-            f"the Triton lens kernels need a CUDA device, got {device.type!r} (or set "
-            "TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)"
-        )
-    w_u = head.unembed
-    operands = {"hidden": hidden, "W_U": w_u}
-    if request.kl_final:
-        operands["final_hidden"] = final_hidden
-    for name, tensor in operands.items():
-        if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"{name} must be fp32, bf16 or fp16, got {tensor.dtype}")
-        if tensor.device != device:
-            raise ValueError(f"{name} is on {tensor.device}, hidden on {device}")
-    if w_u.stride(1) != 1:
-        w_u = w_u.contiguous()
     cfg = config or default_chunked_config(interpret)
 
+    device = hidden.device
     n_layers, n_tokens, _ = hidden.shape
-    n_cols, k = targets.shape[1], request.k
-    f32 = torch.float32
-    out = {
-        "lse": torch.empty(n_layers, n_tokens, dtype=f32, device=device),
-        "entropy": torch.empty(n_layers, n_tokens, dtype=f32, device=device),
-        "kl": torch.empty(n_layers, n_tokens, dtype=f32, device=device),
-        "lp": torch.empty(n_layers, n_tokens, n_cols, dtype=f32, device=device),
-        "rank": torch.empty(n_layers, n_tokens, n_cols, dtype=torch.int32, device=device),
-        "topk_ids": torch.empty(n_layers, n_tokens, k, dtype=torch.int32, device=device),
-        "topk_lp": torch.empty(n_layers, n_tokens, k, dtype=f32, device=device),
-        "sets": torch.empty(n_layers, n_tokens, len(request.token_sets), dtype=f32, device=device),
-    }
+    n_cols = targets.shape[1]
+    out = empty_outputs(n_layers, n_tokens, request, n_cols, device)
     finite = torch.ones(n_layers, n_tokens, dtype=torch.bool, device=device)
     if n_layers and n_tokens:
         _run_blocks(hidden, final_hidden, head, w_u, targets, request, cfg, precision, out, finite)
@@ -373,20 +347,13 @@ def _run_blocks(
     nsp = triton.next_power_of_2(max(n_sets, 1))
     fold_topk = k <= cfg.max_fold_k
     kp = triton.next_power_of_2(k) if fold_topk else 1
-    final_shared = (
-        final_hidden is not None
-        and final_hidden.data_ptr() == hidden[-1].data_ptr()
-        and final_hidden.stride() == hidden[-1].stride()
-    )
+    final_shared = final_is_shared(hidden, final_hidden)
     separate_final = request.kl_final and not final_shared
     rows_per_token = n_layers + int(separate_final)
     token_block = max(1, min(n_tokens, cfg.rows_per_gemm // rows_per_token))
     vocab_chunk = max(1, min(cfg.vocab_chunk, n_vocab))
 
-    set_mask = torch.zeros(max(n_sets, 1), n_vocab, dtype=torch.float32, device=device)
-    for j, (_, ids) in enumerate(request.token_sets):
-        ids = ids.to(device=device, dtype=torch.long)
-        set_mask[j].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+    set_mask = set_multiplicities(request, n_vocab, device)
     operand_dtype = stage_dtype(w_u, precision)
     bias = head.unembed_bias
     softcap = head.softcap if head.softcap is not None else 1.0

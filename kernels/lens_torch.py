@@ -30,7 +30,14 @@ import torch
 from torch import Tensor
 
 from codelens.kernels.head import Head
-from codelens.kernels.stats import LensRequest, LensStats, check_inputs, masked_stats
+from codelens.kernels.stats import (
+    LensRequest,
+    LensStats,
+    check_inputs,
+    empty_outputs,
+    final_is_shared,
+    masked_stats,
+)
 
 _LOW31 = 0x7FFFFFFF
 DEFAULT_VOCAB_CHUNK = 8192
@@ -215,23 +222,10 @@ def lens_stats_torch(
     set_chunks = _ids_by_chunk(request.token_sets, n_vocab, vocab_chunk, device)
     token_block = max(1, rows_per_step // (n_layers + 1))
 
-    final_is_last = (
-        final_hidden is not None
-        and final_hidden.data_ptr() == hidden[-1].data_ptr()
-        and final_hidden.stride() == hidden[-1].stride()
-    )
+    final_is_last = final_is_shared(hidden, final_hidden)
     finite = torch.isfinite(hidden).all(-1)  # [L, T]
     n_cols = targets.shape[1]
-    out = {
-        "lse": torch.empty(n_layers, n_tokens, device=device),
-        "entropy": torch.empty(n_layers, n_tokens, device=device),
-        "kl": torch.empty(n_layers, n_tokens, device=device),
-        "lp": torch.empty(n_layers, n_tokens, n_cols, device=device),
-        "rank": torch.empty(n_layers, n_tokens, n_cols, dtype=torch.int32, device=device),
-        "topk_ids": torch.empty(n_layers, n_tokens, request.k, dtype=torch.int32, device=device),
-        "topk_lp": torch.empty(n_layers, n_tokens, request.k, device=device),
-        "sets": torch.empty(n_layers, n_tokens, len(request.token_sets), device=device),
-    }
+    out = empty_outputs(n_layers, n_tokens, request, n_cols, device)
     for t0 in range(0, n_tokens, token_block):
         block = slice(t0, min(n_tokens, t0 + token_block))
         _token_block(

@@ -31,13 +31,13 @@ from codelens.kernels.norm_stage import (
     KIND_HIDDEN,
     KIND_PAD,
     NEG_BIG,
-    PRECISIONS,
-    check_mode,
+    check_kernel_inputs,
     dot_precision,
     interpreting,
     normalized_rows,
     post_flags,
     postprocess,
+    set_multiplicities,
     stage_dtype,
     stage_rows,
 )
@@ -45,6 +45,8 @@ from codelens.kernels.stats import (
     LensRequest,
     LensStats,
     check_inputs,
+    empty_outputs,
+    final_is_shared,
     masked_stats,
     target_logprob,
 )
@@ -394,72 +396,24 @@ def lens_stats_triton(
         statistics and -1 ranks and ids.
     """
     check_inputs(hidden, targets, final_hidden, request, head.vocab_size, head.d_model)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    w_u = check_kernel_inputs(hidden, head, targets, request, final_hidden, precision)
     interpret = interpreting()
-    check_mode(interpret)
-    device = hidden.device
-    if device.type != "cuda" and not (device.type == "cpu" and interpret):
-        raise RuntimeError(
-            f"the Triton lens kernel needs a CUDA device, got {device.type!r} (or set "
-            "TRITON_INTERPRET=1 to run it in Triton's CPU interpreter)"
-        )
-    w_u = head.unembed
-    operands = {"hidden": hidden, "W_U": w_u}
-    if request.kl_final:
-        operands["final_hidden"] = final_hidden
-    for name, tensor in operands.items():
-        if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"{name} must be fp32, bf16 or fp16, got {tensor.dtype}")
-        if tensor.device != device:
-            raise ValueError(f"{name} is on {tensor.device}, hidden on {device}")
-    if targets.shape[1] < 1:
-        raise ValueError("targets needs at least the next-token column")
-    if w_u.stride(1) != 1:
-        w_u = w_u.contiguous()
     cfg = config or default_config(head.d_model, interpret)
 
-    n_layers, n_tokens, d = hidden.shape
-    n_vocab = head.vocab_size
-    k, n_cols, n_sets = request.k, targets.shape[1], len(request.token_sets)
-    f32 = torch.float32
-    out_lse = torch.empty(n_layers, n_tokens, dtype=f32, device=device)
-    out_ent = torch.empty_like(out_lse)
-    out_kl = torch.empty_like(out_lse)
-    out_lp = torch.empty(n_layers, n_tokens, n_cols, dtype=f32, device=device)
-    out_rank = torch.empty(n_layers, n_tokens, n_cols, dtype=torch.int32, device=device)
-    out_ids = torch.empty(n_layers, n_tokens, k, dtype=torch.int32, device=device)
-    out_tlp = torch.empty(n_layers, n_tokens, k, dtype=f32, device=device)
-    out_sets = torch.empty(n_layers, n_tokens, n_sets, dtype=f32, device=device)
+    device = hidden.device
+    n_layers, n_tokens, _ = hidden.shape
+    n_cols = targets.shape[1]
+    outs = empty_outputs(n_layers, n_tokens, request, n_cols, device)
     finite = torch.ones(n_layers, n_tokens, dtype=torch.bool, device=device)
 
     if n_layers and n_tokens:
-        final_shared = (
-            final_hidden is not None
-            and final_hidden.data_ptr() == hidden[-1].data_ptr()
-            and final_hidden.stride() == hidden[-1].stride()
-        )
+        final_shared = final_is_shared(hidden, final_hidden)
         layout = _plan_layout(n_layers, cfg.block_m, request.kl_final, final_shared)
-        # Multiplicities, not membership: like the torch path and the oracle, an id listed twice
-        # counts twice (the engine passes de-duplicated sets).
-        set_mask = torch.zeros(max(n_sets, 1), n_vocab, dtype=torch.float32, device=device)
-        for j, (_, ids) in enumerate(request.token_sets):
-            ids = ids.to(device=device, dtype=torch.long)
-            set_mask[j].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+        set_mask = set_multiplicities(request, head.vocab_size, device)
         slots_per_token = layout.groups * layout.lb
         tokens_per_launch = max(1, cfg.max_slots // slots_per_token) // layout.tb * layout.tb
         tokens_per_launch = max(layout.tb, tokens_per_launch)
-        outs = {
-            "lse": out_lse,
-            "entropy": out_ent,
-            "kl": out_kl,
-            "lp": out_lp,
-            "rank": out_rank,
-            "topk_ids": out_ids,
-            "topk_lp": out_tlp,
-            "sets": out_sets,
-            "finite": finite,
-        }
+        outs["finite"] = finite
         for t0 in range(0, n_tokens, tokens_per_launch):
             t1 = min(n_tokens, t0 + tokens_per_launch)
             _launch(
@@ -591,7 +545,6 @@ def _launch(
     n_tiles = triton.cdiv(n_vocab, bn)
     chunk_tiles = max(1, min(n_tiles, triton.cdiv(cfg.vocab_chunk, bn)))
     n_chunks = triton.cdiv(n_tiles, chunk_tiles)
-    chunk_cols = chunk_tiles * bn
     pf = torch.empty(4, n_chunks, r_pad, dtype=torch.float32, device=device)
     pcnt = torch.empty(n_chunks, r_pad, cp, dtype=torch.int32, device=device)
     pset = torch.empty(n_chunks, r_pad, nsp, dtype=torch.float32, device=device)

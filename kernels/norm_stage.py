@@ -287,6 +287,56 @@ def check_mode(interpret: bool) -> None:
         )
 
 
+def set_multiplicities(request, n_vocab: int, device: torch.device) -> Tensor:
+    """``[max(S, 1), V]`` fp32: how often each id is listed in each token set. Multiplicities, not
+    membership: like the torch path and the oracle, an id listed twice counts twice (the engine
+    passes de-duplicated sets)."""
+    mask = torch.zeros(max(len(request.token_sets), 1), n_vocab, dtype=torch.float32, device=device)
+    for j, (_, ids) in enumerate(request.token_sets):
+        ids = ids.to(device=device, dtype=torch.long)
+        mask[j].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+    return mask
+
+
+def check_kernel_inputs(
+    hidden: Tensor,
+    head: Head,
+    targets: Tensor,
+    request,
+    final_hidden: Tensor | None,
+    precision: str,
+) -> Tensor:
+    """Validate a Triton strategy's arguments (beyond ``stats.check_inputs``): precision, device,
+    operand dtypes. Returns ``W_U`` with unit stride along ``d``.
+
+    Raises:
+        ValueError: a bad precision, dtype or device mismatch; RuntimeError: no CUDA device and
+            no interpreter.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    interpret = interpreting()
+    check_mode(interpret)
+    device = hidden.device
+    if device.type != "cuda" and not (device.type == "cpu" and interpret):
+        raise RuntimeError(
+            f"the Triton lens kernels need a CUDA device, got {device.type!r} (or set "
+            "TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)"
+        )
+    w_u = head.unembed
+    operands = {"hidden": hidden, "W_U": w_u}
+    if request.kl_final:
+        operands["final_hidden"] = final_hidden
+    for name, tensor in operands.items():
+        if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} must be fp32, bf16 or fp16, got {tensor.dtype}")
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device}, hidden on {device}")
+    if targets.shape[1] < 1:
+        raise ValueError("targets needs at least the next-token column")
+    return w_u if w_u.stride(1) == 1 else w_u.contiguous()
+
+
 def normalized_rows(rows: Tensor, head: Head, precision: str = "model") -> Tensor:
     """The normalised rows exactly as the kernel's MMA sees them (for tests and probes).
 

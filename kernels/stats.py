@@ -87,6 +87,36 @@ class LensStats:
         )
 
 
+def empty_outputs(
+    n_layers: int, n_tokens: int, request: LensRequest, n_cols: int, device: torch.device
+) -> dict[str, Tensor]:
+    """The output buffers every implementation fills and ``masked_stats`` assembles: ``lse,
+    entropy, kl [L, T]``, ``lp, rank [L, T, n_cols]`` (target column first), ``topk_ids, topk_lp
+    [L, T, k]`` and ``sets [L, T, S]``; fp32, ranks and ids int32."""
+    shape, f32, i32 = (n_layers, n_tokens), torch.float32, torch.int32
+    k, n_sets = request.k, len(request.token_sets)
+    return {
+        "lse": torch.empty(shape, dtype=f32, device=device),
+        "entropy": torch.empty(shape, dtype=f32, device=device),
+        "kl": torch.empty(shape, dtype=f32, device=device),
+        "lp": torch.empty(*shape, n_cols, dtype=f32, device=device),
+        "rank": torch.empty(*shape, n_cols, dtype=i32, device=device),
+        "topk_ids": torch.empty(*shape, k, dtype=i32, device=device),
+        "topk_lp": torch.empty(*shape, k, dtype=f32, device=device),
+        "sets": torch.empty(*shape, n_sets, dtype=f32, device=device),
+    }
+
+
+def final_is_shared(hidden: Tensor, final_hidden: Tensor | None) -> bool:
+    """Whether ``final_hidden`` is ``hidden[-1]`` itself (same storage and strides): the last
+    layer is then its own KL reference."""
+    return (
+        final_hidden is not None
+        and final_hidden.data_ptr() == hidden[-1].data_ptr()
+        and final_hidden.stride() == hidden[-1].stride()
+    )
+
+
 def target_logprob(z_target: Tensor, lse: Tensor) -> Tensor:
     """``z_t - lse``, at most 0: the Triton kernels take ``z_t`` from the pre-pass's dot product,
     which may sit a rounding step above the logit the log-sum-exp saw."""

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from codelens.engine.errors import SpecError
 
@@ -86,6 +95,41 @@ class TokensSpec(_Strict):
         return self
 
 
+class LanguageTokenSet(_Strict):
+    """A token set made from a programming language's own words, as its Pygments lexer lists them
+    (any language Pygments knows: ``python``, ``javascript``, ``c``, ``perl``, ``bash``, ...).
+
+    Each word counts the first token of its encoding after a space and at the start of a line
+    (``" def"`` and ``"\\ndef"``), so both the usual spellings of the word in code are in the set.
+    """
+
+    keywords: str | None = None
+    """Language whose keywords (and keyword constants such as ``True``, ``null``) join the set."""
+    builtins: str | None = None
+    """Language whose builtin names (``print``, ``len``; ``echo`` for bash) join the set."""
+    exclusive: bool = False
+    """Drop the ids any other set of the job also has, so that overlapping sets (``in`` is a
+    keyword of Python and of JavaScript) do not count the same mass twice."""
+
+    @model_validator(mode="after")
+    def _some_language(self) -> LanguageTokenSet:
+        if self.keywords is None and self.builtins is None:
+            raise ValueError("a language token set needs keywords: LANG and/or builtins: LANG")
+        return self
+
+
+def _token_set_kind(value: Any) -> str:
+    return "[language]" if isinstance(value, dict | LanguageTokenSet) else "[list]"
+
+
+TokenSetEntries = Annotated[
+    Annotated[list[str | int], Tag("[list]")] | Annotated[LanguageTokenSet, Tag("[language]")],
+    Discriminator(_token_set_kind),
+]
+"""A token set: a list of strings and ids, or a ``LanguageTokenSet`` mapping. The tags (in
+brackets) keep errors to the form the user wrote; ``_format_error`` leaves them out."""
+
+
 class LensSpec(_Strict):
     """What to compute per (token, layer)."""
 
@@ -99,9 +143,12 @@ class LensSpec(_Strict):
     """Store KL(final || layer) in nats."""
     entropy: bool = True
     """Store the entropy of each layer's lens distribution in nats."""
-    token_sets: dict[str, list[str | int]] = {}
+    token_sets: dict[str, TokenSetEntries] = {}
     """Named token sets: log of the probability mass on the set per row (column set_<name>). A
-    string counts the first token of its encoding without special tokens; an int is a token id."""
+    list: a string counts the first token of its encoding without special tokens, an int is a
+    token id. A mapping ``{keywords: LANG}`` and/or ``{builtins: LANG}``: a language's words from
+    its Pygments lexer (``LanguageTokenSet``). job.json records every set's ids and the overlaps
+    between sets (``resolved.token_set_overlaps``)."""
     impl: Literal["auto", "torch", "triton", "triton-fused", "triton-chunked"] = "auto"
     """'auto': a Triton strategy on a CUDA GPU, the vocab-chunked torch path elsewhere. 'triton':
     the default strategy for the model's width and k; 'triton-fused' (one kernel: GEMM tiles with
@@ -152,7 +199,7 @@ class LensSpec(_Strict):
 
     @field_validator("token_sets")
     @classmethod
-    def _set_names(cls, v: dict[str, list[str | int]]) -> dict[str, list[str | int]]:
+    def _set_names(cls, v: dict[str, Any]) -> dict[str, Any]:
         for name, entries in v.items():
             if not name.isidentifier():
                 raise ValueError(
@@ -246,7 +293,8 @@ class JobSpec(_Strict):
 def _format_error(err: ValidationError, *, section: str = "", what: str = "job spec") -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join([section] * bool(section) + [str(p) for p in e["loc"]]) or "(top level)"
+        parts = [str(p) for p in e["loc"] if not str(p).startswith("[")]  # union tags
+        loc = ".".join([section] * bool(section) + parts) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `codelens schema` lists the allowed keys)"

@@ -139,6 +139,7 @@ class LensWorker:
             "tokenizer_vocab": len(self.loaded.tokenizer),
             "d_model": parts.head.d_model,
             "token_sets": lens.token_set_ids,
+            "token_set_overlaps": lens.token_set_overlaps,
             "self_check_max_abs_err": self.loaded.self_check_max_abs_err,
             "impl_check_max_abs_err": self.runner.impl_check_max_abs_err,
             "model_source": self.loaded.source.record() if self.loaded.source else None,

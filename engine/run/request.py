@@ -16,16 +16,17 @@ Every bad request raises :class:`SpecError` naming the field and the fix.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from codelens.engine.data.language_words import WORD_KINDS, UnknownLanguageError, language_words
 from codelens.engine.errors import SpecError, UnsupportedArchitectureError
 from codelens.engine.model.loading import LoadedModel
 from codelens.engine.model.surgery import attn_residual_modules, router_modules
 from codelens.engine.row_schema import SITES
-from codelens.engine.schemas import LensSpec
+from codelens.engine.schemas import LanguageTokenSet, LensSpec
 from codelens.kernels import LensImpl, LensRequest, resolve_impl
 
 BLOCK_SITE, ATTN_SITE = SITES.index("block"), SITES.index("attn")
@@ -44,28 +45,92 @@ def resolve_layers(spec_layers: str | Sequence[int], n_blocks: int) -> list[int]
     return list(spec_layers)
 
 
+def _word_ids(word: str, tokenizer) -> list[int]:
+    """First token of ``word`` after a space and at the start of a line (after a newline)."""
+    ids = []
+    spaced = tokenizer.encode(" " + word, add_special_tokens=False)
+    if spaced:
+        ids.append(spaced[0])
+    # At a line start: the first token that is not only the newline (a tokenizer may also merge
+    # the newline into the word's token; that token is the one the model sees there).
+    for token in tokenizer.encode("\n" + word, add_special_tokens=False):
+        if tokenizer.decode([token]).strip():
+            ids.append(token)
+            break
+    return ids
+
+
+def _language_ids(name: str, source: LanguageTokenSet, tokenizer) -> list[int]:
+    """The ids of a ``{keywords: LANG, builtins: LANG}`` set."""
+    ids: list[int] = []
+    for kind in WORD_KINDS:
+        language = getattr(source, kind)
+        if language is None:
+            continue
+        try:
+            words = language_words(language, kind)
+        except UnknownLanguageError as exc:
+            raise SpecError(f"lens.token_sets.{name}.{kind}: {exc}") from None
+        if not words:
+            raise SpecError(
+                f"lens.token_sets.{name}.{kind}: Pygments' {language!r} lexer lists no {kind}; "
+                f"use {'builtins' if kind == 'keywords' else 'keywords'}: {language}, or list "
+                "the words yourself"
+            )
+        for word in words:
+            ids += _word_ids(word, tokenizer)
+    return ids
+
+
 def resolve_token_sets(
-    token_sets: dict[str, list[str | int]], tokenizer, vocab_size: int
-) -> tuple[tuple[str, Tensor], ...]:
-    """Token-set entries to ids: a string counts the first token of its encoding (no specials)."""
-    resolved = []
+    token_sets: dict[str, list[str | int] | LanguageTokenSet], tokenizer, vocab_size: int
+) -> tuple[tuple[tuple[str, Tensor], ...], dict[str, int]]:
+    """Token-set entries to ids: a string counts the first token of its encoding (no specials),
+    an int is an id, a ``LanguageTokenSet`` expands to its language's words.
+
+    Returns:
+        ``(name, sorted unique ids)`` per set, and the overlaps between sets before any
+        ``exclusive`` removal: ``{"a&b": shared ids}`` for each pair that shares some.
+    """
+    resolved: dict[str, set[int]] = {}
     for name, entries in token_sets.items():
         ids: list[int] = []
-        for entry in entries:
-            if isinstance(entry, int):
-                if not 0 <= entry < vocab_size:
-                    raise SpecError(
-                        f"lens.token_sets.{name}: id {entry} is outside the vocabulary "
-                        f"[0, {vocab_size})"
-                    )
-                ids.append(entry)
-            else:
-                encoded = tokenizer.encode(entry, add_special_tokens=False)
-                if not encoded:
-                    raise SpecError(f"lens.token_sets.{name}: {entry!r} encodes to no tokens")
-                ids.append(encoded[0])
-        resolved.append((name, torch.tensor(sorted(set(ids)), dtype=torch.long)))
-    return tuple(resolved)
+        if isinstance(entries, LanguageTokenSet):
+            ids = _language_ids(name, entries, tokenizer)
+        else:
+            for entry in entries:
+                if isinstance(entry, int):
+                    if not 0 <= entry < vocab_size:
+                        raise SpecError(
+                            f"lens.token_sets.{name}: id {entry} is outside the vocabulary "
+                            f"[0, {vocab_size})"
+                        )
+                    ids.append(entry)
+                else:
+                    encoded = tokenizer.encode(entry, add_special_tokens=False)
+                    if not encoded:
+                        raise SpecError(f"lens.token_sets.{name}: {entry!r} encodes to no tokens")
+                    ids.append(encoded[0])
+        resolved[name] = {i for i in ids if 0 <= i < vocab_size}
+    names = list(resolved)
+    overlaps = {
+        f"{a}&{b}": len(resolved[a] & resolved[b])
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if resolved[a] & resolved[b]
+    }
+    final = {}
+    for name, ids in resolved.items():
+        if isinstance(token_sets[name], LanguageTokenSet) and token_sets[name].exclusive:
+            others = set().union(*(resolved[o] for o in names if o != name))
+            ids = ids - others
+            if not ids:
+                raise SpecError(
+                    f"lens.token_sets.{name}: every id is also in another set, so exclusive: "
+                    "true leaves it empty; drop exclusive or the overlapping set"
+                )
+        final[name] = torch.tensor(sorted(ids), dtype=torch.long)
+    return tuple(final.items()), overlaps
 
 
 @dataclass(frozen=True)
@@ -86,6 +151,8 @@ class ResolvedLens:
         request: what the lens kernels compute (token-set ids on the model's device).
         impl: the lens implementation for the model's device.
         token_set_ids: token-set name -> sorted vocabulary ids (recorded in job.json).
+        token_set_overlaps: ``"a&b"`` -> ids the two sets share, before ``exclusive`` removal
+            (recorded in job.json).
         pad_id: the id used to right-pad batches.
         routers: per block, its mixture-of-experts router (None for a dense block); None unless
             ``spec.router_topk``.
@@ -104,6 +171,7 @@ class ResolvedLens:
     impl: LensImpl
     token_set_ids: dict[str, list[int]]
     pad_id: int
+    token_set_overlaps: dict[str, int] = field(default_factory=dict)
     routers: tuple[nn.Module | None, ...] | None = None
     router_k: int = 0
 
@@ -170,7 +238,7 @@ def resolve_lens(lens: LensSpec, loaded: LoadedModel) -> ResolvedLens:
             f"lens.k={lens.k} is larger than the vocabulary ({head.vocab_size} rows); "
             f"choose k <= {head.vocab_size}"
         )
-    token_sets = resolve_token_sets(lens.token_sets, loaded.tokenizer, head.vocab_size)
+    token_sets, overlaps = resolve_token_sets(lens.token_sets, loaded.tokenizer, head.vocab_size)
     try:
         impl = resolve_impl(LensImpl(lens.impl), loaded.device, d_model=head.d_model, k=lens.k)
     except RuntimeError as exc:  # kernels/ cannot raise our errors; the reason names the fix
@@ -193,6 +261,7 @@ def resolve_lens(lens: LensSpec, loaded: LoadedModel) -> ResolvedLens:
         ),
         impl=impl,
         token_set_ids={name: ids.tolist() for name, ids in token_sets},
+        token_set_overlaps=overlaps,
         pad_id=pad_id if pad_id is not None else 0,
         routers=routers,
         router_k=router_k,

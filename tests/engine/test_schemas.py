@@ -38,6 +38,11 @@ def test_spec_is_frozen():
         ({"lens": {"lookahead": [1]}}, ["lens.lookahead.0", "greater than or equal to 2"]),
         ({"tokens": {"window": 16, "overlap": 15}}, ["tokens:", "overlap (15) must be smaller"]),
         ({"lens": {"token_sets": {"a-b": ["x"]}}}, ["lens.token_sets", "identifier"]),
+        ({"lens": {"token_sets": {"js": {}}}}, ["lens.token_sets.js", "keywords: LANG"]),
+        (
+            {"lens": {"token_sets": {"js": {"keywords": "javascript", "exclusiv": True}}}},
+            ["lens.token_sets.js", "exclusiv: unknown key"],
+        ),
         ({"execution": {"batch_tokens": 64}}, ["batch_tokens (64) must be at least tokens.window"]),
         ({"schema_version": 2}, ["schema_version", "got 2"]),
         ({"corpus": {"paths": []}}, ["corpus.paths", "at least 1 item"]),

@@ -339,6 +339,27 @@ def _run_blocks(
     finite: Tensor,
 ) -> None:
     """Every token block: stage, then GEMM + fold per vocabulary chunk, then finish its rows."""
+    operand_dtype = stage_dtype(w_u, precision)
+    # fp32 operands in "model" precision: TF32 tensor cores (kernels/DESIGN.md gives the error),
+    # switched on once for the whole call rather than around every chunk's GEMM.
+    tf32 = hidden.device.type == "cuda" and operand_dtype == torch.float32 and precision == "model"
+    with _tf32(tf32):
+        _blocks(hidden, final_hidden, head, w_u, targets, request, cfg, precision, out, finite)
+
+
+def _blocks(
+    hidden: Tensor,
+    final_hidden: Tensor | None,
+    head: Head,
+    w_u: Tensor,
+    targets: Tensor,
+    request: LensRequest,
+    cfg: LensChunkedConfig,
+    precision: str,
+    out: dict[str, Tensor],
+    finite: Tensor,
+) -> None:
+    """``_run_blocks`` inside its matmul-precision setting."""
     device = hidden.device
     n_layers, n_tokens, _ = hidden.shape
     n_vocab = head.vocab_size
@@ -362,8 +383,6 @@ def _run_blocks(
         token_block * rows_per_token * vocab_chunk, dtype=torch.float32, device=device
     )
     layers = torch.arange(n_layers, device=device)
-    # fp32 operands in "model" precision: TF32 tensor cores (kernels/DESIGN.md gives the error).
-    use_tf32 = device.type == "cuda" and operand_dtype == torch.float32 and precision == "model"
 
     for t0 in range(0, n_tokens, token_block):
         nt = min(n_tokens, t0 + token_block) - t0
@@ -401,9 +420,8 @@ def _run_blocks(
             n = min(n_vocab, v0 + vocab_chunk) - v0
             z = buf[: n_rows * n].view(n_rows, n)
             w = w_u[v0 : v0 + n]
-            with _tf32(use_tf32):
-                # precision "fp32" with a 16-bit head: the chunk widened (exact), IEEE products.
-                matmul_fp32(x_stage, w if w.dtype == operand_dtype else w.float(), z)
+            # precision "fp32" with a 16-bit head: the chunk widened (exact), IEEE products.
+            matmul_fp32(x_stage, w if w.dtype == operand_dtype else w.float(), z)
             _fold_chunk_kernel[(triton.cdiv(n_rows, cfg.fold_block_r),)](
                 z,
                 ref,

@@ -74,7 +74,22 @@ def reference(loaded, ids: list[int], bos: int | None, request: LensRequest, off
         for c, o in enumerate((1, *offsets)):
             if i + o < n:
                 targets[i, c] = ids[i + o]
-    return lens_stats_from_logits(z, targets, request, z[-1])
+    return lens_stats_from_logits(z, targets, request, z[-1]), z, targets
+
+
+def rank_bounds(z: torch.Tensor, targets: torch.Tensor, tol: float) -> tuple[np.ndarray, ...]:
+    """``(lo, hi)`` ``[L, n, C]``: the ranks a float32 computation may give each target.
+
+    ``lo`` counts the logits above the target's by more than ``tol``, ``hi`` those above it by
+    more than ``-tol``: a logit within ``tol`` of the target's may land on either side of it.
+    -1 where there is no target.
+    """
+    t = z.gather(-1, targets.clamp(min=0).expand(z.shape[0], -1, -1))  # [L, n, C]
+    gap = z[:, :, None, :] - t[..., None]  # [L, n, C, V]
+    lo = (gap > tol).sum(-1).numpy()
+    hi = (gap > -tol).sum(-1).numpy() - 1  # the target itself is within -tol
+    none = (targets < 0).expand_as(t).numpy()
+    return np.where(none, -1, lo), np.where(none, -1, hi)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES + MODERN_FAMILIES + MULTIMODAL_FAMILIES)
@@ -124,7 +139,7 @@ def test_every_family_every_column_matches_the_float64_reference(
         text = (tmp_path / "corpus" / Path(d["source"]).name).read_text()
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert d["n_tokens"] == len(ids)
-        want = reference(loaded, ids, bos, request)
+        want, logits, targets = reference(loaded, ids, bos, request)
         mine = rows["doc"] == d["doc"]
         order = np.lexsort(
             (rows["pos"][mine], rows["layer"][mine])
@@ -153,9 +168,12 @@ def test_every_family_every_column_matches_the_float64_reference(
             assert torch.equal(a.isnan(), b.isnan()), name
             err = (a - b).abs().nan_to_num(0).max().item()
             assert err < 1e-4, f"{family} {name}: max error {err:.2e}"
-        # Ranks: exact (the tiny models' random logits have no near-ties at these sizes).
-        assert (col("target_rank") == want.target_rank.numpy()).all()
-        assert (col("ahead_rank") == want.ahead_rank.numpy()).all()
+        # Ranks: exact up to logits within float32 error of the target's (a tiny random model
+        # can put two logits 1e-6 apart).
+        lo, hi = rank_bounds(logits, targets, 1e-4)
+        ranks = np.concatenate([col("target_rank")[..., None], col("ahead_rank")], axis=-1)
+        assert ((lo <= ranks) & (ranks <= hi)).all(), f"{family}: a rank beyond float32 ties"
+        assert (hi - lo).mean() < 1.0  # the bound is not vacuous: under one tie per row
         assert (col("topk_ids") == want.topk_ids.numpy()).all()
         assert col("residual_finite").all()
         seen += 1

@@ -44,12 +44,18 @@ def lens_schema(
         pa.field("site", SITE_TYPE, nullable=False),
         pa.field("token_id", pa.int32(), nullable=False),
         pa.field("target_id", pa.int32(), nullable=False),
+        # Copying and frequency (codelens.engine.data.repeats): the target already occurs earlier
+        # in the document (null: no target), floor(log2(its corpus count)) (-1: no target).
+        pa.field("target_seen", pa.bool_()),
+        pa.field("target_freq_bucket", pa.int8(), nullable=False),
         # Where the token is in its source (codelens.engine.data.syntax); null only for windows
         # planned without spans (hand-made WindowTasks).
         pa.field("line", pa.int32()),
         pa.field("byte_start", pa.int32()),
         pa.field("byte_end", pa.int32()),
         pa.field("category", CATEGORY_TYPE),
+        # The token's line repeats an earlier line of the document (leading whitespace ignored).
+        pa.field("line_repeat", pa.bool_()),
         pa.field("lse", pa.float32()),
     ]
     if entropy:

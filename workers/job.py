@@ -197,7 +197,7 @@ def _run_locked(
         )
         with tracker:
             todo = set(pending)
-            shards = (s for s in iter_shards(spec, tokenizer) if s.index in todo)
+            shards = (s for s in iter_shards(spec, tokenizer, plan.token_counts) if s.index in todo)
             executor.run(shards, commit, tracker)
             run_dir.clear_staging()  # what is left there are parts of dropped attempts
             write_summary(run_dir, spec, docs_status, resolved)

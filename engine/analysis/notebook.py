@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from codelens.engine.analysis.grid import METRICS, compute_grid, grid_figure
 from codelens.engine.data.corpus import text_document
-from codelens.engine.data.plan import plan_windows
+from codelens.engine.data.plan import plan_document
 from codelens.engine.data.windows import Shard
 from codelens.engine.errors import SpecError
 from codelens.engine.model.loading import LoadedModel, load_model
@@ -157,7 +157,7 @@ class Lens:
         document = text_document(source, language=language)
         if not document.ok:
             raise SpecError(f"Lens.text: the text is {document.status}: give some code")
-        windows = tuple(plan_windows([document], self.tokenizer, tokens, lens.lookahead))
+        windows = plan_document(document, self.tokenizer, tokens, lens.lookahead)
         if not windows:
             raise SpecError("Lens.text: the text has no tokens: give some code")
         runner = ShardRunner(lens, self.loaded, batch_tokens=execution.batch_tokens)

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from codelens.engine.data.corpus import Document, read_corpus
+from codelens.engine.data.repeats import CopyFeatures, TokenCounts
 from codelens.engine.data.tokenize import tokenize_documents
 from codelens.engine.data.windows import (
     Shard,
@@ -35,10 +36,13 @@ class CorpusPlan:
     Attributes:
         docs: the docs.parquet table (doc, source, n_tokens, status, language).
         shard_tokens: emitted tokens of each shard, by shard index.
+        token_counts: ``[max id + 1]`` occurrences of each token id over the ``ok`` documents
+            (the ``target_freq_bucket`` column's counts).
     """
 
     docs: pa.Table
     shard_tokens: tuple[int, ...]
+    token_counts: np.ndarray
 
     @property
     def n_tokens(self) -> int:
@@ -75,12 +79,16 @@ def plan_windows(
     *,
     docs_sink: list | None = None,
     annotate: bool = True,
+    token_counts: np.ndarray | None = None,
+    counts_sink: TokenCounts | None = None,
 ) -> Iterator[WindowTask]:
     """Windows with their targets, in corpus order; records each document in ``docs_sink``.
 
     With ``annotate`` each window also carries its emitted tokens' byte spans, lines and syntax
     categories (``codelens.engine.data.syntax``), from the same single tokenizer pass as the ids.
     The counting pass (``plan_corpus``) needs only the ids and skips that work (and the lexer).
+    Annotated windows also carry their tokens' copying features (``codelens.engine.data.repeats``:
+    ``target_seen``, ``line_repeat``, and ``target_freq_bucket`` from ``token_counts``).
 
     Args:
         documents: the corpus, in order.
@@ -88,7 +96,10 @@ def plan_windows(
         tokens: the job's ``tokens`` section (window, overlap, BOS).
         lookahead: the look-ahead offsets of the targets (``lens.lookahead``).
         docs_sink: when given, gets one docs.parquet row per document.
-        annotate: compute the spans.
+        annotate: compute the spans and copying features.
+        token_counts: corpus occurrences per token id (``CorpusPlan.token_counts``); None leaves
+            ``target_freq_bucket`` at -1.
+        counts_sink: when given, counts the ids of every ``ok`` document.
     """
     bos = bos_id(tokens, tokenizer)
     tokenized = tokenize_documents(documents, tokenizer, spans=annotate)
@@ -102,6 +113,12 @@ def plan_windows(
             )
         if not ids:
             continue
+        if counts_sink is not None and document.ok:
+            counts_sink.add(ids)
+        copy = None
+        if annotate:
+            lines = None if spans is None else spans.line
+            copy = CopyFeatures.of_document(ids, token_counts, document.text, lines)
         for w in make_windows(
             document.doc, ids, window=tokens.window, overlap=tokens.overlap, bos_id=bos
         ):
@@ -116,40 +133,60 @@ def plan_windows(
                 np.ascontiguousarray(columns.T),
                 language=document.language,
                 spans=None if spans is None else spans.slice(w.first_pos, w.first_pos + w.n_emit),
+                copy=None if copy is None else copy.slice(w.first_pos, w.first_pos + w.n_emit),
             )
 
 
-def _window_tasks(
-    spec: JobSpec, tokenizer: Any, docs_sink: list | None, *, annotate: bool = True
-) -> Iterator[WindowTask]:
-    """:func:`plan_windows` over the job's corpus."""
-    return plan_windows(
+def plan_document(
+    document: Document, tokenizer: Any, tokens: TokensSpec, lookahead: Sequence[int]
+) -> tuple[WindowTask, ...]:
+    """The windows of a corpus of one document (the notebook API's ``Lens.text``).
+
+    Two passes, as for a job: the first counts the document's token ids (its corpus is itself),
+    the second plans the windows with those counts.
+    """
+    counts = TokenCounts()
+    for _ in plan_windows([document], tokenizer, tokens, lookahead, annotate=False, counts_sink=counts):
+        pass
+    return tuple(
+        plan_windows([document], tokenizer, tokens, lookahead, token_counts=counts.counts)
+    )
+
+
+def iter_shards(
+    spec: JobSpec, tokenizer: Any, token_counts: np.ndarray | None = None
+) -> Iterator[Shard]:
+    """The job's shards in order; each holds its ``WindowTask``s.
+
+    Args:
+        spec: the job.
+        tokenizer: the model's tokenizer.
+        token_counts: ``CorpusPlan.token_counts`` of the same job (None: ``target_freq_bucket``
+            is -1 in every row).
+    """
+    windows = plan_windows(
+        _documents(spec), tokenizer, spec.tokens, spec.lens.lookahead, token_counts=token_counts
+    )
+    return plan_shards(windows, spec.output.shard_tokens)
+
+
+def plan_corpus(spec: JobSpec, tokenizer: Any) -> CorpusPlan:
+    """Counting pass: docs.parquet content, tokens per shard and token counts (no windows kept)."""
+    docs: list[tuple] = []
+    counts = TokenCounts()
+    windows = plan_windows(
         _documents(spec),
         tokenizer,
         spec.tokens,
         spec.lens.lookahead,
-        docs_sink=docs_sink,
-        annotate=annotate,
+        docs_sink=docs,
+        annotate=False,
+        counts_sink=counts,
     )
-
-
-def iter_shards(spec: JobSpec, tokenizer: Any) -> Iterator[Shard]:
-    """The job's shards in order; each holds its ``WindowTask``s."""
-    return plan_shards(_window_tasks(spec, tokenizer, None), spec.output.shard_tokens)
-
-
-def plan_corpus(spec: JobSpec, tokenizer: Any) -> CorpusPlan:
-    """Counting pass: docs.parquet content and tokens per shard (windows are not kept)."""
-    docs: list[tuple] = []
-    shard_tokens = tuple(
-        s.n_tokens
-        for s in plan_shards(
-            _window_tasks(spec, tokenizer, docs, annotate=False), spec.output.shard_tokens
-        )
-    )
+    shard_tokens = tuple(s.n_tokens for s in plan_shards(windows, spec.output.shard_tokens))
     columns = list(zip(*docs, strict=True)) if docs else [[] for _ in DOCS_SCHEMA]
     table = pa.Table.from_arrays(
         [pa.array(col, type=field.type) for col, field in zip(columns, DOCS_SCHEMA, strict=True)],
         schema=DOCS_SCHEMA,
     )
-    return CorpusPlan(table, shard_tokens)
+    return CorpusPlan(table, shard_tokens, counts.counts)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from codelens.engine.data.repeats import CopyFeatures
 from codelens.engine.data.syntax import TokenSpans
 
 __all__ = [
@@ -83,6 +84,7 @@ class WindowTask:
     targets: np.ndarray
     language: str | None = None
     spans: TokenSpans | None = None
+    copy: CopyFeatures | None = None
 
     @property
     def n_emit(self) -> int:

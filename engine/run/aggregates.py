@@ -58,10 +58,20 @@ CONVERGENCE_DEFINITION = (
 
 ATTN_PREFIX = "attn:"
 """Partials of ``attn``-site rows are keyed ``attn:<layer>`` (block rows: ``<layer>``)."""
-GROUP_KINDS = ("category", "language", "position", "column")
-"""Groupings of summary.json: syntax category, document language, and the log2 buckets of the
-token's position in its document and of its byte column within its line."""
+GROUP_KINDS = ("category", "language", "position", "column", "seen", "freq_bucket", "line_repeat")
+"""Groupings of summary.json: syntax category, document language, the log2 buckets of the
+token's position in its document and of its byte column within its line, and the copying features
+(``codelens.engine.data.repeats``): whether the target was seen earlier in the document, the log2
+bucket of the target's corpus count, and whether the token's line repeats an earlier line."""
 N_POSITION_BUCKETS = 32
+SEEN_NAMES = ("seen", "novel")
+"""Groups of ``by_seen``: the target occurs earlier in the document / it does not."""
+LINE_REPEAT_NAMES = ("repeated", "not_repeated")
+"""Groups of ``by_line_repeat``: the token's line repeats an earlier line / it does not."""
+N_FREQ_BUCKETS = 64
+FREQ_BUCKET_NAMES = tuple(str(b) for b in range(N_FREQ_BUCKETS))
+"""``by_freq_bucket`` groups: ``"b"`` holds targets seen ``2^b .. 2^(b+1) - 1`` times in the
+corpus (``floor(log2(count))``)."""
 
 
 def bucket_names() -> list[str]:
@@ -373,11 +383,23 @@ def token_groups(windows: Sequence[WindowTask]) -> GroupIds:
         )
     )
     buckets = bucket_names()
+
+    def copy_feature(name: str) -> np.ndarray:
+        return per_token(
+            lambda w: no_spans(w) if w.copy is None else getattr(w.copy, name).astype(np.int64)
+        )
+
+    def yes_no(flag: np.ndarray) -> np.ndarray:
+        return np.where(flag < 0, -1, 1 - flag)  # 1 -> group 0 ("seen"), 0 -> group 1
+
     return {
         "category": (category, CATEGORIES),
         "language": (language, languages),
         "position": (position_bucket(pos), buckets),
         "column": (position_bucket(column), buckets),
+        "seen": (yes_no(copy_feature("target_seen")), SEEN_NAMES),
+        "freq_bucket": (copy_feature("target_freq_bucket"), FREQ_BUCKET_NAMES),
+        "line_repeat": (yes_no(copy_feature("line_repeat")), LINE_REPEAT_NAMES),
     }
 
 
@@ -495,11 +517,15 @@ def _summarize(p: Mapping[str, Any], lookahead: Sequence[int]) -> dict[str, Any]
 
 
 def _ordered(groups: Mapping[str, Any], kind: str) -> list[str]:
-    """Categories in ``CATEGORIES`` order, position buckets ascending, languages alphabetically."""
+    """Categories in ``CATEGORIES`` order, buckets ascending, seen / repeated first, languages
+    alphabetically."""
     if kind == "category":
         return [c for c in CATEGORIES if c in groups] + sorted(set(groups) - set(CATEGORIES))
-    if kind in ("position", "column"):
+    if kind in ("position", "column", "freq_bucket"):
         return sorted(groups, key=lambda name: int(name.split("-")[0]))
+    fixed = {"seen": SEEN_NAMES, "line_repeat": LINE_REPEAT_NAMES}.get(kind)
+    if fixed is not None:
+        return [name for name in fixed if name in groups]
     return sorted(groups)
 
 
@@ -550,6 +576,10 @@ def finalize(merged: Mapping[str, Any], lookahead: Sequence[int]) -> dict[str, A
         "categories": list(CATEGORIES),
         "position_buckets": "log2 buckets: 0, 1, 2-3, 4-7, ... of the token's position in its "
         "document (by_position) and of its byte offset from its line's start (by_column)",
+        "copy_groups": "by_seen: the target occurs earlier in its document (seen) or not "
+        "(novel); by_freq_bucket: floor(log2(the target's count over the corpus's ok documents)); "
+        "by_line_repeat: the token's line repeats an earlier line of its document, leading "
+        "whitespace ignored (repeated) or not (not_repeated)",
         "layers": [entry_of(k, int(k), "block") for k in layer_keys],
         "attn_layers": [entry_of(k, int(k[len(ATTN_PREFIX) :]), "attn") for k in attn_keys],
     }

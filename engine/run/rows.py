@@ -45,6 +45,20 @@ def _span_column(batch: LensBatch, name: str) -> np.ndarray:
     )
 
 
+COPY_COLUMNS = ("target_seen", "target_freq_bucket", "line_repeat")
+"""Copying features planned with each window (``WindowTask.copy``); -1 is null (bucket: -1)."""
+
+
+def _copy_column(batch: LensBatch, name: str) -> np.ndarray:
+    """``[T]`` int8 one copying column of the batch's tokens; -1 for windows planned without."""
+    return np.concatenate(
+        [
+            np.full(w.n_emit, -1, np.int8) if w.copy is None else getattr(w.copy, name)
+            for w in batch.inputs
+        ]
+    )
+
+
 def _columns(lens: ResolvedLens, batch: LensBatch) -> dict[str, np.ndarray]:
     """Every column as an ``[n_kinds, T, ...]`` array (per-token values broadcast over kinds)."""
     slots = [slot for _, _, slot in lens.rows]
@@ -71,6 +85,8 @@ def _columns(lens: ResolvedLens, batch: LensBatch) -> dict[str, np.ndarray]:
     }
     for name in SPAN_COLUMNS:
         columns[name] = per_token(_span_column(batch, name))
+    for name in COPY_COLUMNS:
+        columns[name] = per_token(_copy_column(batch, name))
     columns["lse"] = stats.lse[slots].numpy()
     if stats.entropy is not None:
         columns["entropy"] = stats.entropy[slots].numpy()
@@ -122,6 +138,8 @@ def lens_table(lens: ResolvedLens, batch: LensBatch) -> pa.Table:
             arrays.append(pa.DictionaryArray.from_arrays(indices, names))
         elif field.name in SPAN_COLUMNS:
             arrays.append(pa.array(flat, type=field.type, mask=flat < 0))
+        elif pa.types.is_boolean(field.type) and field.name in COPY_COLUMNS:
+            arrays.append(pa.array(flat > 0, type=field.type, mask=flat < 0))
         elif field.name == "router_topk":
             k = field.type.list_size
             values = pa.array(flat, type=field.type.value_type)

@@ -4,6 +4,8 @@ mergeable partials, and the README's example queries (run exactly as written the
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,12 @@ CORPUS = {
         "// helpers\nfunction add(a, b) {\n  return a + b;\n}\nconst s = `x=${add(1, 2)}`;\n"
     ),
     "notes.unknownext": "some plain words\nand more words\n",
+    # Repeated lines (one indented differently, one with a trailing space: not a repeat) and
+    # identifiers that come back: the copy breakdowns' material.
+    "repeat.py": (
+        "total = count + 1\nif total:\n    total = count + 1\n    total = count + 1 \n"
+        "print(total)\nprint(total)\nzebra_quux = total\n"
+    ),
     "empty.py": "  \n",
 }
 
@@ -306,3 +314,74 @@ def test_readme_queries_give_the_summary_numbers(run_dir, capsys, readme_blocks)
     assert joined and joined in CORPUS["app.py"] and "class Store:" in joined
     printed = capsys.readouterr().out
     assert "convergence_layer" in printed and "'punctuation'" in printed  # .show() and print()
+
+
+def test_copy_columns_and_breakdowns_agree_with_a_recomputation_from_the_rows(run_dir, read_rows):
+    """target_seen, target_freq_bucket and line_repeat from the rows' own token ids and the
+    corpus texts; by_seen / by_freq_bucket / by_line_repeat (statistics and convergence) from the
+    rows."""
+    rows = _rows(read_rows, run_dir)
+    docs = {d["doc"]: d for d in pq.read_table(run_dir / "docs.parquet").to_pylist()}
+    first = rows["layer"] == 0
+    ids: dict[int, dict[int, int]] = {}
+    for d, p, t in zip(rows["doc"][first], rows["pos"][first], rows["token_id"][first], strict=True):
+        ids.setdefault(int(d), {})[int(p)] = int(t)
+    seqs = {d: [by_pos[p] for p in range(len(by_pos))] for d, by_pos in ids.items()}
+    counts = Counter(t for seq in seqs.values() for t in seq)  # every doc with rows is ok
+    texts = {
+        d: (run_dir.parent / "corpus" / Path(docs[d]["source"]).name).read_text() for d in seqs
+    }
+
+    seen, bucket, repeat = [], [], []
+    for d, p, line in zip(rows["doc"], rows["pos"], rows["line"], strict=True):
+        seq = seqs[int(d)]
+        if p + 1 < len(seq):
+            seen.append(seq[p + 1] in seq[: p + 1])
+            bucket.append(math.floor(math.log2(counts[seq[p + 1]])))
+        else:
+            seen.append(None)
+            bucket.append(-1)
+        lines = [x.lstrip() for x in texts[int(d)].split("\n")]
+        body = lines[int(line) - 1]
+        repeat.append(bool(body) and body in lines[: int(line) - 1])
+    assert rows["target_seen"].tolist() == seen
+    assert rows["target_freq_bucket"].tolist() == bucket
+    assert rows["line_repeat"].tolist() == repeat
+    assert any(repeat) and not all(repeat) and any(s is False for s in seen) and any(seen)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    n_layers = len(summary["layers"])
+    final = {}
+    for i in np.flatnonzero(rows["layer"] == n_layers - 1):
+        final[rows["doc"][i], rows["pos"][i]] = rows["topk_ids"][i, 0]
+    final_top1 = np.array([final[d, p] for d, p in zip(rows["doc"], rows["pos"], strict=True)])
+    seen_a = np.array(seen, dtype=object)
+    groups = {
+        "seen": {"seen": seen_a == True, "novel": seen_a == False},  # noqa: E712 (None stays out)
+        "line_repeat": {
+            "repeated": rows["line_repeat"] == True,  # noqa: E712
+            "not_repeated": rows["line_repeat"] == False,  # noqa: E712
+        },
+        "freq_bucket": {str(b): rows["target_freq_bucket"] == b for b in set(bucket) - {-1}},
+    }
+    for entry in summary["layers"]:
+        in_layer = rows["layer"] == entry["layer"]
+        for kind, named in groups.items():
+            present = {name for name, sel in named.items() if (sel & in_layer).any()}
+            assert list(entry[f"by_{kind}"]) == [n for n in entry[f"by_{kind}"] if n in present]
+            assert set(entry[f"by_{kind}"]) == present, kind
+            for name in present:
+                _check_group(entry[f"by_{kind}"][name], rows, in_layer & named[name], final_top1)
+    assert list(summary["layers"][0]["by_seen"]) == ["seen", "novel"]
+    freq_keys = list(summary["layers"][0]["by_freq_bucket"])
+    assert freq_keys == sorted(freq_keys, key=int)
+
+    conv = _convergence_from_rows(rows)
+    keys = list(zip(rows["doc"][first], rows["pos"][first], strict=True))
+    for kind, named in groups.items():
+        for name, sel in named.items():
+            mine = [conv[k] for k, s in zip(keys, sel[first], strict=True) if s]
+            if not mine:
+                continue
+            got = summary["convergence"][f"by_{kind}"][name]
+            assert got["histogram"] == np.bincount(mine, minlength=n_layers).tolist(), (kind, name)

@@ -46,10 +46,13 @@ def _lens_rows(n_tokens: int, n_layers: int = 3, k: int = 4, seed: int = 0) -> p
         "site": (rng.random(n) < 0.5).astype(np.int8),
         "token_id": ints(4096),
         "target_id": ints(4096),
+        "target_seen": rng.random(n) < 0.6,
+        "target_freq_bucket": ints(16).astype(np.int8),
         "line": pos // 12,
         "byte_start": pos * 4,
         "byte_end": pos * 4 + 3,
         "category": ints(len(CATEGORIES) - 2).astype(np.int8),  # two categories never occur
+        "line_repeat": rng.random(n) < 0.2,
         "lse": floats(),
         "entropy": floats(),
         "target_logprob": floats(),
@@ -66,7 +69,11 @@ def _lens_rows(n_tokens: int, n_layers: int = 3, k: int = 4, seed: int = 0) -> p
     arrays = []
     for field in schema:
         x = columns[field.name]
-        mask = no_span if field.name in ("line", "byte_start", "byte_end", "category") else None
+        mask = (
+            no_span
+            if field.name in ("line", "byte_start", "byte_end", "category", "line_repeat")
+            else None
+        )
         if pa.types.is_dictionary(field.type):
             names = SITES if field.name == "site" else CATEGORIES
             indices = pa.array(x, field.type.index_type, mask=mask)
@@ -101,10 +108,13 @@ def test_schema_has_the_design_columns_and_drops_switched_off_ones():
         "site",
         "token_id",
         "target_id",
+        "target_seen",
+        "target_freq_bucket",
         "line",
         "byte_start",
         "byte_end",
         "category",
+        "line_repeat",
         "lse",
         "entropy",
         "target_logprob",

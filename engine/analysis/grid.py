@@ -38,6 +38,7 @@ __all__ = [
     "read_lines",
     "render_html",
     "render_png",
+    "token_texts",
     "visible",
 ]
 
@@ -194,7 +195,7 @@ def _byte_decoder(tokenizer) -> dict[str, int] | None:
     return {chr(c): b for b, c in zip(order, chars, strict=True)}
 
 
-def _token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
+def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
     """Each id as text. A token that is not whole UTF-8 on its own (a piece of a multi-byte
     character) shows its bytes as ``\\xNN``; ids beyond the tokenizer (padded unembedding rows)
     show as ``<idN>``."""
@@ -266,8 +267,8 @@ def compute_grid(
         rank=stats.target_rank.numpy(),
         kl=stats.kl_final.numpy(),
         entropy=stats.entropy.numpy(),
-        token_text=_token_texts(tokenizer, ids),
-        top1_text=[_token_texts(tokenizer, row) for row in top1.tolist()],
+        token_text=token_texts(tokenizer, ids),
+        top1_text=[token_texts(tokenizer, row) for row in top1.tolist()],
         first_line=first_line,
     )
 

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from codelens.engine.analysis.examples import Example, pick_examples
+from codelens.engine.analysis.grid import render_png
 from codelens.engine.analysis.pages import (
     PANELS,
     float_or_nan,
@@ -29,6 +31,7 @@ from codelens.engine.analysis.pages import (
     new_figure,
     save_png,
 )
+from codelens.engine.errors import CodelensError
 
 __all__ = ["CATEGORY_COLORS", "build_report"]
 
@@ -229,25 +232,111 @@ def _convergence_figure(path: Path, conv: dict[str, Any], shown: list[str]) -> s
     return save_png(fig, path)
 
 
-def _token_set_figure(path: Path, summary: dict[str, Any]) -> str:
+def _token_set_figure(path: Path, summary: dict[str, Any], languages: Sequence[str]) -> str:
+    """Mean set mass per layer: one panel for the corpus, then one per document language when
+    there are several (a detour shows as another language's set rising in the middle layers)."""
     rows = summary["layers"]
     layers = [r["layer"] for r in rows]
     names = sorted({name for r in rows for name in r.get("token_set_mean_mass", {})})
-    fig, axes = new_figure(1, 1, 10, 4.8)
+    panels: list[tuple[str, list[dict[str, Any]]]] = [("all documents", rows)]
+    if len(languages) > 1:
+        panels += [
+            (f"{lang} documents", [r.get("by_language", {}).get(lang, {}) for r in rows])
+            for lang in languages
+        ]
+    n_cols = 1 if len(panels) == 1 else 2
+    n_rows = math.ceil(len(panels) / n_cols)
+    fig, axes = new_figure(n_rows, n_cols, 10 if n_cols == 1 else 12, 4.8 * n_rows)
+    fig.suptitle("Token-set mass per layer (the 'detour' measure)", fontsize=13)
+    for ax, (title, per_layer) in zip(axes.flat, panels, strict=False):
+        for name in names:
+            ax.plot(
+                layers,
+                [float_or_nan((r.get("token_set_mean_mass") or {}).get(name)) for r in per_layer],
+                marker="o",
+                markersize=3,
+                label=name,
+            )
+        ax.set_yscale("log")
+        ax.set_ylabel("mean mass on the set (log)")
+        ax.set_title(title, fontsize=11)
+        _layer_axis(ax, layers)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=9, title="token set")
+    return save_png(fig, path)
+
+
+def _copy_figure(path: Path, summary: dict[str, Any], buckets: Sequence[str]) -> str:
+    """Seen vs novel targets and frequency buckets: mean log-prob per layer, convergence layer."""
+    rows = summary["layers"]
+    layers = [r["layer"] for r in rows]
+    conv = summary.get("convergence") or {}
+    fig, axes = new_figure(1, 3, 16, 4.8)
+    fig.suptitle("Copying and rare tokens", fontsize=13)
     ax = axes[0, 0]
-    for name in names:
+    for name, style in (("seen", "-"), ("novel", "--")):
         ax.plot(
             layers,
-            [float_or_nan(r["token_set_mean_mass"].get(name)) for r in rows],
+            [
+                float_or_nan(r.get("by_seen", {}).get(name, {}).get("mean_target_logprob"))
+                for r in rows
+            ],
+            style,
             marker="o",
-            label=name,
+            markersize=3,
+            label=f"{name} target",
         )
-    ax.set_yscale("log")
-    ax.set_ylabel("mean probability mass on the set (log scale)")
-    ax.set_title("Token-set mass per layer (the 'detour' measure)", fontsize=12)
+    ax.set_title("seen earlier in the file vs novel", fontsize=11)
+    ax.set_ylabel("mean log-prob of the true next token (nats)")
+    ax.legend(fontsize=9)
     _layer_axis(ax, layers)
-    ax.legend(title="token set", fontsize=9)
+    ax = axes[0, 1]
+    cmap = _bucket_colors(len(buckets))
+    for color, name in zip(cmap, buckets, strict=True):
+        ax.plot(
+            layers,
+            [
+                float_or_nan(r.get("by_freq_bucket", {}).get(name, {}).get("mean_target_logprob"))
+                for r in rows
+            ],
+            marker="o",
+            markersize=3,
+            color=color,
+            label=_bucket_label(name),
+        )
+    ax.set_title("by the target's corpus count", fontsize=11)
+    ax.set_ylabel("mean log-prob (nats)")
+    ax.legend(fontsize=8, title="corpus count", ncol=2)
+    _layer_axis(ax, layers)
+    ax = axes[0, 2]
+    labels, means = [], []
+    for kind, names in (("seen", ["seen", "novel"]), ("freq_bucket", list(buckets))):
+        for name in names:
+            mean = (conv.get(f"by_{kind}", {}).get(name) or {}).get("mean_layer")
+            if mean is not None:
+                labels.append(f"{name} target" if kind == "seen" else _bucket_label(name))
+                means.append(mean)
+    ax.barh(range(len(means)), means, color="#1f77b4")
+    ax.set_yticks(range(len(means)))
+    ax.set_yticklabels(labels, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean convergence layer")
+    ax.set_title("when the final prediction settles", fontsize=11)
     return save_png(fig, path)
+
+
+def _bucket_label(name: str) -> str:
+    b = int(name)
+    return "1" if b == 0 else f"{2**b}-{2 ** (b + 1) - 1}"
+
+
+def _bucket_colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [cmap(i / max(1, n - 1)) for i in range(n)]
 
 
 def _lookahead_figure(path: Path, summary: dict[str, Any]) -> str:
@@ -590,8 +679,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
             "(lens.token_sets). A set of another language's tokens that peaks in the middle "
             "layers is a detour: the model passes through those tokens before settling on its "
             "output.",
-            lambda p: _token_set_figure(p, summary),
-            "Line chart of the mean mass per token set over layers, log scale",
+            lambda p: _token_set_figure(p, summary, languages),
+            "Line charts of the mean mass per token set over layers, log scale, for the corpus "
+            "and per document language",
         )
     if first.get("lookahead"):
         add(
@@ -604,6 +694,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
             lambda p: _lookahead_figure(p, summary),
             "Line charts of look-ahead accuracy and log-prob per offset over layers",
         )
+    sections.extend(_seed_sections(run_dir, out, summary, job))
     sections.append(
         Section(
             "table",
@@ -646,6 +737,94 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     ]
     (out / "index.html").write_text(_page(summary, info, sections), encoding="utf-8")
     return out / "index.html"
+
+
+def _first_block_sentence(summary: dict[str, Any]) -> str:
+    """Seed 003's finding on this run: how much of the KL to the output the first block removes."""
+    rows = summary["layers"]
+    if len(rows) < 3 or rows[0]["layer"] != 0 or rows[1]["layer"] != 1:
+        return ""
+    kl0, kl1 = rows[0].get("mean_kl_final"), rows[1].get("mean_kl_final")
+    if kl0 is None or kl1 is None or not kl0:
+        return ""
+    return (
+        f" The first block does the most: the KL to the output falls from {kl0:.2f} nats at the "
+        f"embeddings to {kl1:.2f} after block 1 ({100 * (1 - kl1 / kl0):.0f}% of it), so layer 0 "
+        "says little about what later layers will predict."
+    )
+
+
+def _seed_sections(
+    run_dir: Path, out: Path, summary: dict[str, Any], job: dict[str, Any]
+) -> list[Section]:
+    """The seeds' questions: copying and rare tokens (curves and table), then the examples."""
+    first = summary["layers"][0]
+    if not first.get("by_seen"):
+        return []  # a run written before the copy columns existed
+    buckets = _shown_groups(summary, "freq_bucket")
+    sections = [
+        Section(
+            "copying",
+            "Copying and rare tokens",
+            "Is a token predicted by copying it from earlier in the file, and from which layer? "
+            "Left: mean log-prob per layer of targets that already occur earlier in the same "
+            "document (seen) and of those that do not (novel). Middle: the same by how often the "
+            "target occurs in the whole corpus (log2 buckets; rare tokens at the dark end). "
+            "Right: the mean convergence layer of each group. A seen target that stays "
+            "unlikely until the last layers is the late copying the seeds describe; the tables "
+            "add tokens whose whole line repeats an earlier line." + _first_block_sentence(summary),
+            _copy_figure(out / "copying.png", summary, buckets),
+            "Line charts of mean log-prob per layer for seen / novel targets and by corpus "
+            "frequency, and a bar chart of mean convergence layers",
+            _group_table(summary, "seen")
+            + _group_table(summary, "freq_bucket")
+            + _group_table(summary, "line_repeat"),
+        )
+    ]
+    try:
+        examples = _examples(run_dir, summary, job)
+    except (CodelensError, OSError, ValueError, ImportError) as e:  # no tokenizer: the rest stands
+        return [
+            *sections,
+            Section(
+                "examples",
+                "Examples",
+                f"No examples: the model's tokenizer could not be loaded here ({e}).",
+            ),
+        ]
+    for n, ex in enumerate(examples, start=1):
+        image = out / f"example-{n}.png"
+        render_png(ex.grid, "logprob", image, title=ex.title)
+        sections.append(
+            Section(
+                f"example-{n}",
+                f"Example {n}: {ex.title}",
+                ex.look_for
+                + " Each cell is a layer's most likely next token, coloured by the log-prob the "
+                "layer gives the true next token (bold: the top-1 is right).",
+                image.name,
+                f"Lens grid around the picked token ({ex.rule})",
+            )
+        )
+    return sections
+
+
+def _examples(run_dir: Path, summary: dict[str, Any], job: dict[str, Any]) -> list[Example]:
+    import pyarrow.parquet as pq
+
+    from codelens.engine.model.loading import load_tokenizer
+
+    model = (job.get("spec") or {}).get("model") or {}
+    if not model.get("path"):
+        raise ValueError("job.json names no model")
+    tokenizer = load_tokenizer(
+        model["path"],
+        revision=model.get("revision"),
+        allow_pickle=bool(model.get("allow_pickle")),
+        trust_remote_code=bool(model.get("trust_remote_code")),
+    )
+    docs = {d["doc"]: d for d in pq.read_table(run_dir / "docs.parquet").to_pylist()}
+    return pick_examples(run_dir, summary, docs, tokenizer)
 
 
 def _page(summary: dict[str, Any], info: list[tuple[str, Any]], sections: list[Section]) -> str:

@@ -146,11 +146,11 @@ def plan_document(
     the second plans the windows with those counts.
     """
     counts = TokenCounts()
-    for _ in plan_windows([document], tokenizer, tokens, lookahead, annotate=False, counts_sink=counts):
+    for _ in plan_windows(
+        [document], tokenizer, tokens, lookahead, annotate=False, counts_sink=counts
+    ):
         pass
-    return tuple(
-        plan_windows([document], tokenizer, tokens, lookahead, token_counts=counts.counts)
-    )
+    return tuple(plan_windows([document], tokenizer, tokens, lookahead, token_counts=counts.counts))
 
 
 def iter_shards(

@@ -134,7 +134,9 @@ class CopyFeatures:
         x = np.asarray(ids, dtype=np.int64)
         targets = np.append(x[1:], NO_VALUE)
         buckets = (
-            np.full(x.shape[0], NO_VALUE, np.int8) if counts is None else freq_bucket(targets, counts)
+            np.full(x.shape[0], NO_VALUE, np.int8)
+            if counts is None
+            else freq_bucket(targets, counts)
         )
         if text is None or token_lines is None:
             repeat = np.full(x.shape[0], NO_VALUE, np.int8)

@@ -111,6 +111,10 @@ def test_report_from_the_cli(run, report_index):
         "convergence",
         "token_sets",
         "lookahead",
+        "copying",
+        # The random tiny model copies nothing; its detour and look-ahead picks are shown.
+        "example-1",
+        "example-2",
         "table",
     ]
     assert page.images == [f"{s}.png" for s in page.sections if s != "table"]
@@ -121,6 +125,8 @@ def test_report_from_the_cli(run, report_index):
     for entry in summary["layers"]:  # the numbers table shows every layer's top-1 accuracy
         assert f"{entry['top1_accuracy']:.3f}" in text
     assert "Convergence layer" in text and "javascript" in text
+    assert "A detour through the" in text and "tokens ahead" in text
+    assert "seen" in text and "novel" in text and "not_repeated" in text
 
 
 def test_report_of_a_lean_run_leaves_out_what_was_not_computed(

@@ -22,7 +22,14 @@ def _seen_by_loop(ids: list[int]) -> list[int]:
 
 @pytest.mark.parametrize(
     "ids",
-    [[], [7], [7, 7], [1, 2, 3], [5, 1, 5, 1, 2, 5], list(np.random.default_rng(0).integers(0, 9, 200))],
+    [
+        [],
+        [7],
+        [7, 7],
+        [1, 2, 3],
+        [5, 1, 5, 1, 2, 5],
+        list(np.random.default_rng(0).integers(0, 9, 200)),
+    ],
 )
 def test_target_seen_matches_a_loop(ids) -> None:
     ids = [int(i) for i in ids]

@@ -324,7 +324,9 @@ def test_copy_columns_and_breakdowns_agree_with_a_recomputation_from_the_rows(ru
     docs = {d["doc"]: d for d in pq.read_table(run_dir / "docs.parquet").to_pylist()}
     first = rows["layer"] == 0
     ids: dict[int, dict[int, int]] = {}
-    for d, p, t in zip(rows["doc"][first], rows["pos"][first], rows["token_id"][first], strict=True):
+    for d, p, t in zip(
+        rows["doc"][first], rows["pos"][first], rows["token_id"][first], strict=True
+    ):
         ids.setdefault(int(d), {})[int(p)] = int(t)
     seqs = {d: [by_pos[p] for p in range(len(by_pos))] for d, by_pos in ids.items()}
     counts = Counter(t for seq in seqs.values() for t in seq)  # every doc with rows is ok

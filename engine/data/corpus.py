@@ -49,6 +49,7 @@ __all__ = [
     "LANGUAGE_BY_FILENAME",
     "expand_globs",
     "language_from_path",
+    "language_from_shebang",
     "read_corpus",
     "text_document",
 ]
@@ -209,6 +210,52 @@ def language_from_path(path: str) -> str | None:
     if not suffix:
         return None
     return LANGUAGE_BY_EXTENSION.get(suffix) or LANGUAGE_BY_EXTENSION.get(suffix.lower())
+
+
+# Interpreter of a "#!" line -> language (version digits stripped: python3.12 -> python).
+LANGUAGE_BY_INTERPRETER: dict[str, str] = {
+    "sh": "shell",
+    "bash": "shell",
+    "dash": "shell",
+    "ash": "shell",
+    "ksh": "shell",
+    "zsh": "shell",
+    "fish": "fish",
+    "python": "python",
+    "pypy": "python",
+    "perl": "perl",
+    "ruby": "ruby",
+    "node": "javascript",
+    "nodejs": "javascript",
+    "lua": "lua",
+    "php": "php",
+    "rscript": "r",
+    "julia": "julia",
+    "pwsh": "powershell",
+    "tclsh": "tcl",
+}
+_SHEBANG = re.compile(r"#![ \t]*(\S+)(?:[ \t]+(\S+))?(?:[ \t]+(\S+))?")
+
+
+def language_from_shebang(text: str) -> str | None:
+    """The language a ``#!`` first line names (``#!/bin/sh``, ``#!/usr/bin/env python3``).
+
+    For files without an extension, such as the scripts in ``/usr/bin``. ``env`` and its
+    options (``env -S perl -w``) are skipped. None without a ``#!`` line or for an unknown
+    interpreter.
+    """
+    m = _SHEBANG.match(text[:256])
+    if m is None:
+        return None
+    words = [w for w in m.groups() if w]
+    name = PurePath(words[0]).name
+    if name == "env":
+        rest = [w for w in words[1:] if not w.startswith("-")]
+        if not rest:
+            return None
+        name = PurePath(rest[0]).name
+    base = re.match(r"[a-z]+", name.lower())
+    return None if base is None else LANGUAGE_BY_INTERPRETER.get(base.group(0))
 
 
 def expand_globs(patterns: Sequence[str], base_dir: Path | None = None) -> list[tuple[str, Path]]:
@@ -435,6 +482,8 @@ def _iter_files(files: list[tuple[str, Path]], max_doc_bytes: int) -> Iterator[_
             yield source, None, language, f"unreadable: {exc.strerror or exc}"
             continue
         text, status = _classify_bytes(data, max_doc_bytes)
+        if language is None and text is not None:
+            language = language_from_shebang(text)  # a script without an extension
         yield source, text, language, status
 
 
@@ -480,6 +529,8 @@ def _record_fields(
     if language is None:
         language = language_from_path(source)
     text, status = _classify_text(value, max_doc_bytes)
+    if language is None and text is not None:
+        language = language_from_shebang(text)
     return source, text, language, status
 
 

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from codelens.engine.data.corpus import (
+    language_from_shebang,
     LANGUAGE_BY_EXTENSION,
     Document,
     expand_globs,
@@ -166,6 +167,39 @@ def test_language_table() -> None:
     assert language_from_path("README") is None
     assert language_from_path("data.unknownext") is None
     assert all(ext.startswith(".") for ext in LANGUAGE_BY_EXTENSION)
+
+
+@pytest.mark.parametrize(
+    "first_line, language",
+    [
+        ("#!/bin/sh", "shell"),
+        ("#! /bin/bash -e", "shell"),
+        ("#!/usr/bin/env python3.12", "python"),
+        ("#!/usr/bin/env -S perl -w", "perl"),
+        ("#!/usr/bin/perl", "perl"),
+        ("#!/usr/bin/env node", "javascript"),
+        ("#!/usr/bin/env", None),
+        ("#!/opt/bin/unknownlang", None),
+        ("# not a shebang", None),
+        ("", None),
+    ],
+)
+def test_language_from_shebang(first_line: str, language: str | None) -> None:
+    assert language_from_shebang(first_line + "\necho hi\n") == language
+
+
+def test_a_script_without_an_extension_gets_its_language_from_its_shebang(
+    tmp_path: Path, write_corpus
+) -> None:
+    write_corpus(
+        tmp_path,
+        {"bin/tool": "#!/bin/sh\necho hi\n", "bin/run.py": "#!/bin/sh\nx = 1\n", "bin/x": "hi\n"},
+    )
+    docs = {
+        Path(d.source).name: d.language for d in read_corpus("files", ["bin/*"], base_dir=tmp_path)
+    }
+    # The extension wins over the shebang; no extension and no shebang: unknown.
+    assert docs == {"tool": "shell", "run.py": "python", "x": None}
 
 
 # --- JSONL -------------------------------------------------------------------------------------

@@ -131,7 +131,8 @@ from typing import Any
 import torch
 
 from codelens.engine.schemas import validate_spec
-from codelens.engine.zoo.default_model import default_model_dir, stdlib_files, stdlib_root
+from codelens.engine.zoo.code_sources import all_files, stdlib_root
+from codelens.engine.zoo.default_model import default_model_dir
 from codelens.workers.bench import machine_info
 from codelens.workers.job import package_versions, run_job
 from codelens.workers.local import LocalExecutor
@@ -254,7 +255,7 @@ def make_corpus(tokenizer: Any, n_tokens: int, out: Path, seed: int = 0) -> dict
     one, so the corpus holds ``n_tokens`` to ``1.05 * n_tokens`` tokens.
     """
     root = stdlib_root()
-    rels = stdlib_files(root)
+    rels = [f.key for f in all_files("python")]
     random.Random(seed).shuffle(rels)
     out.mkdir(parents=True)
     total = n_bytes = 0

@@ -1,8 +1,8 @@
 """What a lens part file's Parquet options cost: write time per row against file size and read time.
 
 The rows are real lens rows: a job over held-out standard-library files on the bundled model
-(``codelens-stdlib-py``, all layers, ``k = 10``, look-ahead ``[2, 3]``, two token sets, entropy and
-KL on, the default ``shard_tokens``), run once into ``--rows-dir`` and reused afterwards. The
+(all layers, ``k = 10``, look-ahead ``[2, 3]``, two token sets, entropy and KL on, the default
+``shard_tokens``), run once into ``--rows-dir`` and reused afterwards. The
 largest committed part (one production shard) is the table every option writes. Each option
 writes that same table ``--repeats`` times (round-robin over the options, after one warm-up write
 each) with Arrow on one CPU thread and one I/O thread, as the host writes a part between batches.

@@ -110,6 +110,10 @@ class LanguageTokenSet(_Strict):
     exclusive: bool = False
     """Drop the ids any other set of the job also has, so that overlapping sets (``in`` is a
     keyword of Python and of JavaScript) do not count the same mass twice."""
+    single_token: bool = False
+    """Keep a word only where it is one whole token (``" const"``), not where the tokenizer
+    splits it: the first piece of a split word (``"c"`` of ``"const"``, ``"_"`` of ``"_Bool"``)
+    is a common token of every language and would swamp a detour measure."""
 
     @model_validator(mode="after")
     def _some_language(self) -> LanguageTokenSet:

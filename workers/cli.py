@@ -117,9 +117,11 @@ def schema() -> None:
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Argument(help="Where to put the demo model, job and run.")],
-    files: Annotated[int, typer.Option(help="Standard-library files in the sample.")] = 24,
+    files: Annotated[
+        int, typer.Option(help="Held-out files per language (Python, C, Perl, shell).")
+    ] = 6,
 ) -> None:
-    """Run the main job on the embedded default: a local model over a stdlib sample."""
+    """Run the main job on the embedded default: the bundled model over held-out code."""
     from codelens.workers.demo import run_demo
 
     try:
@@ -280,7 +282,11 @@ def bench(
 @app.command()
 def compare(
     run_dirs: Annotated[
-        list[Path], typer.Argument(help="Two or more finished run directories (with summary.json).")
+        list[Path],
+        typer.Argument(
+            help="Finished run directories (with summary.json): two or more, or one with "
+            "--with-default."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Where to write index.html and compare.png.")],
     allow_different_corpora: Annotated[
@@ -290,11 +296,23 @@ def compare(
             help="Compare runs whose docs.parquet differ (different documents or token counts).",
         ),
     ] = False,
+    with_default: Annotated[
+        bool,
+        typer.Option(
+            "--with-default",
+            help="Also run the bundled default model over the first run's corpus (into "
+            "OUT/default-run; resumed if there) and draw it beside the others.",
+        ),
+    ] = False,
 ) -> None:
     """Overlay several runs' per-layer curves on a relative-depth axis (layer / L)."""
     from codelens.engine.analysis.compare import build_comparison
 
     try:
+        if with_default:
+            from codelens.workers.demo import default_model_beside
+
+            run_dirs = [*run_dirs, default_model_beside(run_dirs[0], out)]
         index = build_comparison(run_dirs, out, allow_different_corpora=allow_different_corpora)
     except CodelensError as e:
         _fail(e)

@@ -123,7 +123,10 @@ def build_comparison(
     """
     dirs = [Path(d) for d in run_dirs]
     if len(dirs) < 2:
-        raise RunDirError("codelens compare needs at least two run directories")
+        raise RunDirError(
+            "codelens compare needs at least two run directories (or one and --with-default, "
+            "which runs the bundled model over that run's corpus beside it)"
+        )
     loaded = []
     for d in dirs:
         summary, job, _ = load_run(d)

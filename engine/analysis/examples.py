@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from codelens.engine.analysis.grid import LensGrid, token_texts
@@ -46,6 +47,28 @@ RARE_BUCKET = 1
 N_COPY_EXAMPLES = 2
 CONTEXT_BEFORE = 18
 CONTEXT_AFTER = 5
+_COLUMNS = frozenset(
+    {
+        "doc",
+        "pos",
+        "layer",
+        "site",
+        "line",
+        "category",
+        "token_id",
+        "target_id",
+        "target_seen",
+        "target_freq_bucket",
+        "topk_ids",
+        "topk_logprobs",
+        "target_logprob",
+        "target_rank",
+        "kl_final",
+        "entropy",
+        "ahead_logprob",
+        "residual_finite",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -95,25 +118,26 @@ def _read_tokens(run_dir: Path, layers: list[int]) -> _Tokens | None:
     parts = sorted((run_dir / "lens").glob("part-*.parquet"))
     tables, n_rows = [], 0
     for part in parts:
-        t = pq.read_table(part)
-        tables.append(t)
+        names = pq.read_schema(part).names
+        wanted = [n for n in names if n in _COLUMNS or n.startswith("set_")]
+        t = pq.read_table(part, columns=wanted)
+        tables.append(t.filter(pc.equal(t.column("site"), "block")))
         n_rows += t.num_rows
         if n_rows >= MAX_EXAMPLE_ROWS:
             break
     if not tables:
         return None
     table = pa.concat_tables(tables)
-    site = np.array(table.column("site").to_pylist(), dtype=object)
-    table = table.filter(pa.array(site == "block"))
     layer = table.column("layer").to_numpy()
-    # Only tokens with a row at every reported layer (a truncated read can cut a shard's layers).
+    table = table.filter(pa.array(np.isin(layer, layers)))
+    layer = layer[np.isin(layer, layers)]
+    # Only tokens with a row at every reported layer (a shard's rows are one part file, so this
+    # holds for every token read; checked all the same, since the reshape below relies on it).
     doc = table.column("doc").to_numpy().astype(np.int64)
     pos = table.column("pos").to_numpy().astype(np.int64)
     key = doc * (1 << 32) + pos
-    keys, counts = np.unique(key, return_counts=True)
-    whole = set(keys[counts == len(layers)].tolist())
-    keep = np.fromiter((k in whole for k in key.tolist()), bool, count=key.shape[0])
-    keep &= np.isin(layer, layers)
+    keys, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    keep = counts[inverse] == len(layers)
     table = table.filter(pa.array(keep))
     layer, key = layer[keep], key[keep]
     order = np.lexsort((key, layer))  # layer-major, tokens by (doc, pos) within a layer
@@ -138,6 +162,7 @@ def _read_tokens(run_dir: Path, layers: list[int]) -> _Tokens | None:
         return np.array([-1 if v is None else int(v) for v in values], np.int8)
 
     per_layer = {
+        "finite": column("residual_finite").astype(bool),
         "top1": column("topk_ids")[..., 0],
         "top1_logprob": column("topk_logprobs")[..., 0],
         "logprob": column("target_logprob"),
@@ -164,9 +189,10 @@ def _read_tokens(run_dir: Path, layers: list[int]) -> _Tokens | None:
     )
 
 
-def _convergence(top1: np.ndarray, layers: list[int]) -> np.ndarray:
-    """``[T]`` the first layer from which the final top-1 stays top-1 (``aggregates`` rule)."""
-    agree = top1 == top1[-1]
+def _convergence(top1: np.ndarray, finite: np.ndarray, layers: list[int]) -> np.ndarray:
+    """``[T]`` the first layer from which the final top-1 stays top-1 (``aggregates`` rule: a
+    non-finite row disagrees)."""
+    agree = (top1 == top1[-1]) & finite
     stays = np.logical_and.accumulate(agree[::-1], axis=0)[::-1]
     return np.asarray(layers)[stays.argmax(axis=0)]
 
@@ -217,8 +243,9 @@ def _text(tokenizer: Any, token_id: int) -> str:
 
 
 def _copy_examples(tokens: _Tokens, docs, tokenizer) -> list[Example]:
-    conv = _convergence(tokens.per_layer["top1"], tokens.layers)
-    final_right = tokens.per_layer["top1"][-1] == tokens.target_id
+    finite = tokens.per_layer["finite"]
+    conv = _convergence(tokens.per_layer["top1"], finite, tokens.layers)
+    final_right = (tokens.per_layer["top1"][-1] == tokens.target_id) & finite[-1]
     rare_seen = (tokens.seen == 1) & (tokens.bucket >= 0) & (tokens.bucket <= RARE_BUCKET)
     is_name = tokens.next_token_category() == "name"
     candidates = np.flatnonzero(rare_seen & is_name & final_right)
@@ -317,6 +344,8 @@ def pick_examples(
         tokenizer: the model's tokenizer (for the tokens' text).
     """
     layers = [r["layer"] for r in summary["layers"]]
+    if summary.get("n_blocks") is not None and layers[-1] != summary["n_blocks"]:
+        return []  # the rules compare layers with the output, which this run did not write
     tokens = _read_tokens(Path(run_dir), layers)
     if tokens is None:
         return []

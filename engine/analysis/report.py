@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from codelens.engine.analysis.examples import Example, pick_examples
+from codelens.engine.analysis.examples import pick_examples
 from codelens.engine.analysis.grid import render_png
 from codelens.engine.analysis.pages import (
     PANELS,
@@ -744,13 +744,21 @@ def _first_block_sentence(summary: dict[str, Any]) -> str:
     rows = summary["layers"]
     if len(rows) < 3 or rows[0]["layer"] != 0 or rows[1]["layer"] != 1:
         return ""
-    kl0, kl1 = rows[0].get("mean_kl_final"), rows[1].get("mean_kl_final")
-    if kl0 is None or kl1 is None or not kl0:
+    kl = [r.get("mean_kl_final") for r in rows]
+    if any(x is None for x in kl) or not kl[0]:
         return ""
+    drops = [a - b for a, b in zip(kl, kl[1:], strict=False)]
+    share = 100 * drops[0] / kl[0]
+    if drops[0] > 0 and drops[0] == max(drops):
+        return (
+            f" The first block does the most: the KL to the output falls from {kl[0]:.2f} nats "
+            f"at the embeddings to {kl[1]:.2f} after block 1 ({share:.0f}% of it), so layer 0 "
+            "says little about what later layers will predict."
+        )
     return (
-        f" The first block does the most: the KL to the output falls from {kl0:.2f} nats at the "
-        f"embeddings to {kl1:.2f} after block 1 ({100 * (1 - kl1 / kl0):.0f}% of it), so layer 0 "
-        "says little about what later layers will predict."
+        f" The KL to the output goes from {kl[0]:.2f} nats at the embeddings to {kl[1]:.2f} "
+        f"after block 1 ({share:.0f}% of it); the largest drop is after block "
+        f"{rows[1 + drops.index(max(drops))]['layer']}."
     )
 
 
@@ -782,8 +790,8 @@ def _seed_sections(
         )
     ]
     try:
-        examples = _examples(run_dir, summary, job)
-    except (CodelensError, OSError, ValueError, ImportError) as e:  # no tokenizer: the rest stands
+        tokenizer = _tokenizer(job)
+    except (CodelensError, OSError, ValueError) as e:  # the rest of the report stands
         return [
             *sections,
             Section(
@@ -792,7 +800,10 @@ def _seed_sections(
                 f"No examples: the model's tokenizer could not be loaded here ({e}).",
             ),
         ]
-    for n, ex in enumerate(examples, start=1):
+    import pyarrow.parquet as pq
+
+    docs = {d["doc"]: d for d in pq.read_table(run_dir / "docs.parquet").to_pylist()}
+    for n, ex in enumerate(pick_examples(run_dir, summary, docs, tokenizer), start=1):
         image = out / f"example-{n}.png"
         render_png(ex.grid, "logprob", image, title=ex.title)
         sections.append(
@@ -809,22 +820,19 @@ def _seed_sections(
     return sections
 
 
-def _examples(run_dir: Path, summary: dict[str, Any], job: dict[str, Any]) -> list[Example]:
-    import pyarrow.parquet as pq
-
+def _tokenizer(job: dict[str, Any]) -> Any:
+    """The run's tokenizer, loaded from the model path its job.json names."""
     from codelens.engine.model.loading import load_tokenizer
 
     model = (job.get("spec") or {}).get("model") or {}
     if not model.get("path"):
         raise ValueError("job.json names no model")
-    tokenizer = load_tokenizer(
+    return load_tokenizer(
         model["path"],
         revision=model.get("revision"),
         allow_pickle=bool(model.get("allow_pickle")),
         trust_remote_code=bool(model.get("trust_remote_code")),
     )
-    docs = {d["doc"]: d for d in pq.read_table(run_dir / "docs.parquet").to_pylist()}
-    return pick_examples(run_dir, summary, docs, tokenizer)
 
 
 def _page(summary: dict[str, Any], info: list[tuple[str, Any]], sections: list[Section]) -> str:

@@ -45,17 +45,22 @@ def resolve_layers(spec_layers: str | Sequence[int], n_blocks: int) -> list[int]
     return list(spec_layers)
 
 
-def _word_ids(word: str, tokenizer) -> list[int]:
-    """First token of ``word`` after a space and at the start of a line (after a newline)."""
+def _word_ids(word: str, tokenizer, *, single_token: bool = False) -> list[int]:
+    """First token of ``word`` after a space and at the start of a line (after a newline).
+
+    With ``single_token`` a spelling counts only when that token is the whole word.
+    """
     ids = []
     spaced = tokenizer.encode(" " + word, add_special_tokens=False)
-    if spaced:
+    if spaced and (not single_token or len(spaced) == 1):
         ids.append(spaced[0])
     # At a line start: the first token that is not only the newline (a tokenizer may also merge
     # the newline into the word's token; that token is the one the model sees there).
-    for token in tokenizer.encode("\n" + word, add_special_tokens=False):
+    line_start = tokenizer.encode("\n" + word, add_special_tokens=False)
+    for i, token in enumerate(line_start):
         if tokenizer.decode([token]).strip():
-            ids.append(token)
+            if not single_token or tokenizer.decode(line_start[i:]) == tokenizer.decode([token]):
+                ids.append(token)
             break
     return ids
 
@@ -78,7 +83,12 @@ def _language_ids(name: str, source: LanguageTokenSet, tokenizer) -> list[int]:
                 "the words yourself"
             )
         for word in words:
-            ids += _word_ids(word, tokenizer)
+            ids += _word_ids(word, tokenizer, single_token=source.single_token)
+    if not ids:
+        raise SpecError(
+            f"lens.token_sets.{name}: none of the language's words is a single token of this "
+            "model's tokenizer; drop single_token: true to count the first token of each word"
+        )
     return ids
 
 

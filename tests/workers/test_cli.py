@@ -115,7 +115,14 @@ def test_demo_runs_the_main_job(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "per-layer lens" in result.stdout
     summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
-    assert summary["tokens"] > 1000 and len(summary["layers"]) == 5
+    config = json.loads((tmp_path / "demo" / "model" / "config.json").read_text())
+    assert summary["tokens"] > 1000
+    assert len(summary["layers"]) == config["num_hidden_layers"] + 1
+    # Every language this machine has, each with its own keyword set for the detour plot.
+    languages = set(summary["layers"][-1]["by_language"])
+    assert "python" in languages and languages <= {"python", "c", "perl", "shell"}
+    assert set(summary["layers"][-1]["token_set_mean_mass"]) == {"python", "c", "perl", "shell"}
+    assert (tmp_path / "demo" / "run" / "report" / "token_sets.png").exists()
     assert (tmp_path / "demo" / "job.yaml").exists() and (
         tmp_path / "demo" / "model" / "model.safetensors"
     ).exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from codelens.workers.job import run_job
@@ -61,6 +62,27 @@ def test_compare_needs_two_finished_runs(runs, tmp_path, invoke):
     assert result.exit_code == 2 and "at least two" in result.output
     result = invoke("compare", a, tmp_path, "--out", tmp_path / "x")
     assert result.exit_code == 2 and "summary.json" in result.output
+
+
+def test_compare_with_default_runs_the_bundled_model_on_the_same_corpus(runs, tmp_path, invoke):
+    a, _, _, _ = runs
+    out = tmp_path / "beside"
+    result = invoke("compare", a, "--out", out, "--with-default")
+    assert result.exit_code == 0, result.output
+    page = (out / "index.html").read_text()
+    assert "llama2 (llama, L=2)" in page and "codelens-debian-code beside llama2" in page
+    assert "Warning" not in page  # the same documents: nothing to allow
+    mine = pq.read_table(a / "docs.parquet").column("source").to_pylist()
+    theirs = pq.read_table(out / "default-run" / "docs.parquet").column("source").to_pylist()
+    assert mine == theirs
+    spec = json.loads((out / "default-run" / "job.json").read_text())["spec"]
+    assert spec["lens"]["k"] == 1 and spec["tokens"] == json.loads(
+        (a / "job.json").read_text()
+    )["spec"]["tokens"]
+    # A second call resumes the finished run instead of recomputing it.
+    before = (out / "default-run" / "summary.json").stat().st_mtime_ns
+    assert invoke("compare", a, "--out", out, "--with-default").exit_code == 0
+    assert (out / "default-run" / "summary.json").stat().st_mtime_ns == before
 
 
 def test_compare_renders_in_headless_chromium(runs, tmp_path, invoke, chromium):

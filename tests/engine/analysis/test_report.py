@@ -167,7 +167,7 @@ def test_report_renders_in_headless_chromium(run, report_index, tmp_path, chromi
     run_dir, _, _ = run
     index = report_index.resolve()
     seen = chromium.inspect(index, tmp_path)
-    assert len(seen["imgs"]) == 8
+    assert len(seen["imgs"]) == 11  # 8 figures, the copying figure and 2 example grids
     for src, width, height in seen["imgs"]:
         assert width > 500 and height > 300, f"{src} did not load or decode in the browser"
     n_layers = len(json.loads((run_dir / "summary.json").read_text())["layers"])

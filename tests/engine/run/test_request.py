@@ -59,6 +59,41 @@ def test_language_sets_expand_to_their_words_and_report_overlaps(tiny_loaded_mod
     assert request_ids == ids
 
 
+def whole_tokens(tokenizer, word: str) -> set[int]:
+    """What a word counts as with single_token: the spellings that are one token."""
+    out = set()
+    spaced = tokenizer.encode(" " + word, add_special_tokens=False)
+    if len(spaced) == 1:
+        out.add(spaced[0])
+    at_line = [
+        t
+        for t in tokenizer.encode("\n" + word, add_special_tokens=False)
+        if tokenizer.decode([t]).strip()
+    ]
+    if len(at_line) == 1 and tokenizer.decode(at_line) == word.strip():
+        out.add(at_line[0])
+    return out
+
+
+def test_single_token_sets_leave_out_the_pieces_of_split_words(tiny_loaded_model):
+    loaded = tiny_loaded_model("llama")
+    tok = loaded.tokenizer
+    spec = LensSpec(
+        k=2,
+        lookahead=[],
+        token_sets={
+            "all": {"keywords": "c"},
+            "whole": {"keywords": "c", "single_token": True},
+        },
+    )
+    ids = resolve_lens(spec, loaded).token_set_ids
+    words = language_words("c", "keywords")
+    assert set(ids["whole"]) == set().union(*(whole_tokens(tok, w) for w in words))
+    assert set(ids["whole"]) < set(ids["all"])  # split words add their first pieces to "all"
+    for i in ids["whole"]:
+        assert tok.decode([i]).strip() in words
+
+
 def test_bad_language_sets_name_the_set_and_the_fix(tiny_loaded_model):
     loaded = tiny_loaded_model("llama")
     with pytest.raises(SpecError, match=r"lens.token_sets.x.keywords: Pygments knows no language"):

@@ -503,12 +503,19 @@ def seed_findings_markdown(summary: dict[str, Any]) -> str:
             f"* **Rare tokens** (at most 3 occurrences in the held-out corpus, {n:,} targets): "
             f"top-1 {hits:.3f} at the output."
         )
-    if len(layers) > 2 and layers[0].get("mean_kl_final") and layers[1].get("mean_kl_final"):
-        kl0, kl1 = layers[0]["mean_kl_final"], layers[1]["mean_kl_final"]
+    kl = [r.get("mean_kl_final") for r in layers]
+    if len(layers) > 2 and None not in kl and kl[0]:
+        drops = [a - b for a, b in zip(kl, kl[1:], strict=False)]
+        biggest = layers[1 + drops.index(max(drops))]["layer"]
         out.append(
-            f"* **The first block** (seed 003): KL to the output falls from {kl0:.2f} nats at the "
-            f"embeddings to {kl1:.2f} after block 1 ({100 * (1 - kl1 / kl0):.0f}% of it in one "
-            "block); the later blocks take the rest."
+            f"* **The first block** (seed 003): KL to the output goes from {kl[0]:.2f} nats at the "
+            f"embeddings to {kl[1]:.2f} after block 1 ({100 * drops[0] / kl[0]:.0f}% of it); "
+            + (
+                "no later block removes more."
+                if biggest == layers[1]["layer"]
+                else f"the largest drop is after block {biggest} "
+                f"({max(drops):.2f} nats), so on this model the late blocks do most of the work."
+            )
         )
     by_lang = last.get("by_language", {})
     detours = []

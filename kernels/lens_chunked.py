@@ -1,4 +1,4 @@
-"""Chunked-GEMM lens strategy: a vendor GEMM per (row block, vocabulary chunk), a Triton fold kernel.
+"""Chunked-GEMM lens strategy: a vendor GEMM per (row block, vocab chunk), a Triton fold kernel.
 
 Same contract as ``lens_stats_torch`` (definitions in ``codelens.kernels.stats``). Per row block of
 ``R_b`` rows (all lens layers of ``T_b`` tokens, plus each token's final-layer row when KL needs a
@@ -322,7 +322,14 @@ def lens_stats_chunked(
     out = empty_outputs(n_layers, n_tokens, request, n_cols, device)
     finite = torch.ones(n_layers, n_tokens, dtype=torch.bool, device=device)
     if n_layers and n_tokens:
-        _run_blocks(hidden, final_hidden, head, w_u, targets, request, cfg, precision, out, finite)
+        # fp32 operands in "model" precision: TF32 tensor cores (kernels/DESIGN.md gives the
+        # error), switched on once for the whole call rather than around every chunk's GEMM.
+        operand_dtype = stage_dtype(w_u, precision)
+        tf32 = device.type == "cuda" and operand_dtype == torch.float32 and precision == "model"
+        with _tf32(tf32):
+            _run_blocks(
+                hidden, final_hidden, head, w_u, targets, request, cfg, operand_dtype, out, finite
+            )
     return masked_stats(out, finite, request)
 
 
@@ -334,32 +341,15 @@ def _run_blocks(
     targets: Tensor,
     request: LensRequest,
     cfg: LensChunkedConfig,
-    precision: str,
+    operand_dtype: torch.dtype,
     out: dict[str, Tensor],
     finite: Tensor,
 ) -> None:
-    """Every token block: stage, then GEMM + fold per vocabulary chunk, then finish its rows."""
-    operand_dtype = stage_dtype(w_u, precision)
-    # fp32 operands in "model" precision: TF32 tensor cores (kernels/DESIGN.md gives the error),
-    # switched on once for the whole call rather than around every chunk's GEMM.
-    tf32 = hidden.device.type == "cuda" and operand_dtype == torch.float32 and precision == "model"
-    with _tf32(tf32):
-        _blocks(hidden, final_hidden, head, w_u, targets, request, cfg, precision, out, finite)
+    """Every token block: stage, then GEMM + fold per vocabulary chunk, then finish its rows.
 
-
-def _blocks(
-    hidden: Tensor,
-    final_hidden: Tensor | None,
-    head: Head,
-    w_u: Tensor,
-    targets: Tensor,
-    request: LensRequest,
-    cfg: LensChunkedConfig,
-    precision: str,
-    out: dict[str, Tensor],
-    finite: Tensor,
-) -> None:
-    """``_run_blocks`` inside its matmul-precision setting."""
+    ``operand_dtype`` is what the GEMM multiplies (``stage_dtype``); runs inside the caller's
+    matmul-precision setting (``_tf32``).
+    """
     device = hidden.device
     n_layers, n_tokens, _ = hidden.shape
     n_vocab = head.vocab_size
@@ -375,7 +365,6 @@ def _blocks(
     vocab_chunk = max(1, min(cfg.vocab_chunk, n_vocab))
 
     set_mask = set_multiplicities(request, n_vocab, device)
-    operand_dtype = stage_dtype(w_u, precision)
     bias = head.unembed_bias
     softcap = head.softcap if head.softcap is not None else 1.0
     dummy = w_u  # never read: the matching constexpr flag prunes the load

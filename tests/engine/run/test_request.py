@@ -21,20 +21,21 @@ def first_tokens(tokenizer, word: str) -> set[int]:
     return {spaced, at_line}
 
 
+def resolve_sets(loaded, token_sets: dict):
+    """The lens section with only these token sets, resolved against ``loaded``."""
+    return resolve_lens(LensSpec(k=2, lookahead=[], token_sets=token_sets), loaded)
+
+
 def test_language_sets_expand_to_their_words_and_report_overlaps(tiny_loaded_model):
     loaded = tiny_loaded_model("llama")
     tok = loaded.tokenizer
-    spec = LensSpec(
-        k=2,
-        lookahead=[],
-        token_sets={
-            "py": {"keywords": "python", "builtins": "python"},
-            "c": {"keywords": "c"},
-            "js": {"keywords": "javascript", "exclusive": True},
-            "mine": ["def"],
-        },
-    )
-    lens = resolve_lens(spec, loaded)
+    sets = {
+        "py": {"keywords": "python", "builtins": "python"},
+        "c": {"keywords": "c"},
+        "js": {"keywords": "javascript", "exclusive": True},
+        "mine": ["def"],
+    }
+    lens = resolve_sets(loaded, sets)
     ids = lens.token_set_ids
     want_py = set().union(
         *(first_tokens(tok, w) for kind in ("keywords", "builtins")
@@ -78,15 +79,8 @@ def whole_tokens(tokenizer, word: str) -> set[int]:
 def test_single_token_sets_leave_out_the_pieces_of_split_words(tiny_loaded_model):
     loaded = tiny_loaded_model("llama")
     tok = loaded.tokenizer
-    spec = LensSpec(
-        k=2,
-        lookahead=[],
-        token_sets={
-            "all": {"keywords": "c"},
-            "whole": {"keywords": "c", "single_token": True},
-        },
-    )
-    ids = resolve_lens(spec, loaded).token_set_ids
+    sets = {"all": {"keywords": "c"}, "whole": {"keywords": "c", "single_token": True}}
+    ids = resolve_sets(loaded, sets).token_set_ids
     words = language_words("c", "keywords")
     assert set(ids["whole"]) == set().union(*(whole_tokens(tok, w) for w in words))
     assert set(ids["whole"]) < set(ids["all"])  # split words add their first pieces to "all"

@@ -210,16 +210,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tokenizer = train_bpe_tokenizer(train_texts, args.vocab, max_length=args.max_positions)
     assert len(tokenizer) <= args.vocab, (len(tokenizer), args.vocab)
-    train_stream = token_stream(tokenizer, train_texts)
+    # Each language tokenized once; the training stream is their concatenation (in file order,
+    # so it equals token_stream over all training texts).
+    train_streams = {lang: token_stream(tokenizer, t) for lang, t in train_by_lang.items()}
+    held_streams = {lang: token_stream(tokenizer, t) for lang, t in held_by_lang.items()}
+    train_stream = torch.cat(list(train_streams.values()))
     train_seqs = as_sequences(train_stream, args.ctx)
-    held_seqs_by_lang = {
-        lang: as_sequences(token_stream(tokenizer, texts), args.ctx)
-        for lang, texts in held_by_lang.items()
-    }
+    held_seqs_by_lang = {lang: as_sequences(x, args.ctx) for lang, x in held_streams.items()}
     # A language whose held-out files hold less than one sequence cannot be evaluated: say so.
     for lang in [lang for lang, seqs in held_seqs_by_lang.items() if seqs.shape[0] == 0]:
         print(f"data: {lang}: held-out files shorter than --ctx; not evaluated", flush=True)
         del held_seqs_by_lang[lang]
+    if not held_seqs_by_lang:
+        raise SystemExit(f"no language has {args.ctx} held-out tokens to evaluate on")
     # The periodic eval: the same number of held-out sequences of every language.
     per_lang = max(1, args.eval_seqs // len(held_seqs_by_lang))
     eval_seqs = torch.cat(
@@ -232,8 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lang: {
             "train_files": len(train_by_lang[lang]),
             "held_out_files": len(held_by_lang[lang]),
-            "train_tokens": int(token_stream(tokenizer, train_by_lang[lang]).numel()),
-            "held_out_tokens": int(token_stream(tokenizer, held_by_lang[lang]).numel()),
+            "train_tokens": int(train_streams[lang].numel()),
+            "held_out_tokens": int(held_streams[lang].numel()),
             "train_bytes": sum(len(t.encode()) for t in train_by_lang[lang]),
             "source": SOURCES[lang].description,
             "licence": SOURCES[lang].licence,

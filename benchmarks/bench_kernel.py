@@ -332,6 +332,7 @@ def compile_only(config) -> dict:
         "UPCAST": False,
         "EVEN_K": True,
         "DOT_PRECISION": "tf32",
+        "SUBTILES": config.epilogue_subtiles,
     }
     return _compile_sm90(
         fn,

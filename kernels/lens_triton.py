@@ -65,6 +65,8 @@ class LensTritonConfig:
         max_slots: slots per launch; bounds the staging buffer and the partial records.
         num_warps: warps per program of the main kernel.
         num_stages: software-pipelining stages of the main kernel's K loop.
+        epilogue_subtiles: column slices (1 or 2) the epilogue folds a tile in, one after the
+            other; 2 keeps a ``BLOCK_N = 256`` tile's temporaries to one half at a time.
     """
 
     block_m: int = 128
@@ -75,6 +77,7 @@ class LensTritonConfig:
     max_slots: int = 32768
     num_warps: int = 8
     num_stages: int = 3
+    epilogue_subtiles: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -84,6 +87,11 @@ class LensTritonConfig:
         for name in ("group_m", "vocab_chunk", "max_slots", "num_warps", "num_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epilogue_subtiles not in (1, 2) or self.block_n // self.epilogue_subtiles < 16:
+            raise ValueError(
+                f"epilogue_subtiles must be 1 or 2 with block_n / epilogue_subtiles >= 16, got "
+                f"{self.epilogue_subtiles} with block_n {self.block_n}"
+            )
 
 
 def default_config(d_model: int, interpret: bool | None = None) -> LensTritonConfig:
@@ -105,6 +113,100 @@ def default_config(d_model: int, interpret: bool | None = None) -> LensTritonCon
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fold_tile(
+    acc, v0, rows, b_ptr, setm_ptr, tgt_ptr, thr_ptr, tau_ptr, V, logit_scale, softcap,
+    m, s, t_acc, u, cnt, gs, tv, ti, tau_loc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    C: tl.constexpr, CP: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr, LB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ENTROPY: tl.constexpr, KL: tl.constexpr,
+):  # fmt: skip
+    """Fold one ``[BLOCK_M, BLOCK_N]`` tile of raw products into the running per-row state.
+
+    ``acc`` holds ``x @ W[v0 : v0 + BLOCK_N]^T`` for the program's rows; the update is the one
+    in ``_lens_main_kernel``'s docstring. The state (``m, s, t_acc, u [BLOCK_M]``, ``cnt
+    [BLOCK_M, CP]``, ``gs [BLOCK_M, NSP]``, ``tv, ti [BLOCK_M, KP]``, ``tau_loc [BLOCK_M]``) goes
+    in and comes back updated; the shared k-th-value bound at ``tau_ptr`` is raised in place.
+    """
+    cols = v0 + tl.arange(0, BLOCK_N)
+    cmask = cols < V
+    cols64 = cols.to(tl.int64)
+    cidx = tl.arange(0, CP)
+    sidx = tl.arange(0, NSP)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    z = postprocess(acc, bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
+    z = tl.where(cmask[None, :], z, NEG_BIG)
+
+    # Online softmax statistics; m starts at NEG_BIG (finite), so alpha = 0 on the first tile
+    # and s * (m - m_new) = 0 without a guard.
+    m_new = tl.maximum(m, tl.max(z, 1))
+    alpha = tl.exp(m - m_new)
+    dz = z - m_new[:, None]
+    e = tl.exp(dz)
+    if ENTROPY:
+        t_acc = (t_acc + s * (m - m_new)) * alpha + tl.sum(e * dz, 1)
+    s = s * alpha + tl.sum(e, 1)
+
+    if NS > 0:
+        gs = gs * alpha[:, None]
+        for j in tl.static_range(NS):
+            mult = tl.load(setm_ptr + j * V + cols64, mask=cmask, other=0.0)
+            g_j = tl.sum(e * mult[None, :], 1)
+            gs += tl.where(sidx[None, :] == j, g_j[:, None], 0.0)
+
+    for c in tl.static_range(C):
+        tc = tl.load(tgt_ptr + rows * CP + c)
+        thc = tl.load(thr_ptr + rows * CP + c)
+        other = cols[None, :] != tc[:, None]
+        gt_c = tl.sum(((z > thc[:, None]) & other).to(tl.int32), 1)
+        sel = cidx[None, :] == c
+        cnt += tl.where(sel, gt_c[:, None], 0)
+
+    if KL:
+        # Slot (j, i) = row j * LB + i; slot LB - 1 of token j is its final-layer row.
+        TB: tl.constexpr = BLOCK_M // LB
+        fsel = tl.arange(0, LB) == LB - 1
+        z3 = tl.reshape(z, [TB, LB, BLOCK_N])
+        zq = tl.sum(tl.where(fsel[None, :, None], z3, 0.0), 1)  # [TB, BLOCK_N]
+        mq_old = tl.sum(tl.where(fsel[None, :], tl.reshape(m, [TB, LB]), 0.0), 1)
+        mq_new = tl.sum(tl.where(fsel[None, :], tl.reshape(m_new, [TB, LB]), 0.0), 1)
+        eq = tl.exp(zq - mq_new[:, None])  # = the final slot's own e
+        du = tl.sum(eq[:, None, :] * (zq[:, None, :] - z3), 2)  # [TB, LB]
+        u3 = tl.reshape(u, [TB, LB]) * tl.exp(mq_old - mq_new)[:, None] + du
+        u = tl.reshape(u3, [BLOCK_M])
+    m = m_new
+
+    # Gated top-k insertion: candidates must beat the local k-th value and reach the shared
+    # lower bound; each round inserts every row's leftmost maximum in place of its minimum.
+    tau_g = tl.load(tau_ptr + rows)
+    cand = (z > tau_loc[:, None]) & (z >= tau_g[:, None])
+    n_cand = tl.sum(cand.to(tl.int32))
+    while n_cand > 0:
+        mx, ix = tl.max(
+            tl.where(cand, z, float("-inf")),
+            1,
+            return_indices=True,
+            return_indices_tie_break_left=True,
+        )
+        gid = v0 + ix
+        vmin = tl.min(tv, 1)
+        at_min = tv == vmin[:, None]
+        evict = tl.max(tl.where(at_min, ti, -2147483647), 1)
+        slot = at_min & (ti == evict[:, None]) & (mx > NEG_BIG)[:, None]
+        tv = tl.where(slot, mx[:, None], tv)
+        ti = tl.where(slot, gid[:, None], ti)
+        tau_loc = tl.min(tv, 1)
+        cand = cand & (cols[None, :] != gid[:, None]) & (z > tau_loc[:, None])
+        n_cand = tl.sum(cand.to(tl.int32))
+    # A full local state's minimum is a lower bound of the row's global k-th value.
+    tl.atomic_max(tau_ptr + rows, tau_loc, mask=tau_loc > tau_g)
+
+    return m, s, t_acc, u, cnt, gs, tv, ti, tau_loc
 
 
 @triton.jit(do_not_specialize=["n_chunks"])
@@ -149,6 +251,7 @@ def _lens_main_kernel(
     UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SUBTILES: tl.constexpr,
 ):
     """One (row block, vocabulary chunk): streaming statistics over the chunk's tiles.
 
@@ -177,6 +280,7 @@ def _lens_main_kernel(
         BLOCK_* / GROUP_M / LB: tiling, raster group and layer slots per token (DESIGN.md).
         K, KP, C, CP, NS, NSP: k and its padding, targets (1 + look-ahead), token sets.
         HAS_* / ENTROPY / KL / UPCAST / EVEN_K / DOT_PRECISION: compile-time switches.
+        SUBTILES: column slices the epilogue (``_fold_tile``) folds each tile in.
     """
     # Grouped raster: GROUP_M row blocks x all chunks per group, row block fastest, so programs
     # running at the same time walk the same W tiles (and reuse each A block across chunks).
@@ -241,75 +345,22 @@ def _lens_main_kernel(
                 w = w.to(tl.float32)
             acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
 
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        z = postprocess(acc, bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
-        z = tl.where(cmask[None, :], z, NEG_BIG)
-
-        # Online softmax statistics; m starts at NEG_BIG (finite), so alpha = 0 on the first tile
-        # and s * (m - m_new) = 0 without a guard.
-        m_new = tl.maximum(m, tl.max(z, 1))
-        alpha = tl.exp(m - m_new)
-        dz = z - m_new[:, None]
-        e = tl.exp(dz)
-        if ENTROPY:
-            t_acc = (t_acc + s * (m - m_new)) * alpha + tl.sum(e * dz, 1)
-        s = s * alpha + tl.sum(e, 1)
-
-        if NS > 0:
-            gs = gs * alpha[:, None]
-            for j in tl.static_range(NS):
-                mult = tl.load(setm_ptr + j * V + cols64, mask=cmask, other=0.0)
-                g_j = tl.sum(e * mult[None, :], 1)
-                gs += tl.where(sidx[None, :] == j, g_j[:, None], 0.0)
-
-        for c in tl.static_range(C):
-            tc = tl.load(tgt_ptr + rows * CP + c)
-            thc = tl.load(thr_ptr + rows * CP + c)
-            other = cols[None, :] != tc[:, None]
-            gt_c = tl.sum(((z > thc[:, None]) & other).to(tl.int32), 1)
-            sel = cidx[None, :] == c
-            cnt += tl.where(sel, gt_c[:, None], 0)
-
-        if KL:
-            # Slot (j, i) = row j * LB + i; slot LB - 1 of token j is its final-layer row.
-            TB: tl.constexpr = BLOCK_M // LB
-            fsel = tl.arange(0, LB) == LB - 1
-            z3 = tl.reshape(z, [TB, LB, BLOCK_N])
-            zq = tl.sum(tl.where(fsel[None, :, None], z3, 0.0), 1)  # [TB, BLOCK_N]
-            mq_old = tl.sum(tl.where(fsel[None, :], tl.reshape(m, [TB, LB]), 0.0), 1)
-            mq_new = tl.sum(tl.where(fsel[None, :], tl.reshape(m_new, [TB, LB]), 0.0), 1)
-            eq = tl.exp(zq - mq_new[:, None])  # = the final slot's own e
-            du = tl.sum(eq[:, None, :] * (zq[:, None, :] - z3), 2)  # [TB, LB]
-            u3 = tl.reshape(u, [TB, LB]) * tl.exp(mq_old - mq_new)[:, None] + du
-            u = tl.reshape(u3, [BLOCK_M])
-        m = m_new
-
-        # Gated top-k insertion: candidates must beat the local k-th value and reach the shared
-        # lower bound; each round inserts every row's leftmost maximum in place of its minimum.
-        tau_g = tl.load(tau_ptr + rows)
-        cand = (z > tau_loc[:, None]) & (z >= tau_g[:, None])
-        n_cand = tl.sum(cand.to(tl.int32))
-        while n_cand > 0:
-            mx, ix = tl.max(
-                tl.where(cand, z, float("-inf")),
-                1,
-                return_indices=True,
-                return_indices_tie_break_left=True,
-            )
-            gid = v0 + ix
-            vmin = tl.min(tv, 1)
-            at_min = tv == vmin[:, None]
-            evict = tl.max(tl.where(at_min, ti, -2147483647), 1)
-            slot = at_min & (ti == evict[:, None]) & (mx > NEG_BIG)[:, None]
-            tv = tl.where(slot, mx[:, None], tv)
-            ti = tl.where(slot, gid[:, None], ti)
-            tau_loc = tl.min(tv, 1)
-            cand = cand & (cols[None, :] != gid[:, None]) & (z > tau_loc[:, None])
-            n_cand = tl.sum(cand.to(tl.int32))
-        # A full local state's minimum is a lower bound of the row's global k-th value.
-        tl.atomic_max(tau_ptr + rows, tau_loc, mask=tau_loc > tau_g)
+        # Epilogue sub-tiles: the accumulator is folded in SUBTILES column slices, one after the
+        # other, so only one slice's temporaries are live at a time (kernels/DESIGN.md).
+        SUB_N: tl.constexpr = BLOCK_N // SUBTILES
+        if SUBTILES == 2:
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, SUB_N]), [0, 2, 1]))
+        for h in tl.static_range(SUBTILES):
+            if SUBTILES == 2:
+                part = lo if h == 0 else hi
+            else:
+                part = acc
+            m, s, t_acc, u, cnt, gs, tv, ti, tau_loc = _fold_tile(
+                part, v0 + h * SUB_N, rows, b_ptr, setm_ptr, tgt_ptr, thr_ptr, tau_ptr, V,
+                logit_scale, softcap, m, s, t_acc, u, cnt, gs, tv, ti, tau_loc,
+                BLOCK_M, SUB_N, K, KP, C, CP, NS, NSP, LB,
+                HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, ENTROPY, KL,
+            )  # fmt: skip
 
     base = ch.to(tl.int64) * R_pad + rows
     plane = n_chunks.to(tl.int64) * R_pad
@@ -592,6 +643,7 @@ def _launch(
         UPCAST=upcast,
         EVEN_K=d % block_k == 0,
         DOT_PRECISION=dot_precision(upcast or operand_dtype == torch.float32, precision),
+        SUBTILES=cfg.epilogue_subtiles,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -45,6 +45,7 @@ from codelens.kernels.lens_triton import (
     LensTritonConfig,
     _plan_layout,
     _slot_maps,
+    default_config,
     lens_stats_triton,
 )
 from codelens.kernels.norm_stage import normalized_rows
@@ -74,7 +75,12 @@ SMALL = LensTritonConfig(block_m=16, block_n=64, block_k=32, group_m=2, vocab_ch
 SMALL_CHUNKED = LensChunkedConfig(
     rows_per_gemm=16, vocab_chunk=100, fold_block_r=4, fold_block_v=32
 )
-STRATEGIES = {"fused": (lens_stats_triton, SMALL), "chunked": (lens_stats_chunked, SMALL_CHUNKED)}
+STRATEGIES = {
+    "fused": (lens_stats_triton, SMALL),
+    # The fused kernel's epilogue folding each tile in two column slices (for BLOCK_N 256).
+    "fused-subtiled": (lens_stats_triton, dataclasses.replace(SMALL, epilogue_subtiles=2)),
+    "chunked": (lens_stats_chunked, SMALL_CHUNKED),
+}
 
 
 @pytest.fixture(params=sorted(STRATEGIES))
@@ -86,6 +92,11 @@ def lens_kernel(request):
     def run(*args, small: bool = False, **kwargs):
         if small:
             kwargs.setdefault("config", small_config)
+        elif request.param == "fused-subtiled":
+            head = args[1]
+            kwargs.setdefault(
+                "config", dataclasses.replace(default_config(head.d_model), epilogue_subtiles=2)
+            )
         return fn(*args, **kwargs)
 
     run.strategy = request.param
@@ -312,6 +323,23 @@ def test_exact_ties_go_to_the_smaller_id_across_chunks(lens_kernel):
     assert (top2.topk_ids == torch.tensor([11, 12], dtype=torch.int32)).all()
 
 
+def test_top_k_with_fresh_candidates_in_every_tile(lens_kernel):
+    """Many insertions per tile and chunk (a bias rising along the vocabulary), with exact ties
+    among the trailing all-zero rows: the exact top-k, ties to the smaller id."""
+    gen = torch.Generator().manual_seed(21)
+    L, T, d, V, k = 3, 7, 32, 900, 12
+    head = make_head("padded_vocab", d, V, torch.float32, gen)
+    # A bias that rises along the vocabulary puts fresh top-k candidates in every later tile;
+    # its steps make the trailing all-zero rows exact ties.
+    head = Head(head.norm, head.unembed, (torch.arange(V) // 64) * 0.4)
+    hidden, targets = make_inputs(L, T, d, V, 1, torch.float32, gen)
+    request = LensRequest(k=k, kl_final=False)
+    got = lens_kernel(hidden, head, targets, request, small=True)
+    want = lens_stats_naive(hidden, head, targets, request)
+    assert torch.equal(got.topk_ids, want.topk_ids)
+    torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_non_finite_rows_are_flagged(lens_kernel, dtype):
     gen = torch.Generator().manual_seed(2)
@@ -498,6 +526,8 @@ def test_rejects_bad_arguments(strategy):
         normalized_rows(hidden, head)
     with pytest.raises(ValueError, match="power of two"):
         LensTritonConfig(block_m=24)
+    with pytest.raises(ValueError, match="epilogue_subtiles must be 1 or 2"):
+        LensTritonConfig(block_n=16, epilogue_subtiles=2)
     with pytest.raises(ValueError, match="fold_block_v must be a power of two"):
         LensChunkedConfig(fold_block_v=100)
 

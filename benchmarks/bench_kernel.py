@@ -115,11 +115,24 @@ def forward_problem(d: int, V: int, n_layers: int, n_tokens: int, device: str, s
 PROBLEMS = {"synthetic": make_problem, "forward": forward_problem}
 
 
+FUSED_VARIANTS = {
+    # A benchmark name for the fused kernel at a candidate configuration: BLOCK_N 256 with the
+    # epilogue in two column slices (sm_90 offline: 166 spill stores, against 826 unsliced).
+    "triton-fused-n256": {"block_n": 256, "block_k": 32, "num_stages": 4, "epilogue_subtiles": 2},
+    # Narrower tiles: a quarter fewer top-k insertion rounds per logit (topk_rounds.md), 7 spills.
+    "triton-fused-n64": {"block_n": 64, "num_warps": 4},
+}
+"""Candidate configurations timed beside the defaults: if one wins, ``LensTritonConfig``'s
+defaults should become it (the strategy names of ``lens.impl`` stay ``triton-fused`` etc.)."""
+
+
 def strategy_fn(strategy: str, config):
-    """The lens function of ``strategy`` (``config`` applies to the fused kernel)."""
-    if strategy == "triton-fused":
+    """The lens function of ``strategy`` (``config`` applies to the fused kernel; a
+    ``FUSED_VARIANTS`` name replaces some of its fields)."""
+    if strategy == "triton-fused" or strategy in FUSED_VARIANTS:
         from codelens.kernels.lens_triton import lens_stats_triton
 
+        config = dataclasses.replace(config, **FUSED_VARIANTS.get(strategy, {}))
         return lambda *a, **kw: lens_stats_triton(*a, config=config, **kw)
     from codelens.kernels.lens_chunked import lens_stats_chunked
 
@@ -267,15 +280,24 @@ def bench_shape(
 
 
 def choose_defaults(results: list[dict]) -> list[dict]:
-    """Per model width: the strategy with the smallest median time over its shapes (what
-    ``kernels/dispatch.py``'s ``STRATEGY_BY_WIDTH`` should say)."""
+    """Per model width: the strategy with the smallest mean time over its shapes (what
+    ``kernels/dispatch.py``'s ``STRATEGY_BY_WIDTH`` should say). A ``FUSED_VARIANTS`` winner is
+    reported as ``triton-fused`` with the ``LensTritonConfig`` fields it changes."""
     by_width: dict[int, dict[str, list[float]]] = {}
     for r in results:
         by_width.setdefault(r["d"], {}).setdefault(r["strategy"], []).append(r["kernel_ms"])
-    return [
-        {"d": d, "strategy": min(times, key=lambda s: sum(times[s]) / len(times[s])), "ms": times}
-        for d, times in sorted(by_width.items())
-    ]
+    chosen = []
+    for d, times in sorted(by_width.items()):
+        best = min(times, key=lambda s: sum(times[s]) / len(times[s]))
+        chosen.append(
+            {
+                "d": d,
+                "strategy": "triton-fused" if best in FUSED_VARIANTS else best,
+                "fused_config": FUSED_VARIANTS.get(best, {}),
+                "ms": times,
+            }
+        )
+    return chosen
 
 
 def compile_only(config) -> dict:
@@ -452,16 +474,19 @@ def _registers(cubin: bytes) -> int | None:
 
 
 SWEEP_CONFIGS = (
-    # (block_m, block_n, block_k, num_warps, num_stages): the default first, then the candidates
-    # the review named (BLOCK_N 256, fewer warps for two CTAs per SM, smaller M tiles).
-    (128, 128, 64, 8, 3),
-    (128, 128, 64, 4, 3),
-    (128, 128, 64, 8, 4),
-    (128, 128, 32, 8, 3),
-    (64, 128, 64, 4, 3),
-    (128, 64, 64, 4, 3),
-    (128, 256, 64, 8, 3),
-    (64, 256, 64, 8, 3),
+    # (block_m, block_n, block_k, num_warps, num_stages, epilogue_subtiles): the default first,
+    # then the candidates the review named (BLOCK_N 256 whole and in two epilogue slices, fewer
+    # warps for two CTAs per SM, smaller M tiles).
+    (128, 128, 64, 8, 3, 1),
+    (128, 128, 64, 4, 3, 1),
+    (128, 128, 64, 8, 4, 1),
+    (128, 128, 32, 8, 3, 1),
+    (64, 128, 64, 4, 3, 1),
+    (128, 64, 64, 4, 3, 1),
+    (128, 256, 64, 8, 3, 1),
+    (128, 256, 64, 8, 3, 2),
+    (128, 256, 32, 8, 4, 2),
+    (64, 256, 64, 8, 3, 1),
 )
 
 
@@ -525,9 +550,15 @@ def sweep(out_dir: Path) -> Path:
 
     base = _config_type()()
     entries = []
-    for bm, bn, bk, warps, stages in SWEEP_CONFIGS:
+    for bm, bn, bk, warps, stages, subtiles in SWEEP_CONFIGS:
         config = dataclasses.replace(
-            base, block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages
+            base,
+            block_m=bm,
+            block_n=bn,
+            block_k=bk,
+            num_warps=warps,
+            num_stages=stages,
+            epilogue_subtiles=subtiles,
         )
         entries.append(
             _entry(compile_only(config), "triton-fused", "_lens_main_kernel", FUSED_EPILOGUE)
@@ -581,7 +612,10 @@ def _markdown(meta: dict, results: list[dict], checks: list[dict]) -> str:
             f"| {r['kernel_peak_mem_gb']:.1f} |"
         )
     for choice in choose_defaults(results):
-        lines.append(f"\nDefault for d = {choice['d']}: {choice['strategy']} ({choice['ms']} ms)")
+        config = f" with {choice['fused_config']}" if choice["fused_config"] else ""
+        lines.append(
+            f"\nDefault for d = {choice['d']}: {choice['strategy']}{config} ({choice['ms']} ms)"
+        )
     for c in checks:
         lines += [
             "",
@@ -634,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strategies",
         nargs="+",
-        choices=["triton-fused", "triton-chunked"],
+        choices=["triton-fused", "triton-chunked", *FUSED_VARIANTS],
         default=["triton-fused"],
         help="the lens strategies to check and time",
     )

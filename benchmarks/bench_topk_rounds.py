@@ -1,0 +1,233 @@
+"""Insertion rounds of the fused kernel's streaming top-k, counted exactly on real logits.
+
+The fused kernel (``kernels/lens_triton.py``) keeps a top-k state per row and, per
+``[BLOCK_M, BLOCK_N]`` tile, runs insertion rounds while any row of the block has a candidate:
+each round inserts every row's largest remaining candidate. A round costs the same whatever
+the number of rows that use it, so a tile's cost is set by the row with the most insertions.
+The chunked strategy's fold runs one row per program: its rounds are that row's own.
+
+Within a tile the insertions go in (value desc, id asc) order and none is evicted in the same
+tile, so the insertions of row ``r`` in tile ``i`` of a vocabulary chunk are exactly
+``|topk(chunk prefix through tile i) ∩ tile i|``. This script counts them with ``torch.topk``
+(no kernel, no GPU) for every row block and chunk, and reports per tile: the block's rounds
+(the fused kernel's cost: the worst row), the mean row's insertions (what a per-row insertion
+costs) and their ratio. The shared cross-chunk bound ``tau`` is left out, so the fused counts
+are an upper bound (chunks that start after a row's first chunk finished prune more).
+
+Rows: ``bundled``, every layer of the bundled model over its held-out code (real logits); and
+``synthetic``/``forward``, ``bench_kernel.py``'s problems at the Qwen2.5-Coder-7B vocabulary
+(near-i.i.d. logits, the worst case). With ``--instructions-per-round`` (the SASS of one round,
+from ``bench_kernel.py --compile-only``: one unrolled round against two) the rounds become
+microseconds per tile at the H100/H200 issue rate, next to the tile's MMA time at peak.
+
+Writes ``benchmarks/results/topk_rounds.json`` and ``topk_rounds.md``.
+
+Usage::
+
+    python benchmarks/bench_topk_rounds.py [--rows 1024] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernel import MODELS, PROBLEMS  # noqa: E402
+
+from codelens.workers.bench import provenance, provenance_markdown  # noqa: E402
+
+BLOCK_M, BLOCK_N, VOCAB_CHUNK, K = 128, 128, 4096, 10
+# H100/H200 SXM: 132 SMs, dense bf16 989 TFLOP/s, 4 warp schedulers per SM at ~1.755 GHz.
+SMS, PEAK_FLOPS, SCHEDULERS, CLOCK_HZ, WARPS = 132, 989e12, 4, 1.755e9, 8
+
+
+def tile_rounds(
+    logits: torch.Tensor, k: int, block_m: int = BLOCK_M, block_n: int = BLOCK_N
+) -> dict[str, torch.Tensor]:
+    """Per (row block, chunk, tile): the block's rounds and its mean row's insertions.
+
+    Args:
+        logits: ``[R, V]`` fp32, ``R`` a multiple of ``block_m``.
+        k: the top-k size; ``block_m`` x ``block_n``: the tile.
+
+    Returns:
+        ``worst [n]`` (max over the block's rows), ``mean [n]`` (mean over them) and ``first
+        [n]`` (True for a chunk's first tile), one entry per tile of every block and chunk.
+    """
+    n_rows, n_vocab = logits.shape
+    worst, mean, first = [], [], []
+    # Ties go to the smaller id, as in the kernel: a tiny id-ordered offset breaks exact ties.
+    ids = torch.arange(n_vocab, dtype=torch.float64)
+    for r0 in range(0, n_rows, block_m):
+        block = logits[r0 : r0 + block_m].double() - ids * 1e-12
+        for c0 in range(0, n_vocab, VOCAB_CHUNK):
+            chunk = block[:, c0 : c0 + VOCAB_CHUNK]
+            for t0 in range(0, chunk.shape[1], block_n):
+                t1 = min(chunk.shape[1], t0 + block_n)
+                top = chunk[:, :t1].topk(min(k, t1), dim=1).indices
+                inserted = (top >= t0).sum(1).float()
+                worst.append(inserted.max())
+                mean.append(inserted.mean())
+                first.append(t0 == 0)
+    return {"worst": torch.stack(worst), "mean": torch.stack(mean), "first": torch.tensor(first)}
+
+
+def bundled_logits(n_rows: int) -> tuple[torch.Tensor, str]:
+    """Every layer's lens logits of the bundled model over its held-out files, ``n_rows`` rows
+    (layer-major within each token block of ``BLOCK_M``, as the fused kernel's row blocks)."""
+    from codelens.engine.model.loading import load_model
+    from codelens.engine.zoo.default_model import default_model_dir, held_out_files
+
+    loaded = load_model(default_model_dir(), device="cpu")
+    head = loaded.parts.head
+    rows: list[torch.Tensor] = []
+    files = held_out_files()
+    for path in files[:: max(1, len(files) // 16)]:
+        ids = loaded.tokenizer(path.read_text(errors="replace"))["input_ids"][:512]
+        with torch.no_grad():
+            states = loaded.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        # hidden_states[-1] is after the final norm in HF Llama: the lens reads the last block's
+        # output through the norm, which is the model's own logits there.
+        for layer in states[:-1]:
+            rows.append(head.logits(layer[0]))
+        rows.append(loaded.model.lm_head(states[-1][0]).float())
+        if sum(r.shape[0] for r in rows) >= n_rows:
+            break
+    logits = torch.cat(rows)[: n_rows // BLOCK_M * BLOCK_M]
+    return logits, f"bundled model {default_model_dir().name}, {logits.shape[0]} rows"
+
+
+def problem_logits(source: str, n_rows: int) -> tuple[torch.Tensor, str]:
+    """The lens logits of ``bench_kernel.py``'s ``source`` problem at Qwen2.5-Coder-7B's shape."""
+    name, d, V, n_layers = MODELS["qwen7b"]
+    n_tokens = max(1, n_rows // n_layers)
+    hidden, head, _, _ = PROBLEMS[source](d, V, n_layers, n_tokens, "cpu")
+    logits = head.logits(hidden.reshape(-1, d).float())[: n_rows // BLOCK_M * BLOCK_M]
+    return logits, f"{source} rows at {name}'s shape (d {d}, V {V}), {logits.shape[0]} rows"
+
+
+def summarise(counts: dict[str, torch.Tensor], per_round: int | None) -> dict[str, Any]:
+    first, later = counts["first"], ~counts["first"]
+    out: dict[str, Any] = {}
+    for name, mask in (("first_tile", first), ("later_tiles", later), ("all_tiles", first | later)):
+        worst, mean = counts["worst"][mask], counts["mean"][mask]
+        out[name] = {
+            "tiles": int(mask.sum()),
+            "fused_rounds_per_tile": round(worst.mean().item(), 3),
+            "mean_row_insertions_per_tile": round(mean.mean().item(), 3),
+            "worst_over_mean": round(worst.sum().item() / max(mean.sum().item(), 1e-9), 2),
+        }
+        if per_round:
+            us = worst.mean().item() * per_round * WARPS / SCHEDULERS / CLOCK_HZ * 1e6
+            out[name]["fused_topk_us_per_tile"] = round(us, 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1024, help="lens rows per source")
+    parser.add_argument(
+        "--sources", nargs="+", default=["bundled", "synthetic", "forward"],
+        choices=["bundled", "synthetic", "forward"],
+    )  # fmt: skip
+    parser.add_argument(
+        "--instructions-per-round",
+        type=int,
+        default=None,
+        help="SASS instructions of one insertion round (bench_kernel.py --compile-only)",
+    )
+    parser.add_argument(
+        "--tiles",
+        nargs="*",
+        default=["64x128", "128x64", "64x256", "128x256"],
+        help="other BLOCK_MxBLOCK_N tiles to count rounds for (a round's cost scales with the "
+        "tile's area and the tiles per logit inversely, so rounds per tile compare directly)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    results: dict[str, Any] = {"k": K, "block_m": BLOCK_M, "block_n": BLOCK_N}
+    results["vocab_chunk"] = VOCAB_CHUNK
+    results["instructions_per_round"] = args.instructions_per_round
+    results["mma_us_per_tile_at_peak"] = {
+        name: round(2 * BLOCK_M * BLOCK_N * d / (PEAK_FLOPS / SMS) * 1e6, 2)
+        for name, d, _, _ in MODELS.values()
+    }
+    results["sources"] = {}
+    for source in args.sources:
+        logits, what = (
+            bundled_logits(args.rows) if source == "bundled" else problem_logits(source, args.rows)
+        )
+        summary = summarise(tile_rounds(logits, K), args.instructions_per_round)
+        by_tile = {f"{BLOCK_M}x{BLOCK_N}": summary["all_tiles"]["fused_rounds_per_tile"]}
+        for tile in args.tiles:
+            bm, bn = (int(x) for x in tile.split("x"))
+            counts = tile_rounds(logits[: logits.shape[0] // bm * bm], K, bm, bn)
+            by_tile[tile] = round(counts["worst"].mean().item(), 3)
+        summary["fused_rounds_per_tile_by_tile"] = by_tile
+        results["sources"][source] = {"rows": what, **summary}
+        print(source, json.dumps(summary), flush=True)
+    results.update(provenance("benchmarks/bench_topk_rounds.py", argv or sys.argv[1:]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "topk_rounds.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "topk_rounds.md").write_text(markdown(results))
+    return results
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "# Top-k insertion rounds of the fused kernel, counted on real logits",
+        "",
+        f"k {r['k']}, tiles {r['block_m']} x {r['block_n']}, vocabulary chunks of "
+        f"{r['vocab_chunk']}; counted exactly with `torch.topk` (no kernel). *Fused rounds*: the "
+        "block's worst row per tile (what the fused kernel runs); *mean row*: what a per-row "
+        "insertion runs. The cross-chunk bound is left out, so fused rounds are an upper bound.",
+        "",
+        "| rows | tiles | fused rounds / tile | mean row / tile | worst / mean |"
+        + (" fused top-k µs / tile |" if r["instructions_per_round"] else ""),
+        "|---|---|---|---|---|" + ("---|" if r["instructions_per_round"] else ""),
+    ]
+    for source in r["sources"].values():
+        for name in ("first_tile", "later_tiles", "all_tiles"):
+            s = source[name]
+            row = (
+                f"| {source['rows']}: {name.replace('_', ' ')} | {s['tiles']} | "
+                f"{s['fused_rounds_per_tile']} | {s['mean_row_insertions_per_tile']} | "
+                f"{s['worst_over_mean']} |"
+            )
+            if r["instructions_per_round"]:
+                row += f" {s['fused_topk_us_per_tile']} |"
+            lines.append(row)
+    tiles = list(next(iter(r["sources"].values()))["fused_rounds_per_tile_by_tile"])
+    lines += [
+        "",
+        "Fused rounds per tile over all tiles, by tile shape (a round's cost grows with the tile's "
+        "area and the tiles per logit shrink with it, so these compare directly):",
+        "",
+        "| rows | " + " | ".join(tiles) + " |",
+        "|---|" + "---|" * len(tiles),
+    ]
+    for source in r["sources"].values():
+        by_tile = source["fused_rounds_per_tile_by_tile"]
+        lines.append(f"| {source['rows']} | " + " | ".join(str(by_tile[t]) for t in tiles) + " |")
+    if r["instructions_per_round"]:
+        lines += [
+            "",
+            f"One round is {r['instructions_per_round']} SASS instructions per warp (sm_90, "
+            "offline); µs = rounds x instructions x 8 warps / 4 schedulers / 1.755 GHz. The "
+            "tile's MMA at dense bf16 peak (989 TFLOP/s over 132 SMs), µs: "
+            + ", ".join(f"{k} {v}" for k, v in r["mma_us_per_tile_at_peak"].items())
+            + ".",
+        ]
+    return "\n".join([*lines, "", *provenance_markdown(r), ""])
+
+
+if __name__ == "__main__":
+    main()

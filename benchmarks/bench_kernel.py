@@ -398,10 +398,73 @@ def _compile_sm90(fn, types: dict, constexprs: dict, aligned_extra, options: dic
             # get_sass writes one "CTRL<tab>INSTRUCTION" line per instruction (labels apart).
             sass_instructions=sum("\t" in line for line in sass.splitlines()),
             registers=_registers(kernel.asm["cubin"]),
+            **loop_sizes(sass),
         )
     except Exception as exc:  # nvdisasm missing or format change: the PTX facts still stand
         result["sass"] = f"unavailable: {exc}"
     return result
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """The loops of a ``get_sass`` listing: every backward branch to a label, as ``{start, end,
+    instructions, hgmma, spills}`` (instruction indices, body size, HGMMA and STL/LDL inside)."""
+    instructions: list[str] = []
+    labels: dict[str, int] = {}
+    for line in sass.splitlines():
+        if "\t" in line:
+            instructions.append(line.split("\t", 1)[1])
+        elif re.fullmatch(r"\s*(\w+):\s*", line):
+            labels[line.strip()[:-1]] = len(instructions)
+    loops = []
+    for end, text in enumerate(instructions):
+        target = re.search(r"\bBRA (\w+)", text)
+        start = labels.get(target.group(1), end + 1) if target else end + 1
+        if start <= end:
+            body = instructions[start : end + 1]
+            loops.append(
+                {
+                    "start": start,
+                    "end": end,
+                    "instructions": len(body),
+                    "hgmma": sum("HGMMA" in x for x in body),
+                    "spills": sum(bool(re.search(r"\b(STL|LDL)\b", x)) for x in body),
+                }
+            )
+    return loops
+
+
+def loop_sizes(sass: str) -> dict:
+    """Per-tile SASS of a kernel from its loops: the K loop (the smallest loop with HGMMA), the
+    tile loop (the largest one) and the top-k insertion round (loops without HGMMA nested in
+    the tile loop, or in the fold kernel's column loop). ``epilogue_per_tile`` is the tile loop
+    less its K loop and rounds: what a tile costs besides the MMA when no row inserts."""
+    loops = [lp for lp in sass_loops(sass) if lp["instructions"] > 8]
+    mma = [lp for lp in loops if lp["hgmma"]]
+    if mma:
+        k_loop = min(mma, key=lambda lp: lp["instructions"])
+        tile = max(mma, key=lambda lp: lp["instructions"])
+    else:  # the fold kernel: its column loop holds the insertion rounds
+        k_loop = None
+        tile = max(loops, key=lambda lp: lp["instructions"], default=None)
+    if tile is None:
+        return {}
+    rounds = [
+        lp
+        for lp in loops
+        if not lp["hgmma"] and lp is not tile and tile["start"] <= lp["start"] <= tile["end"]
+    ]
+    sizes = {
+        "tile_loop_instructions": tile["instructions"],
+        "topk_round_instructions": [lp["instructions"] for lp in rounds],
+    }
+    if k_loop is not None:
+        sizes["k_loop_instructions"] = k_loop["instructions"]
+    sizes["epilogue_per_tile"] = (
+        tile["instructions"]
+        - (k_loop["instructions"] if k_loop else 0)
+        - sum(lp["instructions"] for lp in rounds)
+    )
+    return sizes
 
 
 def compile_fold(config) -> dict:
@@ -537,6 +600,16 @@ def _entry(r: dict, strategy: str, kernel: str, epilogue: str | None = None) -> 
         "registers": r.get("registers"),
         "sass_instructions": r.get("sass_instructions"),
         "wgmma": r.get("hgmma"),
+        **{
+            key: r[key]
+            for key in (
+                "tile_loop_instructions",
+                "k_loop_instructions",
+                "topk_round_instructions",
+                "epilogue_per_tile",
+            )
+            if key in r
+        },
     }
 
 

@@ -94,6 +94,11 @@ def test_bad_language_sets_name_the_set_and_the_fix(tiny_loaded_model):
         resolve_lens(LensSpec(k=2, token_sets={"x": {"keywords": "klingon"}}), loaded)
     with pytest.raises(SpecError, match=r"lens.token_sets.x.builtins: .*lists no builtins"):
         resolve_lens(LensSpec(k=2, token_sets={"x": {"builtins": "javascript"}}), loaded)
+    # The tiny tokenizer has no COBOL keyword as one whole token.
+    with pytest.raises(SpecError, match=r"lens.token_sets.x: none of .* drop single_token: true"):
+        resolve_lens(
+            LensSpec(k=2, token_sets={"x": {"keywords": "cobol", "single_token": True}}), loaded
+        )
     with pytest.raises(SpecError, match=r"lens.token_sets.b: every id is also in another set"):
         resolve_lens(
             LensSpec(

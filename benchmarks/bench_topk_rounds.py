@@ -45,38 +45,51 @@ from codelens.workers.bench import provenance, provenance_markdown  # noqa: E402
 
 BLOCK_M, BLOCK_N, VOCAB_CHUNK, K = 128, 128, 4096, 10
 # H100/H200 SXM: 132 SMs, dense bf16 989 TFLOP/s, 4 warp schedulers per SM at ~1.755 GHz.
-SMS, PEAK_FLOPS, SCHEDULERS, CLOCK_HZ, WARPS = 132, 989e12, 4, 1.755e9, 8
+SMS, PEAK_FLOPS, SCHEDULERS, CLOCK_HZ = 132, 989e12, 4, 1.755e9
+# What cuBLAS reaches on the lens GEMM shapes, and the fused kernel's MMA efficiency on L2-bound
+# 128x128 tiles (kernels/DESIGN.md, "Choosing the strategy"): assumptions until a device measures.
+GEMM_FLOPS, FUSED_MMA_EFFICIENCY = 700e12, 0.75
+FOLD_COLUMNS = 1024  # the fold kernel's column step (LensChunkedConfig.fold_block_v)
 
 
 def tile_rounds(
-    logits: torch.Tensor, k: int, block_m: int = BLOCK_M, block_n: int = BLOCK_N
+    logits: torch.Tensor,
+    k: int,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+    vocab_chunk: int = VOCAB_CHUNK,
 ) -> dict[str, torch.Tensor]:
     """Per (row block, chunk, tile): the block's rounds and its mean row's insertions.
 
+    The running top-k of every row is carried from tile to tile (and restarted per vocabulary
+    chunk); a tile's insertions for a row are the entries of the new top-k that come from it.
+
     Args:
         logits: ``[R, V]`` fp32, ``R`` a multiple of ``block_m``.
-        k: the top-k size; ``block_m`` x ``block_n``: the tile.
+        k: the top-k size; ``block_m`` x ``block_n``: the tile; ``vocab_chunk``: the columns
+            after which the state restarts (the fused kernel's chunk; ``V`` for the fold kernel,
+            whose state runs over the whole vocabulary).
 
     Returns:
         ``worst [n]`` (max over the block's rows), ``mean [n]`` (mean over them) and ``first
         [n]`` (True for a chunk's first tile), one entry per tile of every block and chunk.
     """
     n_rows, n_vocab = logits.shape
-    worst, mean, first = [], [], []
     # Ties go to the smaller id, as in the kernel: a tiny id-ordered offset breaks exact ties.
-    ids = torch.arange(n_vocab, dtype=torch.float64)
-    for r0 in range(0, n_rows, block_m):
-        block = logits[r0 : r0 + block_m].double() - ids * 1e-12
-        for c0 in range(0, n_vocab, VOCAB_CHUNK):
-            chunk = block[:, c0 : c0 + VOCAB_CHUNK]
-            for t0 in range(0, chunk.shape[1], block_n):
-                t1 = min(chunk.shape[1], t0 + block_n)
-                top = chunk[:, :t1].topk(min(k, t1), dim=1).indices
-                inserted = (top >= t0).sum(1).float()
-                worst.append(inserted.max())
-                mean.append(inserted.mean())
-                first.append(t0 == 0)
-    return {"worst": torch.stack(worst), "mean": torch.stack(mean), "first": torch.tensor(first)}
+    values = logits.double() - torch.arange(n_vocab, dtype=torch.float64) * 1e-12
+    worst, mean, first = [], [], []
+    for c0 in range(0, n_vocab, vocab_chunk):
+        state = values[:, :0]
+        for t0 in range(c0, min(n_vocab, c0 + vocab_chunk), block_n):
+            tile = values[:, t0 : min(n_vocab, t0 + block_n, c0 + vocab_chunk)]
+            both = torch.cat([state, tile], 1)
+            top = both.topk(min(k, both.shape[1]), dim=1)
+            inserted = (top.indices >= state.shape[1]).sum(1).double().view(-1, block_m)
+            worst.append(inserted.max(1).values)
+            mean.append(inserted.mean(1))
+            first.append(torch.full((n_rows // block_m,), t0 == c0))
+            state = top.values
+    return {"worst": torch.cat(worst), "mean": torch.cat(mean), "first": torch.cat(first)}
 
 
 def bundled_logits(n_rows: int) -> tuple[torch.Tensor, str]:
@@ -113,16 +126,57 @@ def problem_logits(source: str, n_rows: int) -> tuple[torch.Tensor, str]:
     return logits, f"{source} rows at {name}'s shape (d {d}, V {V}), {logits.shape[0]} rows"
 
 
-def sm90_loop_sizes(path: Path) -> dict[str, int] | None:
-    """The default fused kernel's ``{round, epilogue}`` SASS per warp from ``kernel_sm90.json``
-    (its first fused entry), or None when the file or the loop sizes are missing."""
+def sm90_loop_sizes(path: Path) -> dict[str, dict[str, int]] | None:
+    """The default kernels' ``{round, epilogue}`` SASS per warp from ``kernel_sm90.json`` (its
+    first entry of each strategy: the fused tile, the fold kernel's column step), or None when
+    the file or the loop sizes are missing."""
     if not path.exists():
         return None
     entries = json.loads(path.read_text()).get("entries", [])
-    fused = next((e for e in entries if e.get("strategy") == "triton-fused"), {})
-    if not fused.get("topk_round_instructions"):
-        return None
-    return {"round": fused["topk_round_instructions"][0], "epilogue": fused["epilogue_per_tile"]}
+    sizes = {}
+    for strategy in ("triton-fused", "triton-chunked"):
+        entry = next((e for e in entries if e.get("strategy") == strategy), {})
+        if not entry.get("topk_round_instructions"):
+            return None
+        sizes[strategy] = {
+            "round": entry["topk_round_instructions"][0],
+            "epilogue": entry["epilogue_per_tile"],
+            "warps": entry["config"]["num_warps"],
+            "columns": entry["config"].get("fold_block_v", BLOCK_N),
+            "rows": entry["config"].get("block_m", 1),
+        }
+    return sizes
+
+
+def instructions_per_logit(sizes: dict[str, int], rounds: float) -> float:
+    """Warp instructions per logit of a kernel step (a fused tile or a fold column step) that
+    runs ``rounds`` insertion rounds."""
+    step = sizes["epilogue"] + rounds * sizes["round"]
+    return step * sizes["warps"] / (sizes["rows"] * sizes["columns"])
+
+
+def predicted_fractions(fused_rounds: float, fold_rounds: float, sizes: dict) -> dict[str, Any]:
+    """Predicted fraction of the cuBLAS bf16 matmul per model shape, from instruction counts:
+
+    * cuBLAS: ``2 d`` FLOP per logit at ``GEMM_FLOPS`` (achieved, not peak);
+    * fused: its MMA at peak times ``FUSED_MMA_EFFICIENCY`` plus its epilogue, not overlapped
+      (one CTA per SM);
+    * chunked: the cuBLAS GEMM plus the fold kernel's instructions (its 8 bytes per logit of
+      traffic take less: ~1.2-2 ps per logit from L2/HBM, kernels/DESIGN.md).
+    """
+    issue = SMS * SCHEDULERS * CLOCK_HZ  # warp instructions per second, whole GPU
+    fused_epi = instructions_per_logit(sizes["triton-fused"], fused_rounds) / issue
+    fold = instructions_per_logit(sizes["triton-chunked"], fold_rounds) / issue
+    out = {}
+    for name, d, _, _ in MODELS.values():
+        gemm = 2 * d / GEMM_FLOPS
+        fused = 2 * d / (PEAK_FLOPS * FUSED_MMA_EFFICIENCY) + fused_epi
+        out[name] = {"fused": round(gemm / fused, 2), "chunked": round(gemm / (gemm + fold), 2)}
+    return {
+        "fused_epilogue_ps_per_logit": round(fused_epi * 1e12, 2),
+        "fold_ps_per_logit": round(fold * 1e12, 2),
+        "fraction_of_cublas": out,
+    }
 
 
 def summarise(counts: dict[str, torch.Tensor], sizes: dict[str, int] | None) -> dict[str, Any]:
@@ -137,8 +191,9 @@ def summarise(counts: dict[str, torch.Tensor], sizes: dict[str, int] | None) -> 
             "worst_over_mean": round(worst.sum().item() / max(mean.sum().item(), 1e-9), 2),
         }
         if sizes:
-            warp_instructions = sizes["epilogue"] + worst.mean().item() * sizes["round"]
-            us = warp_instructions * WARPS / SCHEDULERS / CLOCK_HZ * 1e6
+            fused = sizes["triton-fused"]
+            warp_instructions = fused["epilogue"] + worst.mean().item() * fused["round"]
+            us = warp_instructions * fused["warps"] / SCHEDULERS / CLOCK_HZ * 1e6
             out[name]["fused_epilogue_us_per_tile"] = round(us, 2)
     return out
 
@@ -187,6 +242,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             counts = tile_rounds(logits[: logits.shape[0] // bm * bm], K, bm, bn)
             by_tile[tile] = round(counts["worst"].mean().item(), 3)
         summary["fused_rounds_per_tile_by_tile"] = by_tile
+        # The fold kernel: one row per program, its state over the whole vocabulary.
+        fold = tile_rounds(logits, K, 1, FOLD_COLUMNS, logits.shape[1])
+        summary["fold_rounds_per_step"] = round(fold["worst"].mean().item(), 3)
+        if sizes:
+            summary["prediction"] = predicted_fractions(
+                summary["all_tiles"]["fused_rounds_per_tile"],
+                summary["fold_rounds_per_step"],
+                sizes,
+            )
         results["sources"][source] = {"rows": what, **summary}
         print(source, json.dumps(summary), flush=True)
     results.update(provenance("benchmarks/bench_topk_rounds.py", argv or sys.argv[1:]))
@@ -234,16 +298,43 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {source['rows']} | " + " | ".join(str(by_tile[t]) for t in tiles) + " |")
     sizes = r["sm90_instructions_per_warp"]
     if sizes:
+        fused, fold = sizes["triton-fused"], sizes["triton-chunked"]
+        models = list(r["mma_us_per_tile_at_peak"])
         lines += [
             "",
-            f"Epilogue per tile = {sizes['epilogue']} + rounds x {sizes['round']} SASS "
-            "instructions per warp (the default kernel's tile loop less its K loop, and its insertion loop, "
-            "from `kernel_sm90.json`); µs = instructions x 8 warps / 4 schedulers / 1.755 GHz, "
-            "not overlapped with the MMA (one CTA per SM). The tile's MMA at dense bf16 peak "
-            "(989 TFLOP/s over 132 SMs), µs: "
+            f"Fused epilogue per tile = {fused['epilogue']} + rounds x {fused['round']} SASS "
+            "instructions per warp (the default kernel's tile loop less its K loop, and its "
+            "insertion loop, from `kernel_sm90.json`); µs = instructions x 8 warps / 4 schedulers "
+            "/ 1.755 GHz, not overlapped with the MMA (one CTA per SM). The tile's MMA at dense "
+            "bf16 peak (989 TFLOP/s over 132 SMs), µs: "
             + ", ".join(f"{k} {v}" for k, v in r["mma_us_per_tile_at_peak"].items())
             + ".",
+            "",
+            "## Predicted fraction of the cuBLAS bf16 matmul",
+            "",
+            f"From instruction counts: the fused kernel's MMA at peak x {FUSED_MMA_EFFICIENCY} "
+            "plus its epilogue; the chunked strategy's cuBLAS GEMM (at "
+            f"{GEMM_FLOPS / 1e12:.0f} TFLOP/s, as the bound) plus its fold kernel "
+            f"({fold['epilogue']} + rounds x {fold['round']} instructions per warp and "
+            f"{fold['columns']}-column step of one row, {fold['warps']} warps). The fold's rounds "
+            "are its row's own, its state running over the whole vocabulary. Predictions, not "
+            "measurements: `benchmarks/gpu_check.sh` measures them on a GPU.",
+            "",
+            "| rows | fused rounds / tile | fold rounds / step | fused epilogue ps / logit | "
+            "fold ps / logit | " + " | ".join(f"{m} fused / chunked" for m in models) + " |",
+            "|---|---|---|---|---|" + "---|" * len(models),
         ]
+        for source in r["sources"].values():
+            p = source["prediction"]
+            cells = [
+                f"{p['fraction_of_cublas'][m]['fused']} / {p['fraction_of_cublas'][m]['chunked']}"
+                for m in models
+            ]
+            lines.append(
+                f"| {source['rows']} | {source['all_tiles']['fused_rounds_per_tile']} | "
+                f"{source['fold_rounds_per_step']} | {p['fused_epilogue_ps_per_logit']} | "
+                f"{p['fold_ps_per_logit']} | " + " | ".join(cells) + " |"
+            )
     return "\n".join([*lines, "", *provenance_markdown(r), ""])
 
 

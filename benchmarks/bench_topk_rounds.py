@@ -120,7 +120,7 @@ def bundled_logits(n_rows: int) -> tuple[torch.Tensor, str]:
 def problem_logits(source: str, n_rows: int) -> tuple[torch.Tensor, str]:
     """The lens logits of ``bench_kernel.py``'s ``source`` problem at Qwen2.5-Coder-7B's shape."""
     name, d, V, n_layers = MODELS["qwen7b"]
-    n_tokens = max(1, n_rows // n_layers)
+    n_tokens = -(-n_rows // n_layers)
     hidden, head, _, _ = PROBLEMS[source](d, V, n_layers, n_tokens, "cpu")
     logits = head.logits(hidden.reshape(-1, d).float())[: n_rows // BLOCK_M * BLOCK_M]
     return logits, f"{source} rows at {name}'s shape (d {d}, V {V}), {logits.shape[0]} rows"
@@ -317,7 +317,10 @@ def markdown(r: dict[str, Any]) -> str:
             f"{GEMM_FLOPS / 1e12:.0f} TFLOP/s, as the bound) plus its fold kernel "
             f"({fold['epilogue']} + rounds x {fold['round']} instructions per warp and "
             f"{fold['columns']}-column step of one row, {fold['warps']} warps). The fold's rounds "
-            "are its row's own, its state running over the whole vocabulary. Predictions, not "
+            "are its row's own, its state running over the whole vocabulary (the bundled model's "
+            "vocabulary is 4,096: four fold steps, the first of which takes k rounds, so its fold "
+            "figures overstate a large vocabulary's). Issue time only: memory traffic and the "
+            "MMA's own efficiency beyond the factor above are not modelled. Predictions, not "
             "measurements: `benchmarks/gpu_check.sh` measures them on a GPU.",
             "",
             "| rows | fused rounds / tile | fold rounds / step | fused epilogue ps / logit | "

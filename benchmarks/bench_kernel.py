@@ -413,11 +413,12 @@ def sass_loops(sass: str) -> list[dict]:
     for line in sass.splitlines():
         if "\t" in line:
             instructions.append(line.split("\t", 1)[1])
-        elif re.fullmatch(r"\s*(\w+):\s*", line):
+        elif re.fullmatch(r"\s*[.\w$]+:\s*", line):
             labels[line.strip()[:-1]] = len(instructions)
     loops = []
     for end, text in enumerate(instructions):
-        target = re.search(r"\bBRA (\w+)", text)
+        # "BRA LBB3" (Triton's listing) or "BRA `(.L_x_3)" (nvdisasm's own).
+        target = re.search(r"\bBRA(?:\.\w+)*\s+`?\(?([.\w$]+)\)?", text)
         start = labels.get(target.group(1), end + 1) if target else end + 1
         if start <= end:
             body = instructions[start : end + 1]

@@ -47,6 +47,7 @@ from codelens.kernels.norm_stage import (
     KIND_HIDDEN,
     NEG_BIG,
     check_kernel_inputs,
+    fold_logits,
     interpreting,
     post_flags,
     postprocess,
@@ -193,29 +194,10 @@ def _fold_chunk_kernel(
         z = postprocess(raw, bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
         z = tl.where(live, z, NEG_BIG)
 
-        m_new = tl.maximum(m, tl.max(z, 1))
-        alpha = tl.exp(m - m_new)
-        dz = z - m_new[:, None]
-        e = tl.exp(dz)
-        if ENTROPY:
-            t_acc = (t_acc + s * (m - m_new)) * alpha + tl.sum(e * dz, 1)
-        s = s * alpha + tl.sum(e, 1)
-
-        if NS > 0:
-            gs = gs * alpha[:, None]
-            for j in tl.static_range(NS):
-                mult = tl.load(setm_ptr + j * V + gcol, mask=cmask, other=0.0)
-                g_j = tl.sum(e * mult[None, :], 1)
-                gs += tl.where(sidx[None, :] == j, g_j[:, None], 0.0)
-
-        for c in tl.static_range(C):
-            tc = tl.load(tgt_ptr + rows * CP + c, mask=rmask, other=-1)
-            thc = tl.load(thr_ptr + rows * CP + c, mask=rmask, other=float("inf"))
-            # One reduction per target: its own column never counts (the GEMM's logit may round
-            # above the pre-pass threshold); its log-prob is the threshold's (``_finish``).
-            others = (v0 + cols)[None, :] != tc[:, None]
-            gt_c = tl.sum(((z > thc[:, None]) & others).to(tl.int32), 1)
-            cnt += tl.where(cidx[None, :] == c, gt_c[:, None], 0)
+        m_new, alpha, e, s, t_acc, gs, cnt = fold_logits(
+            z, v0 + cols, cmask, rows, rmask, m, s, t_acc, gs, cnt, setm_ptr, tgt_ptr, thr_ptr,
+            V, NS, NSP, C, CP, ENTROPY, True,
+        )  # fmt: skip
 
         if KL:
             raw_q = tl.load(z_ptr + ref[:, None] * n_cols + cols[None, :], mask=live, other=0.0)

@@ -33,6 +33,7 @@ from codelens.kernels.norm_stage import (
     NEG_BIG,
     check_kernel_inputs,
     dot_precision,
+    fold_logits,
     interpreting,
     normalized_rows,
     post_flags,
@@ -134,38 +135,16 @@ def _fold_tile(
     cols = v0 + tl.arange(0, BLOCK_N)
     cmask = cols < V
     cols64 = cols.to(tl.int64)
-    cidx = tl.arange(0, CP)
-    sidx = tl.arange(0, NSP)
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols64, mask=cmask, other=0.0).to(tl.float32)[None, :]
     z = postprocess(acc, bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
     z = tl.where(cmask[None, :], z, NEG_BIG)
 
-    # Online softmax statistics; m starts at NEG_BIG (finite), so alpha = 0 on the first tile
-    # and s * (m - m_new) = 0 without a guard.
-    m_new = tl.maximum(m, tl.max(z, 1))
-    alpha = tl.exp(m - m_new)
-    dz = z - m_new[:, None]
-    e = tl.exp(dz)
-    if ENTROPY:
-        t_acc = (t_acc + s * (m - m_new)) * alpha + tl.sum(e * dz, 1)
-    s = s * alpha + tl.sum(e, 1)
-
-    if NS > 0:
-        gs = gs * alpha[:, None]
-        for j in tl.static_range(NS):
-            mult = tl.load(setm_ptr + j * V + cols64, mask=cmask, other=0.0)
-            g_j = tl.sum(e * mult[None, :], 1)
-            gs += tl.where(sidx[None, :] == j, g_j[:, None], 0.0)
-
-    for c in tl.static_range(C):
-        tc = tl.load(tgt_ptr + rows * CP + c)
-        thc = tl.load(thr_ptr + rows * CP + c)
-        other = cols[None, :] != tc[:, None]
-        gt_c = tl.sum(((z > thc[:, None]) & other).to(tl.int32), 1)
-        sel = cidx[None, :] == c
-        cnt += tl.where(sel, gt_c[:, None], 0)
+    m_new, alpha, e, s, t_acc, gs, cnt = fold_logits(
+        z, cols, cmask, rows, None, m, s, t_acc, gs, cnt, setm_ptr, tgt_ptr, thr_ptr, V,
+        NS, NSP, C, CP, ENTROPY, False,
+    )  # fmt: skip
 
     if KL:
         # Slot (j, i) = row j * LB + i; slot LB - 1 of token j is its final-layer row.

@@ -63,6 +63,60 @@ def postprocess(
 
 
 @triton.jit
+def fold_logits(
+    z, cols, cmask, rows, rmask, m, s, t_acc, gs, cnt, setm_ptr, tgt_ptr, thr_ptr, V,
+    NS: tl.constexpr, NSP: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
+    ENTROPY: tl.constexpr, ROW_MASK: tl.constexpr,
+):  # fmt: skip
+    """Fold a ``[R, N]`` block of post-processed logits into the rows' running statistics.
+
+    The update both Triton strategies share (``z``: the block, columns ``cols [N]`` valid where
+    ``cmask``; ``rows [R]`` valid where ``rmask``, read only with ``ROW_MASK``; masked logits are
+    ``NEG_BIG``), with
+    ``m' = max(m, max z)``, ``alpha = e^(m - m')`` and one ``e = e^(z - m')`` per logit::
+
+        s   <- s alpha + sum e                       (lse = m' + log s)
+        t   <- (t + s (m - m')) alpha + sum e (z - m')   (entropy = log s - t / s)
+        g   <- g alpha + sum_{v in S_j} e            (gs [R, NSP]; setm_ptr: [NS, V] multiplicities)
+        cnt <- cnt + #{v != t_c : z_v > thr_c}      (cnt [R, CP]; targets, thresholds [R_pad, CP])
+
+    ``m`` starts at ``NEG_BIG`` (finite), so ``alpha = 0`` on the first block and
+    ``s (m - m') = 0`` without a guard. Returns ``m', alpha, e, s, t, gs, cnt``.
+    """
+    m_new = tl.maximum(m, tl.max(z, 1))
+    alpha = tl.exp(m - m_new)
+    dz = z - m_new[:, None]
+    e = tl.exp(dz)
+    if ENTROPY:
+        t_acc = (t_acc + s * (m - m_new)) * alpha + tl.sum(e * dz, 1)
+    s = s * alpha + tl.sum(e, 1)
+
+    if NS > 0:
+        sidx = tl.arange(0, NSP)
+        cols64 = cols.to(tl.int64)
+        gs = gs * alpha[:, None]
+        for j in tl.static_range(NS):
+            mult = tl.load(setm_ptr + j * V + cols64, mask=cmask, other=0.0)
+            g_j = tl.sum(e * mult[None, :], 1)
+            gs += tl.where(sidx[None, :] == j, g_j[:, None], 0.0)
+
+    cidx = tl.arange(0, CP)
+    for c in tl.static_range(C):
+        if ROW_MASK:
+            tc = tl.load(tgt_ptr + rows * CP + c, mask=rmask, other=-1)
+            thc = tl.load(thr_ptr + rows * CP + c, mask=rmask, other=float("inf"))
+        else:
+            tc = tl.load(tgt_ptr + rows * CP + c)
+            thc = tl.load(thr_ptr + rows * CP + c)
+        # One reduction per target: its own column never counts (the tile's logit may round
+        # above the pre-pass threshold); its log-prob is the threshold's.
+        others = cols[None, :] != tc[:, None]
+        gt_c = tl.sum(((z > thc[:, None]) & others).to(tl.int32), 1)
+        cnt += tl.where(cidx[None, :] == c, gt_c[:, None], 0)
+    return m_new, alpha, e, s, t_acc, gs, cnt
+
+
+@triton.jit
 def _norm_stage_kernel(
     h_ptr,
     f_ptr,  # hidden [L, T, d] and final_hidden [T, d] (any float dtype, any strides)

@@ -48,6 +48,7 @@ from codelens.kernels.norm_stage import (
     NEG_BIG,
     check_kernel_inputs,
     fold_logits,
+    insert_round,
     interpreting,
     post_flags,
     postprocess,
@@ -215,22 +216,7 @@ def _fold_chunk_kernel(
             cand = z > tau[:, None]
             n_cand = tl.sum(cand.to(tl.int32))
             while n_cand > 0:
-                mx, ix = tl.max(
-                    tl.where(cand, z, float("-inf")),
-                    1,
-                    return_indices=True,
-                    return_indices_tie_break_left=True,
-                )
-                has = tl.sum(cand.to(tl.int32), 1) > 0
-                gid = v0 + c0 + ix
-                at_min = tv == tau[:, None]
-                evict = tl.max(tl.where(at_min, ti, -2147483647), 1)
-                slot = at_min & (ti == evict[:, None]) & has[:, None]
-                tv = tl.where(slot, mx[:, None], tv)
-                ti = tl.where(slot, gid[:, None], ti)
-                tau = tl.min(tv, 1)
-                cand = cand & (tl.arange(0, BLOCK_V)[None, :] != ix[:, None])
-                cand = cand & (z > tau[:, None])
+                tv, ti, tau, cand = insert_round(z, cand, v0 + c0, tv, ti)
                 n_cand = tl.sum(cand.to(tl.int32))
 
     tl.store(st_ptr + rows, m, mask=rmask)

@@ -34,6 +34,7 @@ from codelens.kernels.norm_stage import (
     check_kernel_inputs,
     dot_precision,
     fold_logits,
+    insert_round,
     interpreting,
     normalized_rows,
     post_flags,
@@ -166,21 +167,7 @@ def _fold_tile(
     cand = (z > tau_loc[:, None]) & (z >= tau_g[:, None])
     n_cand = tl.sum(cand.to(tl.int32))
     while n_cand > 0:
-        mx, ix = tl.max(
-            tl.where(cand, z, float("-inf")),
-            1,
-            return_indices=True,
-            return_indices_tie_break_left=True,
-        )
-        gid = v0 + ix
-        vmin = tl.min(tv, 1)
-        at_min = tv == vmin[:, None]
-        evict = tl.max(tl.where(at_min, ti, -2147483647), 1)
-        slot = at_min & (ti == evict[:, None]) & (mx > NEG_BIG)[:, None]
-        tv = tl.where(slot, mx[:, None], tv)
-        ti = tl.where(slot, gid[:, None], ti)
-        tau_loc = tl.min(tv, 1)
-        cand = cand & (cols[None, :] != gid[:, None]) & (z > tau_loc[:, None])
+        tv, ti, tau_loc, cand = insert_round(z, cand, v0, tv, ti)
         n_cand = tl.sum(cand.to(tl.int32))
     # A full local state's minimum is a lower bound of the row's global k-th value.
     tl.atomic_max(tau_ptr + rows, tau_loc, mask=tau_loc > tau_g)

@@ -117,6 +117,30 @@ def fold_logits(
 
 
 @triton.jit
+def insert_round(z, cand, base, tv, ti):
+    """One round of the streaming top-k insertion both Triton strategies run.
+
+    ``z [R, N]``: logits of ids ``base + arange(N)``; ``cand [R, N]``: the columns still to
+    insert; ``tv, ti [R, KP]``: each row's top-k state (values, ids), whose minimum is the running
+    k-th value. Every row with a candidate puts its leftmost largest one in place of its minimum
+    with the largest id (ties go to the smaller id, and a later column never displaces an equal
+    earlier one). Returns the state, its new minimum ``tau [R]`` and the candidates left: not the
+    inserted column, and above the new minimum.
+    """
+    mx, ix = tl.max(
+        tl.where(cand, z, float("-inf")), 1, return_indices=True, return_indices_tie_break_left=True
+    )
+    at_min = tv == tl.min(tv, 1)[:, None]
+    evict = tl.max(tl.where(at_min, ti, -2147483647), 1)
+    slot = at_min & (ti == evict[:, None]) & (mx > NEG_BIG)[:, None]
+    tv = tl.where(slot, mx[:, None], tv)
+    ti = tl.where(slot, (base + ix)[:, None], ti)
+    tau = tl.min(tv, 1)
+    cand = cand & (tl.arange(0, z.shape[1])[None, :] != ix[:, None]) & (z > tau[:, None])
+    return tv, ti, tau, cand
+
+
+@triton.jit
 def _norm_stage_kernel(
     h_ptr,
     f_ptr,  # hidden [L, T, d] and final_hidden [T, d] (any float dtype, any strides)

@@ -398,28 +398,42 @@ def _compile_sm90(fn, types: dict, constexprs: dict, aligned_extra, options: dic
             # get_sass writes one "CTRL<tab>INSTRUCTION" line per instruction (labels apart).
             sass_instructions=sum("\t" in line for line in sass.splitlines()),
             registers=_registers(kernel.asm["cubin"]),
-            **loop_sizes(sass),
         )
+        if listing_truncated(sass):  # counts from a cut listing are lower bounds, loops unknown
+            result["sass_listing_truncated"] = True
+        else:
+            result.update(loop_sizes(sass))
     except Exception as exc:  # nvdisasm missing or format change: the PTX facts still stand
         result["sass"] = f"unavailable: {exc}"
     return result
 
 
+def _listing(sass: str) -> tuple[list[str], dict[str, int], list[tuple[int, str]]]:
+    """A ``get_sass`` listing as its instructions, its labels (name -> instruction index) and
+    its branches (instruction index, target name)."""
+    instructions: list[str] = []
+    labels: dict[str, int] = {}
+    branches: list[tuple[int, str]] = []
+    for line in sass.splitlines():
+        if "\t" in line:
+            text = line.split("\t", 1)[1]
+            # "BRA LBB3" (Triton's listing) or "BRA `(.L_x_3)" (nvdisasm's own).
+            target = re.search(r"\bBRA(?:\.\w+)*\s+`?\(?([.\w$]+)\)?", text)
+            if target:
+                branches.append((len(instructions), target.group(1)))
+            instructions.append(text)
+        elif re.fullmatch(r"\s*[.\w$]+:\s*", line):
+            labels[line.strip()[:-1]] = len(instructions)
+    return instructions, labels, branches
+
+
 def sass_loops(sass: str) -> list[dict]:
     """The loops of a ``get_sass`` listing: every backward branch to a label, as ``{start, end,
     instructions, hgmma, spills}`` (instruction indices, body size, HGMMA and STL/LDL inside)."""
-    instructions: list[str] = []
-    labels: dict[str, int] = {}
-    for line in sass.splitlines():
-        if "\t" in line:
-            instructions.append(line.split("\t", 1)[1])
-        elif re.fullmatch(r"\s*[.\w$]+:\s*", line):
-            labels[line.strip()[:-1]] = len(instructions)
+    instructions, labels, branches = _listing(sass)
     loops = []
-    for end, text in enumerate(instructions):
-        # "BRA LBB3" (Triton's listing) or "BRA `(.L_x_3)" (nvdisasm's own).
-        target = re.search(r"\bBRA(?:\.\w+)*\s+`?\(?([.\w$]+)\)?", text)
-        start = labels.get(target.group(1), end + 1) if target else end + 1
+    for end, target in branches:
+        start = labels.get(target, end + 1)
         if start <= end:
             body = instructions[start : end + 1]
             loops.append(
@@ -432,6 +446,13 @@ def sass_loops(sass: str) -> list[dict]:
                 }
             )
     return loops
+
+
+def listing_truncated(sass: str) -> bool:
+    """Whether a label some branch jumps to is missing: the disassembly stopped early (Triton
+    3.6's ``get_sass`` listings end at 4,096 instructions)."""
+    _, labels, branches = _listing(sass)
+    return any(target.startswith(("LBB", ".L")) and target not in labels for _, target in branches)
 
 
 def loop_sizes(sass: str) -> dict:
@@ -604,6 +625,7 @@ def _entry(r: dict, strategy: str, kernel: str, epilogue: str | None = None) -> 
         **{
             key: r[key]
             for key in (
+                "sass_listing_truncated",
                 "tile_loop_instructions",
                 "k_loop_instructions",
                 "topk_round_instructions",

@@ -4,7 +4,10 @@ Both strategies (``lens_triton``: fused GEMM + statistics; ``lens_chunked``: cuB
 kernel) read the residual rows through this one launch: per slot (a (layer, token) row or a
 token's final-layer row) it normalises the row in fp32, rounds it to the MMA operand dtype and
 computes the logit each target must be beaten by (the rank threshold). ``postprocess`` is the
-head's bias / scale / soft-cap as a Triton function, used by every kernel that makes logits.
+head's bias / scale / soft-cap as a Triton function, used by every kernel that makes logits;
+``fold_logits`` (online softmax, set masses, target counts) and ``insert_round`` (one round of
+the streaming top-k) are the per-logit updates both strategies' epilogues share, so the two
+compute every statistic with the same code.
 
 This module imports Triton at import time; ``codelens.kernels`` imports it lazily (dispatch), so
 importing the package never needs Triton and nothing here touches CUDA before a call.

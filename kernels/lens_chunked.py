@@ -195,7 +195,7 @@ def _fold_chunk_kernel(
         z = postprocess(raw, bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
         z = tl.where(live, z, NEG_BIG)
 
-        m_new, alpha, e, s, t_acc, gs, cnt = fold_logits(
+        m_new, s, t_acc, gs, cnt = fold_logits(
             z, v0 + cols, cmask, rows, rmask, m, s, t_acc, gs, cnt, setm_ptr, tgt_ptr, thr_ptr,
             V, NS, NSP, C, CP, ENTROPY, True,
         )  # fmt: skip

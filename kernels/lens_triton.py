@@ -142,7 +142,7 @@ def _fold_tile(
     z = postprocess(acc, bias, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
     z = tl.where(cmask[None, :], z, NEG_BIG)
 
-    m_new, alpha, e, s, t_acc, gs, cnt = fold_logits(
+    m_new, s, t_acc, gs, cnt = fold_logits(
         z, cols, cmask, rows, None, m, s, t_acc, gs, cnt, setm_ptr, tgt_ptr, thr_ptr, V,
         NS, NSP, C, CP, ENTROPY, False,
     )  # fmt: skip

@@ -73,10 +73,10 @@ def fold_logits(
 ):  # fmt: skip
     """Fold a ``[R, N]`` block of post-processed logits into the rows' running statistics.
 
-    The update both Triton strategies share (``z``: the block, columns ``cols [N]`` valid where
-    ``cmask``; ``rows [R]`` valid where ``rmask``, read only with ``ROW_MASK``; masked logits are
-    ``NEG_BIG``), with
-    ``m' = max(m, max z)``, ``alpha = e^(m - m')`` and one ``e = e^(z - m')`` per logit::
+    The update both Triton strategies share. ``z``: the block, of global ids ``cols [N]``, valid
+    where ``cmask`` (masked logits are ``NEG_BIG``); ``rows [R]``: valid where ``rmask``, read
+    only with ``ROW_MASK``. With ``m' = max(m, max z)``, ``alpha = e^(m - m')`` and one
+    ``e = e^(z - m')`` per logit::
 
         s   <- s alpha + sum e                       (lse = m' + log s)
         t   <- (t + s (m - m')) alpha + sum e (z - m')   (entropy = log s - t / s)
@@ -84,7 +84,7 @@ def fold_logits(
         cnt <- cnt + #{v != t_c : z_v > thr_c}      (cnt [R, CP]; targets, thresholds [R_pad, CP])
 
     ``m`` starts at ``NEG_BIG`` (finite), so ``alpha = 0`` on the first block and
-    ``s (m - m') = 0`` without a guard. Returns ``m', alpha, e, s, t, gs, cnt``.
+    ``s (m - m') = 0`` without a guard. Returns ``m', s, t, gs, cnt``.
     """
     m_new = tl.maximum(m, tl.max(z, 1))
     alpha = tl.exp(m - m_new)
@@ -116,7 +116,7 @@ def fold_logits(
         others = cols[None, :] != tc[:, None]
         gt_c = tl.sum(((z > thc[:, None]) & others).to(tl.int32), 1)
         cnt += tl.where(cidx[None, :] == c, gt_c[:, None], 0)
-    return m_new, alpha, e, s, t_acc, gs, cnt
+    return m_new, s, t_acc, gs, cnt
 
 
 @triton.jit

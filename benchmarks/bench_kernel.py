@@ -295,16 +295,13 @@ def choose_defaults(results: list[dict]) -> list[dict]:
     by_width: dict[int, dict[str, list[float]]] = {}
     for r in results:
         by_width.setdefault(r["d"], {}).setdefault(r["strategy"], []).append(r["kernel_ms"])
+    variants = {name: ("triton-fused", fields) for name, fields in FUSED_VARIANTS.items()}
+    variants |= {name: ("triton-chunked", fields) for name, fields in CHUNKED_VARIANTS.items()}
     chosen = []
     for d, times in sorted(by_width.items()):
         best = min(times, key=lambda s: sum(times[s]) / len(times[s]))
-        base = best
-        if best in FUSED_VARIANTS:
-            base = "triton-fused"
-        elif best in CHUNKED_VARIANTS:
-            base = "triton-chunked"
-        fields = {**FUSED_VARIANTS, **CHUNKED_VARIANTS}.get(best, {})
-        chosen.append({"d": d, "strategy": base, "config": fields, "ms": times})
+        strategy, fields = variants.get(best, (best, {}))
+        chosen.append({"d": d, "strategy": strategy, "config": fields, "ms": times})
     return chosen
 
 
@@ -406,11 +403,8 @@ def _compile_sm90(fn, types: dict, constexprs: dict, aligned_extra, options: dic
             # get_sass writes one "CTRL<tab>INSTRUCTION" line per instruction (labels apart).
             sass_instructions=sum("\t" in line for line in sass.splitlines()),
             registers=_registers(kernel.asm["cubin"]),
+            **loop_sizes(sass),
         )
-        if listing_truncated(sass):  # counts from a cut listing are lower bounds, loops unknown
-            result["sass_listing_truncated"] = True
-        else:
-            result.update(loop_sizes(sass))
     except Exception as exc:  # nvdisasm missing or format change: the PTX facts still stand
         result["sass"] = f"unavailable: {exc}"
     return result
@@ -437,7 +431,7 @@ def _listing(sass: str) -> tuple[list[str], dict[str, int], list[tuple[int, str]
 
 def sass_loops(sass: str) -> list[dict]:
     """The loops of a ``get_sass`` listing: every backward branch to a label, as ``{start, end,
-    instructions, hgmma, spills}`` (instruction indices, body size, HGMMA and STL/LDL inside)."""
+    instructions, hgmma}`` (instruction indices, body size, HGMMA instructions inside)."""
     instructions, labels, branches = _listing(sass)
     loops = []
     for end, target in branches:
@@ -450,24 +444,23 @@ def sass_loops(sass: str) -> list[dict]:
                     "end": end,
                     "instructions": len(body),
                     "hgmma": sum("HGMMA" in x for x in body),
-                    "spills": sum(bool(re.search(r"\b(STL|LDL)\b", x)) for x in body),
                 }
             )
     return loops
-
-
-def listing_truncated(sass: str) -> bool:
-    """Whether a label some branch jumps to is missing: the disassembly stopped early (Triton
-    3.6's ``get_sass`` listings end at 4,096 instructions)."""
-    _, labels, branches = _listing(sass)
-    return any(target.startswith(("LBB", ".L")) and target not in labels for _, target in branches)
 
 
 def loop_sizes(sass: str) -> dict:
     """Per-tile SASS of a kernel from its loops: the K loop (the smallest loop with HGMMA), the
     tile loop (the largest one) and the top-k insertion round (loops without HGMMA nested in
     the tile loop, or in the fold kernel's column loop). ``epilogue_per_tile`` is the tile loop
-    less its K loop and rounds: what a tile costs besides the MMA when no row inserts."""
+    less its K loop and rounds: what a tile costs besides the MMA when no row inserts.
+
+    A listing that stops early (a branch target label is missing: Triton 3.6's ``get_sass``
+    ends at 4,096 instructions) gives ``{"sass_listing_truncated": True}`` and no sizes: its
+    instruction count is then a lower bound."""
+    _, labels, branches = _listing(sass)
+    if any(t.startswith(("LBB", ".L")) and t not in labels for _, t in branches):
+        return {"sass_listing_truncated": True}
     loops = [lp for lp in sass_loops(sass) if lp["instructions"] > 8]
     mma = [lp for lp in loops if lp["hgmma"]]
     if mma:

@@ -93,8 +93,9 @@ def tile_rounds(
 
 
 def bundled_logits(n_rows: int) -> tuple[torch.Tensor, str]:
-    """Every layer's lens logits of the bundled model over its held-out files, ``n_rows`` rows
-    (layer-major within each token block of ``BLOCK_M``, as the fused kernel's row blocks)."""
+    """Every layer's lens logits of the bundled model over its held-out files, ``n_rows`` rows:
+    each file's rows layer by layer, so a block of ``BLOCK_M`` rows is that many tokens of one
+    layer (the fused kernel's row blocks without KL's slot layout)."""
     from codelens.engine.model.loading import load_model
     from codelens.engine.zoo.default_model import default_model_dir, held_out_files
 
@@ -142,8 +143,8 @@ def sm90_loop_sizes(path: Path) -> dict[str, dict[str, int]] | None:
             "round": entry["topk_round_instructions"][0],
             "epilogue": entry["epilogue_per_tile"],
             "warps": entry["config"]["num_warps"],
-            "columns": entry["config"].get("fold_block_v", BLOCK_N),
-            "rows": entry["config"].get("block_m", 1),
+            "columns": entry["config"].get("block_n", entry["config"].get("fold_block_v")),
+            "rows": entry["config"].get("block_m", entry["config"].get("fold_block_r")),
         }
     return sizes
 
@@ -179,7 +180,11 @@ def predicted_fractions(fused_rounds: float, fold_rounds: float, sizes: dict) ->
     }
 
 
-def summarise(counts: dict[str, torch.Tensor], sizes: dict[str, int] | None) -> dict[str, Any]:
+def summarise(
+    counts: dict[str, torch.Tensor], sizes: dict[str, dict[str, int]] | None
+) -> dict[str, Any]:
+    """Rounds per tile (first tiles of a chunk, later ones, all) and, with ``sizes``, the fused
+    epilogue's microseconds per tile."""
     first, later = counts["first"], ~counts["first"]
     out: dict[str, Any] = {}
     for name, mask in (("first_tile", first), ("later_tiles", later), ("all_tiles", first | later)):

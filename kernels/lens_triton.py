@@ -17,13 +17,14 @@ importing the package never needs Triton and nothing here touches CUDA before a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from codelens.kernels.final_mixture import kl_from_mixture, mixture_applies
 from codelens.kernels.head import Head
 from codelens.kernels.lens_torch import pack_ids, unpack_keys
 from codelens.kernels.norm_stage import (
@@ -69,6 +70,9 @@ class LensTritonConfig:
         num_stages: software-pipelining stages of the main kernel's K loop.
         epilogue_subtiles: column slices (1 or 2) the epilogue folds a tile in, one after the
             other; 2 keeps a ``BLOCK_N = 256`` tile's temporaries to one half at a time.
+        kl_by_mixture: compute ``kl_final`` from the final layer's mixture of ``W_U`` rows
+            (``final_mixture.py``) where the head allows it, instead of in the kernel's epilogue
+            against a final-layer slot in every row block.
     """
 
     block_m: int = 128
@@ -80,6 +84,7 @@ class LensTritonConfig:
     num_warps: int = 8
     num_stages: int = 3
     epilogue_subtiles: int = 1
+    kl_by_mixture: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -425,7 +430,16 @@ def lens_stats_triton(
 
     if n_layers and n_tokens:
         final_shared = final_is_shared(hidden, final_hidden)
-        layout = _plan_layout(n_layers, cfg.block_m, request.kl_final, final_shared)
+        # KL from the final layer's mixture where the head allows it: the kernel then runs
+        # without KL (no final slot per row block, no per-logit KL work; final_mixture.py).
+        tf32 = device.type == "cuda" and precision == "model"
+        by_mixture = (
+            request.kl_final
+            and cfg.kl_by_mixture
+            and mixture_applies(head, stage_dtype(w_u, precision), tf32)
+        )
+        kernel_request = replace(request, kl_final=False) if by_mixture else request
+        layout = _plan_layout(n_layers, cfg.block_m, kernel_request.kl_final, final_shared)
         set_mask = set_multiplicities(request, head.vocab_size, device)
         slots_per_token = layout.groups * layout.lb
         tokens_per_launch = max(1, cfg.max_slots // slots_per_token) // layout.tb * layout.tb
@@ -439,7 +453,7 @@ def lens_stats_triton(
                 head,
                 w_u,
                 targets,
-                request,
+                kernel_request,
                 layout,
                 cfg,
                 set_mask,
@@ -448,6 +462,18 @@ def lens_stats_triton(
                 precision,
                 interpret,
                 outs,
+            )
+        if by_mixture:
+            outs["kl"].copy_(
+                kl_from_mixture(
+                    hidden,
+                    final_hidden,
+                    head,
+                    outs["lse"],
+                    precision,
+                    final_shared=final_shared,
+                    split=device.type == "cuda" and w_u.dtype == torch.bfloat16,
+                )
             )
 
     return masked_stats(outs, finite, request)

@@ -75,11 +75,12 @@ SMALL = LensTritonConfig(block_m=16, block_n=64, block_k=32, group_m=2, vocab_ch
 SMALL_CHUNKED = LensChunkedConfig(
     rows_per_gemm=16, vocab_chunk=100, fold_block_r=4, fold_block_v=32
 )
+# Entry points by name, looked up when a test runs (on a GPU, tests/kernels/conftest.py wraps them).
 STRATEGIES = {
-    "fused": (lens_stats_triton, SMALL),
+    "fused": ("lens_stats_triton", SMALL),
     # The fused kernel's epilogue folding each tile in two column slices (for BLOCK_N 256).
-    "fused-subtiled": (lens_stats_triton, dataclasses.replace(SMALL, epilogue_subtiles=2)),
-    "chunked": (lens_stats_chunked, SMALL_CHUNKED),
+    "fused-subtiled": ("lens_stats_triton", dataclasses.replace(SMALL, epilogue_subtiles=2)),
+    "chunked": ("lens_stats_chunked", SMALL_CHUNKED),
 }
 
 
@@ -87,9 +88,10 @@ STRATEGIES = {
 def lens_kernel(request):
     """One Triton strategy: ``run(hidden, head, targets, request, final, small=False, **kw)``;
     ``small`` selects its small-block configuration."""
-    fn, small_config = STRATEGIES[request.param]
+    fn_name, small_config = STRATEGIES[request.param]
 
     def run(*args, small: bool = False, **kwargs):
+        fn = globals()[fn_name]
         if small:
             kwargs.setdefault("config", small_config)
         elif request.param == "fused-subtiled":
@@ -250,6 +252,7 @@ CASES = [
     ("padded_vocab", torch.float16, 2, 13, 24, 200, 5, 0, True),
     ("layernorm_bias", torch.bfloat16, 3, 10, 48, 301, 8, 2, True),
     ("gemma_softcap", torch.bfloat16, 4, 6, 32, 389, 5, 1, False),
+    ("granite_scale", torch.bfloat16, 3, 8, 40, 301, 3, 1, True),  # KL from the mixture (fused)
 ]
 
 
@@ -400,6 +403,33 @@ def test_final_layer_only(lens_kernel):
     assert (got.kl_final == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-final", "separate-final"])
+def test_fused_kl_from_the_mixture_or_the_kernel_agree(dtype, shared):
+    """The fused kernel's two KL paths: the final layer's mixture (the default, where the head
+    allows it: kernels/final_mixture.py) and the in-kernel final-layer slot."""
+    gen = torch.Generator().manual_seed(11)
+    head = make_head("granite_scale", 40, 301, dtype, gen)
+    hidden, targets = make_inputs(4, 9, 40, 301, 1, dtype, gen)
+    final = hidden[-1] if shared else (torch.randn(9, 40, generator=gen) * 3).to(dtype)
+    request = LensRequest(k=4, token_sets=token_sets(301))
+    mixture = lens_stats_triton(hidden, head, targets, request, final, config=SMALL)
+    slot = lens_stats_triton(
+        hidden, head, targets, request, final,
+        config=dataclasses.replace(SMALL, kl_by_mixture=False),
+    )  # fmt: skip
+
+    want, xs, staged_head = staged_oracle(hidden, head, targets, request, final)
+    for got in (mixture, slot):
+        assert_tight(got, want, xs, staged_head, targets, got.finite)
+    # Without KL the kernel packs rows densely (other row blocks), the same per-row arithmetic.
+    for name in ("lse", "entropy", "target_logprob", "topk_logprobs", "kl_final"):
+        a, b = getattr(mixture, name), getattr(slot, name)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0, equal_nan=True, msg=name)
+    assert torch.equal(mixture.topk_ids, slot.topk_ids)
+    assert (mixture.kl_final[-1] == 0).all() == shared
+
+
 def test_statistics_switched_off_and_several_launches():
     gen = torch.Generator().manual_seed(6)
     head = make_head("layernorm_bias", 24, 150, torch.float16, gen)
@@ -511,7 +541,7 @@ def test_slot_layout_covers_every_row_once(n_layers, shared, slots_per_token):
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_rejects_bad_arguments(strategy):
-    fn = STRATEGIES[strategy][0]
+    fn = globals()[STRATEGIES[strategy][0]]
     gen = torch.Generator().manual_seed(9)
     head = make_head("layernorm_bias", 16, 64, torch.float32, gen)
     hidden, targets = make_inputs(2, 3, 16, 64, 0, torch.float32, gen)

@@ -121,6 +121,10 @@ FUSED_VARIANTS = {
     "triton-fused-n256": {"block_n": 256, "block_k": 32, "num_stages": 4, "epilogue_subtiles": 2},
     # Narrower tiles: a quarter fewer top-k insertion rounds per logit (topk_rounds.md), 7 spills.
     "triton-fused-n64": {"block_n": 64, "num_warps": 4},
+    # The one configuration without spills (sm_90 offline: 0 stores, 2,787 epilogue SASS per tile),
+    # the 128x128 tile's area; predicted slower: 256-wide rows take 4.8 insertion rounds per tile
+    # against 3.9 on i.i.d. logits (topk_rounds.md), at 1,403 instructions a round.
+    "triton-fused-m64n256": {"block_m": 64, "block_n": 256},
     # KL in the kernel's epilogue against a final-layer slot per row block (the layout before the
     # final layer's mixture): 10 to 21 % more MMA at these shapes, 1,048 more SASS per tile.
     "triton-fused-slot-kl": {"kl_by_mixture": False},
@@ -596,7 +600,8 @@ FUSED_EPILOGUE = (
     "running k-th value; no KL (from the final layer's mixture, kernels/final_mixture.py)"
 )
 """What the fused kernel's epilogue is at this commit: a sweep keeps the entries of earlier
-epilogues in ``kernel_sm90.json`` under ``earlier_epilogues``, so the file shows before and after."""
+epilogues in ``kernel_sm90.json`` under ``earlier_epilogues``, so the file shows before and
+after."""
 
 
 def _earlier_entries(path: Path) -> list[dict]:

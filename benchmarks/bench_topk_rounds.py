@@ -50,6 +50,9 @@ SMS, PEAK_FLOPS, SCHEDULERS, CLOCK_HZ = 132, 989e12, 4, 1.755e9
 # 128x128 tiles (kernels/DESIGN.md, "Choosing the strategy"): assumptions until a device measures.
 GEMM_FLOPS, FUSED_MMA_EFFICIENCY = 700e12, 0.75
 FOLD_COLUMNS = 1024  # the fold kernel's column step (LensChunkedConfig.fold_block_v)
+# The final layer's mixture (kernels/final_mixture.py) per token: the final row's logits, then
+# e @ W_U as bf16 hi + lo: three passes of 2 d FLOP per vocabulary entry.
+MIXTURE_GEMMS = 3
 
 
 def tile_rounds(
@@ -129,14 +132,30 @@ def problem_logits(source: str, n_rows: int) -> tuple[torch.Tensor, str]:
 
 def sm90_loop_sizes(path: Path) -> dict[str, dict[str, int]] | None:
     """The default kernels' ``{round, epilogue}`` SASS per warp from ``kernel_sm90.json`` (its
-    first entry of each strategy: the fused tile, the fold kernel's column step), or None when
-    the file or the loop sizes are missing."""
+    first entry of each strategy: the fused tile, the fold kernel's column step; and, as
+    ``triton-fused-slot-kl``, the earliest kept entry of the fused kernel at the default
+    configuration that has KL in its epilogue), or None when the file or the loop sizes are
+    missing."""
     if not path.exists():
         return None
-    entries = json.loads(path.read_text()).get("entries", [])
+    record = json.loads(path.read_text())
+    entries = record.get("entries", [])
+    default = entries[0]["config"] if entries else {}
+    slot_kl = [
+        e
+        for e in record.get("earlier_epilogues", [])
+        if "no KL" not in e.get("epilogue", "")
+        and {k: v for k, v in e["config"].items() if k != "kl_by_mixture"}
+        == {k: v for k, v in default.items() if k != "kl_by_mixture"}
+        and e.get("topk_round_instructions")
+    ]
+    picks = {
+        "triton-fused": next((e for e in entries if e.get("strategy") == "triton-fused"), {}),
+        "triton-chunked": next((e for e in entries if e.get("strategy") == "triton-chunked"), {}),
+        "triton-fused-slot-kl": slot_kl[-1] if slot_kl else {},
+    }
     sizes = {}
-    for strategy in ("triton-fused", "triton-chunked"):
-        entry = next((e for e in entries if e.get("strategy") == strategy), {})
+    for strategy, entry in picks.items():
         if not entry.get("topk_round_instructions"):
             return None
         sizes[strategy] = {
@@ -147,6 +166,15 @@ def sm90_loop_sizes(path: Path) -> dict[str, dict[str, int]] | None:
             "rows": entry["config"].get("block_m", entry["config"].get("fold_block_r")),
         }
     return sizes
+
+
+def slot_padding(rows_per_token: int) -> float:
+    """Slots per lens row of the fused kernel's KL layout (a final-layer slot in every row block,
+    ``lens_triton._plan_layout``; the last layer is the reference): 29 rows -> 32 slots."""
+    from codelens.kernels.lens_triton import _plan_layout
+
+    layout = _plan_layout(rows_per_token, BLOCK_M, kl=True, final_shared=True)
+    return layout.groups * layout.lb / rows_per_token
 
 
 def instructions_per_logit(sizes: dict[str, int], rounds: float) -> float:
@@ -160,21 +188,32 @@ def predicted_fractions(fused_rounds: float, fold_rounds: float, sizes: dict) ->
     """Predicted fraction of the cuBLAS bf16 matmul per model shape, from instruction counts:
 
     * cuBLAS: ``2 d`` FLOP per logit at ``GEMM_FLOPS`` (achieved, not peak);
-    * fused: its MMA at peak times ``FUSED_MMA_EFFICIENCY`` plus its epilogue, not overlapped
-      (one CTA per SM);
+    * fused (KL from the final layer's mixture, the default): its MMA at peak times
+      ``FUSED_MMA_EFFICIENCY`` plus its epilogue without KL, not overlapped (one CTA per SM),
+      plus the mixture's ``MIXTURE_GEMMS`` cuBLAS passes over the final rows per token, shared by
+      the token's ``rows`` lens rows;
+    * fused-slot-kl: MMA and the epilogue with KL, over the slot layout's padded rows;
     * chunked: the cuBLAS GEMM plus the fold kernel's instructions (its 8 bytes per logit of
       traffic take less: ~1.2-2 ps per logit from L2/HBM, kernels/DESIGN.md).
     """
     issue = SMS * SCHEDULERS * CLOCK_HZ  # warp instructions per second, whole GPU
     fused_epi = instructions_per_logit(sizes["triton-fused"], fused_rounds) / issue
+    slot_epi = instructions_per_logit(sizes["triton-fused-slot-kl"], fused_rounds) / issue
     fold = instructions_per_logit(sizes["triton-chunked"], fold_rounds) / issue
     out = {}
-    for name, d, _, _ in MODELS.values():
+    for name, d, _, rows in MODELS.values():
         gemm = 2 * d / GEMM_FLOPS
-        fused = 2 * d / (PEAK_FLOPS * FUSED_MMA_EFFICIENCY) + fused_epi
-        out[name] = {"fused": round(gemm / fused, 2), "chunked": round(gemm / (gemm + fold), 2)}
+        mma = 2 * d / (PEAK_FLOPS * FUSED_MMA_EFFICIENCY)
+        fused = mma + fused_epi + MIXTURE_GEMMS * gemm / rows
+        slot = (mma + slot_epi) * slot_padding(rows)
+        out[name] = {
+            "fused": round(gemm / fused, 2),
+            "fused_slot_kl": round(gemm / slot, 2),
+            "chunked": round(gemm / (gemm + fold), 2),
+        }
     return {
         "fused_epilogue_ps_per_logit": round(fused_epi * 1e12, 2),
+        "fused_slot_kl_epilogue_ps_per_logit": round(slot_epi * 1e12, 2),
         "fold_ps_per_logit": round(fold * 1e12, 2),
         "fraction_of_cublas": out,
     }
@@ -318,7 +357,16 @@ def markdown(r: dict[str, Any]) -> str:
             "## Predicted fraction of the cuBLAS bf16 matmul",
             "",
             f"From instruction counts: the fused kernel's MMA at peak x {FUSED_MMA_EFFICIENCY} "
-            "plus its epilogue; the chunked strategy's cuBLAS GEMM (at "
+            "plus its epilogue. *fused*: KL from the final layer's mixture (the kernel without "
+            f"KL, plus {MIXTURE_GEMMS} cuBLAS passes over each token's final row, shared by its "
+            "lens rows); *slot KL*: KL in the epilogue "
+            f"({sizes['triton-fused-slot-kl']['epilogue']} instead of {fused['epilogue']} per "
+            "tile) over the slot layout's padded rows (a final-layer slot in every row block: "
+            + ", ".join(
+                f"{n} rows -> {round(slot_padding(n) * n)} slots"
+                for n in sorted({rows for _, _, _, rows in MODELS.values()})
+            )
+            + "). The chunked strategy's cuBLAS GEMM (at "
             f"{GEMM_FLOPS / 1e12:.0f} TFLOP/s, as the bound) plus its fold kernel "
             f"({fold['epilogue']} + rounds x {fold['round']} instructions per warp and "
             f"{fold['columns']}-column step of one row, {fold['warps']} warps). The fold's rounds "
@@ -329,13 +377,18 @@ def markdown(r: dict[str, Any]) -> str:
             "measurements: `benchmarks/gpu_check.sh` measures them on a GPU.",
             "",
             "| rows | fused rounds / tile | fold rounds / step | fused epilogue ps / logit | "
-            "fold ps / logit | " + " | ".join(f"{m} fused / chunked" for m in models) + " |",
+            "fold ps / logit | "
+            + " | ".join(f"{m} fused / slot KL / chunked" for m in models)
+            + " |",
             "|---|---|---|---|---|" + "---|" * len(models),
         ]
         for source in r["sources"].values():
             p = source["prediction"]
             cells = [
-                f"{p['fraction_of_cublas'][m]['fused']} / {p['fraction_of_cublas'][m]['chunked']}"
+                " / ".join(
+                    str(p["fraction_of_cublas"][m][strategy])
+                    for strategy in ("fused", "fused_slot_kl", "chunked")
+                )
                 for m in models
             ]
             lines.append(

@@ -3,11 +3,12 @@
 #   1. the kernel oracle tests (tests/kernels/test_lens_triton.py, test_final_mixture.py), compiled
 #      for the GPU instead of the CPU interpreter, every strategy;
 #   2. bench_kernel.py --check for both strategies (and their candidate configurations:
-#      triton-fused-n256, triton-fused-n64 and triton-fused-slot-kl (KL in the kernel instead of from
-#      the final layer's mixture), bench_kernel.FUSED_VARIANTS; triton-chunked-v2048,
+#      triton-fused-n256, triton-fused-n64, triton-fused-m64n256 and triton-fused-slot-kl (KL in the
+#      kernel instead of from the final layer's mixture), bench_kernel.FUSED_VARIANTS;
+#      triton-chunked-v2048,
 #      CHUNKED_VARIANTS) at a Qwen2.5-Coder-7B production shape (vs the torch path: fp32 mode,
 #      bf16 arithmetic, ranks, top-k ids, bitwise determinism);
-#   3. the same six and the cuBLAS bf16 matmul bound timed at the GPT-2, Qwen2.5-Coder-1.5B,
+#   3. the same seven and the cuBLAS bf16 matmul bound timed at the GPT-2, Qwen2.5-Coder-1.5B,
 #      CodeLlama-7B and Qwen2.5-Coder-7B shapes (16k rows each), on the residual rows of a real
 #      forward of a random-weight model (near worst case for the top-k), with the default strategy
 #      per width that kernels/dispatch.py's STRATEGY_BY_WIDTH should then say.
@@ -42,7 +43,7 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider --confcutdir tests/kernels 
 
 echo "== 2 + 3. production-shape checks, then timings of both strategies against cuBLAS"
 timeout 330 python3 benchmarks/bench_kernel.py --check --check-tokens 64 \
-  --strategies triton-fused triton-fused-n256 triton-fused-n64 triton-fused-slot-kl \
+  --strategies triton-fused triton-fused-n256 triton-fused-n64 triton-fused-m64n256 triton-fused-slot-kl \
   triton-chunked triton-chunked-v2048 \
   --source forward --rows 16384 \
   --warmup 10 --rep 25 --out-dir "$out" || status=1

@@ -264,6 +264,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    tiles = []
+    for tile in args.tiles:
+        try:
+            bm, bn = (int(x) for x in tile.split("x"))
+        except ValueError:
+            parser.error(f"--tiles {tile!r}: write a tile as BLOCK_MxBLOCK_N, e.g. 64x256")
+        tiles.append((tile, bm, bn))
+    # Rows are cut to whole row blocks: fewer than one block of the tallest tile counts nothing.
+    tallest = max([BLOCK_M, *(bm for _, bm, _ in tiles)])
+    if args.rows < tallest:
+        parser.error(f"--rows {args.rows}: at least {tallest} (one row block of the tallest tile)")
     torch.manual_seed(0)
 
     results: dict[str, Any] = {"k": K, "block_m": BLOCK_M, "block_n": BLOCK_N}
@@ -281,8 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         summary = summarise(tile_rounds(logits, K), sizes)
         by_tile = {f"{BLOCK_M}x{BLOCK_N}": summary["all_tiles"]["fused_rounds_per_tile"]}
-        for tile in args.tiles:
-            bm, bn = (int(x) for x in tile.split("x"))
+        for tile, bm, bn in tiles:
             counts = tile_rounds(logits[: logits.shape[0] // bm * bm], K, bm, bn)
             by_tile[tile] = round(counts["worst"].mean().item(), 3)
         summary["fused_rounds_per_tile_by_tile"] = by_tile

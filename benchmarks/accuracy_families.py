@@ -32,8 +32,10 @@ from codelens.kernels import LensRequest, lens_stats_from_logits
 from codelens.workers.job import run_job
 
 SNIPPETS = [
-    "def add(a, b):\n    return a + b\n\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n",
-    "import os\n\nfor name in sorted(os.listdir('.')):\n    if name.endswith('.py'):\n        print(name)\n",
+    "def add(a, b):\n    return a + b\n\n\n"
+    "class Stack:\n    def push(self, x):\n        self.items.append(x)\n",
+    "import os\n\nfor name in sorted(os.listdir('.')):\n"
+    "    if name.endswith('.py'):\n        print(name)\n",
     "x = {k: v * 2 for k, v in zip('abc', range(3))}\nassert len(x) == 3, x\n",
 ]
 FLOAT = ["lse", "entropy", "target_logprob", "kl_final", "topk_logprobs", "ahead_logprob", "set_kw"]
@@ -145,7 +147,8 @@ def main() -> None:
     lines = [
         f"# Largest error per column against the float64 reference (impl {args.impl}, fp32 models)",
         "",
-        f"Command: `{report['command']}` at {report['written_at']}; {report['machine']}; {versions}.",
+        f"Command: `{report['command']}` at {report['written_at']}; "
+        f"{report['machine']}; {versions}.",
         "Float columns: max |difference| (nats); integer columns: max |difference| (0 = exact).",
         "",
         "| family | " + " | ".join(cols) + " |",

@@ -52,7 +52,7 @@ class ModelSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' uses a CUDA GPU when there is one, else the CPU."""
     allow_pickle: bool = False
-    """Allow loading pickle checkpoints (pytorch_model.bin). Pickles can run code: off by default."""
+    """Load pickle checkpoints (pytorch_model.bin). Pickles can run code: off by default."""
     trust_remote_code: bool = False
     """Allow the model directory's own Python code (config auto_map). Off by default."""
 
@@ -61,7 +61,7 @@ class CorpusSpec(_Strict):
     """Where the documents come from."""
 
     kind: Literal["files", "jsonl", "parquet"] = "files"
-    """'files': each path is a glob of source files; 'jsonl'/'parquet': records with a text field."""
+    """'files': each path globs source files; 'jsonl'/'parquet': records with a text field."""
     paths: Annotated[list[str], Field(min_length=1)]
     """Globs (recursive '**' allowed), relative to the current directory."""
     text_field: str = "content"
@@ -234,13 +234,15 @@ class ExecutionSpec(_Strict):
     batch_tokens: Annotated[int, Field(ge=8)] = 8192
     """Most tokens (windows x padded length) in one forward pass."""
     ray_address: str | None = None
-    """Address of an existing Ray cluster; without it a local cluster starts and stops with the job."""
+    """An existing Ray cluster's address; without it a local cluster starts and stops with the
+    job."""
     gpus_per_worker: Annotated[int, Field(ge=1)] = 1
     """GPUs one worker's model is split over, for a model larger than one GPU. The embeddings go
     on the first GPU, the decoder blocks in contiguous ranges balanced by bytes over all N, the
     final norm and LM head on the last (the first when the LM head is the embedding matrix):
-    every layer's residual rows are gathered there and the lens runs there. Local backend: cuda:0..N-1 of the visible GPUs. Ray: each actor reserves N GPUs
-    of one node, so a node of G GPUs runs G // N actors. Needs model.device auto or cuda."""
+    every layer's residual rows are gathered there and the lens runs there. Local backend:
+    cuda:0..N-1 of the visible GPUs. Ray: each actor reserves N GPUs of one node, so a node of G
+    GPUs runs G // N actors. Needs model.device auto or cuda."""
     weights_memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
     """With gpus_per_worker > 1: the share of each GPU's memory the weights may take when the
     blocks are split; the rest is headroom for the CUDA context, one batch's activations, the

@@ -8,11 +8,11 @@ A logit lens reads every layer's residual stream ``h`` through the model's own h
 engine builds one per architecture, and every lens implementation (the float64 oracle, the
 vocab-chunked torch path, the Triton kernel) consumes it.
 
-Numerics: the norm is always computed in fp32 from the input (and in float64 by the oracle), whatever
-the model's dtype. For fp32 models this reproduces the model's own op order to rounding; for bf16/fp16
-models it is *more* accurate than the model's own head (which rounds the normalised activations to
-bf16 before the weight multiply), so the lens at the last layer matches the model's logits to within
-the model dtype's rounding, not bitwise.
+Numerics: the norm is always computed in fp32 from the input (and in float64 by the oracle),
+whatever the model's dtype. For fp32 models this reproduces the model's own op order to rounding;
+for bf16/fp16 models it is *more* accurate than the model's own head (which rounds the normalised
+activations to bf16 before the weight multiply), so the lens at the last layer matches the model's
+logits to within the model dtype's rounding, not bitwise.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ class NormKind(str, enum.Enum):
     """Final-norm families found in decoder LMs."""
 
     LAYER = "layernorm"
-    """``(x - mean) / sqrt(var + eps) * w + b`` (GPT-2, GPT-BigCode, GPT-NeoX, CodeGen, Starcoder2)."""
+    """``(x - mean) / sqrt(var + eps) * w + b`` (GPT-2, GPT-BigCode, GPT-NeoX, CodeGen,
+    Starcoder2)."""
     RMS = "rmsnorm"
     """``x / sqrt(mean(x^2) + eps) * (offset + w)`` (Llama family; Gemma with offset 1)."""
 
@@ -53,7 +54,8 @@ class FinalNorm:
     weight_offset: float = 0.0
 
     def apply(self, h: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Normalise rows of ``h [..., d]`` in ``dtype`` (fp32 by default, float64 for the oracle)."""
+        """Normalise rows of ``h [..., d]`` in ``dtype`` (fp32 by default, float64 for the
+        oracle)."""
         x = h.to(dtype)
         if self.kind is NormKind.LAYER:
             x = x - x.mean(-1, keepdim=True)
@@ -73,7 +75,8 @@ class Head:
 
     Attributes:
         norm: the final norm.
-        unembed: ``W_U [V, d]`` (the output embedding; tied or not, it is the weight the model uses).
+        unembed: ``W_U [V, d]`` (the output embedding; tied or not, it is the weight the model
+            uses).
         unembed_bias: ``b_U [V]`` or None (CodeGen and Phi-2 heads have one).
         logit_scale: multiplies the logits after the bias (Granite: ``1 / logits_scaling``).
         softcap: if set, ``z -> softcap * tanh(z / softcap)`` after scaling (Gemma-2).
@@ -125,6 +128,7 @@ class Head:
         return z
 
     def logits(self, h: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Full lens logits ``[..., V]`` of rows ``h [..., d]``. Materialises V: tests and probes only."""
+        """Full lens logits ``[..., V]`` of rows ``h [..., d]``. Materialises V: tests and probes
+        only."""
         x = self.norm.apply(h, dtype)
         return self.postprocess(x @ self.unembed.to(dtype).T, self.unembed_bias)

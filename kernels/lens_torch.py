@@ -1,11 +1,13 @@
-"""Vocab-chunked lens statistics in plain torch: the fallback on any device and the kernel's reference.
+"""Vocab-chunked lens statistics in plain torch: the fallback on any device and the kernel's
+reference.
 
 The ``[rows, V]`` logits never exist at once: rows are taken in blocks of ``T_b`` tokens (all lens
 layers of those tokens together, so each token's final-layer row sits beside its other layers), and
 the vocabulary in chunks of ``V_c``; working memory is ``O(L * T_b * V_c)``, set by a byte budget,
 independent of the vocabulary size and of the number of rows.
 
-Per row, one online pass over the vocabulary keeps (with ``m`` the running max of the logits ``z``)::
+Per row, one online pass over the vocabulary keeps (with ``m`` the running max of the logits
+``z``)::
 
     s = sum e^{z-m}                      lse      = m + log s
     t = sum e^{z-m} (z-m)                entropy  = log s - t / s
@@ -55,7 +57,8 @@ _BYTES_PER_LOGIT = 24
 
 
 def pack_keys(z: Tensor, first_id: int) -> Tensor:
-    """Pack fp32 values ``z [..., n]`` with ids ``first_id + arange(n)`` into sortable int64 keys."""
+    """Pack fp32 values ``z [..., n]`` with ids ``first_id + arange(n)`` into sortable int64
+    keys."""
     ids = torch.arange(first_id, first_id + z.shape[-1], device=z.device, dtype=torch.int64)
     return pack_ids(z, ids)
 

@@ -61,9 +61,9 @@ def _print_outcome(outcome) -> None:
     rate = outcome.tokens_run / outcome.seconds if outcome.seconds else 0.0
     r = outcome.resolved
     err.print(
-        f"done: {outcome.tokens_run:,} tokens in {outcome.shards_run} shard(s), {outcome.seconds:.1f} s "
-        f"({rate:,.0f} tokens/s) · {r.get('family')} on {r.get('device')} ({r.get('dtype')}), "
-        f"lens impl {r.get('impl')}\nresults: {outcome.run_dir}",
+        f"done: {outcome.tokens_run:,} tokens in {outcome.shards_run} shard(s), "
+        f"{outcome.seconds:.1f} s ({rate:,.0f} tokens/s) · {r.get('family')} on {r.get('device')} "
+        f"({r.get('dtype')}), lens impl {r.get('impl')}\nresults: {outcome.run_dir}",
         highlight=False,
     )
 
@@ -240,7 +240,7 @@ def bench(
         str | None, typer.Option(help="With a repo id: branch, tag or commit (default main).")
     ] = None,
 ) -> None:
-    """What the lens costs per token on your model and device: lens vs forward vs the matmul bound."""
+    """The lens's cost per token on your model and device: lens vs forward vs the matmul bound."""
     from codelens.engine.model.loading import load_model
     from codelens.workers.bench import bench_tokens, run_codelens, run_matmul
 
@@ -257,7 +257,10 @@ def bench(
     lens_s = sum(r.lens_s for r in runs)
     n_layers = len(loaded.parts.blocks) + 1
     table = Table(
-        title=f"lens cost: {loaded.family}, {tokens} tokens x {n_layers} layers, {loaded.device}, {str(loaded.dtype).removeprefix('torch.')}"
+        title=(
+            f"lens cost: {loaded.family}, {tokens} tokens x {n_layers} layers, {loaded.device}, "
+            f"{str(loaded.dtype).removeprefix('torch.')}"
+        )
     )
     table.add_column("stage")
     for col in ("seconds", "per token", "tokens/s"):
@@ -272,8 +275,9 @@ def bench(
         )
     out.print(table)
     out.print(
-        f"lens / forward = {lens_s / forward_s:.2f}; the lens runs at {bound.lens_s / lens_s:.0%} of the "
-        f"bare [rows, d] x [d, V] matmul speed; lens working memory {max(r.peak_mem_bytes for r in runs) / 2**20:,.0f} MiB",
+        f"lens / forward = {lens_s / forward_s:.2f}; the lens runs at "
+        f"{bound.lens_s / lens_s:.0%} of the bare [rows, d] x [d, V] matmul speed; "
+        f"lens working memory {max(r.peak_mem_bytes for r in runs) / 2**20:,.0f} MiB",
         highlight=False,
         markup=False,
     )

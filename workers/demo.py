@@ -6,10 +6,10 @@ see ``codelens.engine.zoo.default_model`` and its ``MODEL_CARD.md``). The demo c
 ``OUT_DIR/model`` (so ``codelens plot --model OUT_DIR/model`` works too), writes
 ``OUT_DIR/job.yaml`` over a deterministic sample of *held-out* files of every language this
 machine has (the model never saw them), with one token set per language (its Pygments keywords
-that are one token, shared words removed) so that the report's detour plot shows, per document language, how much
-mass each layer puts on the other languages' keywords. It runs the job into ``OUT_DIR/run`` and
-writes the HTML report into ``OUT_DIR/run/report``. The job file is an ordinary spec:
-``codelens run OUT_DIR/job.yaml`` reruns (resumes) it.
+that are one token, shared words removed) so that the report's detour plot shows, per document
+language, how much mass each layer puts on the other languages' keywords. It runs the job into
+``OUT_DIR/run`` and writes the HTML report into ``OUT_DIR/run/report``. The job file is an
+ordinary spec: ``codelens run OUT_DIR/job.yaml`` reruns (resumes) it.
 """
 
 from __future__ import annotations

@@ -103,8 +103,9 @@ def publish(model_dir: Path, run_dir: Path, out_dir: Path) -> Path:
 Per-layer top-1 accuracy, mean log-prob of the true next token, KL to the final layer, entropy and
 median rank of `codelens-debian-code` (the bundled model, `engine/zoo/assets/`, see its
 `MODEL_CARD.md`) over **every held-out file** of its languages on
-{log["data"].get("os", "a Debian machine")} ({files} files: {languages}; the split rule is in `engine/zoo/code_sources.py`, so the same files
-are held out on any Debian machine that has them). Layer 0 is the embedding output, layer
+{log["data"].get("os", "a Debian machine")} ({files} files: {languages}; the split rule is in
+`engine/zoo/code_sources.py`, so the same files are held out on any Debian machine that has
+them). Layer 0 is the embedding output, layer
 {summary["n_blocks"]} the model's own output.
 
 - Command: `python -m codelens.workers.model_card MODEL_DIR --keep RUN_DIR --publish

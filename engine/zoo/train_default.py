@@ -608,10 +608,10 @@ def write_model_card(model_dir: Path, summary: dict[str, Any]) -> Path:
 
 The default model of `codelens demo`: a small decoder-only code LM trained from scratch on code in
 {len(languages)} languages that every Debian machine ships ({", ".join(languages)}: from
-Python's standard library, C headers, Perl modules, shell scripts), so that the logit lens has a *trained*, multilingual model to look at
-without downloading anything. It is a toy (about {t["train_seconds"] / 60:.0f} minutes of training
-on {t["threads"]} CPU thread(s)): use it to see what the lens shows and to test the pipeline, not to study a
-real code LLM.
+Python's standard library, C headers, Perl modules, shell scripts), so that the logit lens has a
+*trained*, multilingual model to look at without downloading anything. It is a toy (about
+{t["train_seconds"] / 60:.0f} minutes of training on {t["threads"]} CPU thread(s)): use it to see
+what the lens shows and to test the pipeline, not to study a real code LLM.
 
 ## Model
 
@@ -645,9 +645,10 @@ gives its terms); the model is trained on them, not redistributing them.
 ## Training
 
 `{training_command}`
-({t["threads"]} CPU thread(s)). AdamW (betas 0.9/0.95, weight decay {a["weight_decay"]} on matrices), peak
-learning rate {a["lr"]:g}, {a["warmup"]} warmup steps then cosine decay to 10%, gradient clipping
-1.0, batch {a["batch"]} x {a["ctx"]} = {a["batch"] * a["ctx"]:,} tokens per step.
+({t["threads"]} CPU thread(s)). AdamW (betas 0.9/0.95, weight decay {a["weight_decay"]} on
+matrices), peak learning rate {a["lr"]:g}, {a["warmup"]} warmup steps then cosine decay to
+10%, gradient clipping 1.0, batch {a["batch"]} x {a["ctx"]} = {a["batch"] * a["ctx"]:,} tokens
+per step.
 
 * {t["steps"]} steps, {t["tokens_seen"]:,} tokens seen ({t["epochs"]:.2f} epochs) in
   {t["train_seconds"] / 60:.1f} min on {t["threads"]} thread(s) of a {t["cpu"]} CPU
@@ -673,9 +674,10 @@ Training curve (train loss: exponential moving average; held-out loss on a fixed
 
 From a real `codelens run` over all {summary["_files"]} held-out files ({summary.get("tokens", 0):,}
 positions; windows of 256 tokens with 32 of overlap, BOS added, float32 on a CPU; one keyword set
-per language: words that are one token, shared words removed), read from its `summary.json`. Layer 0 is the embedding
-output read through the final norm and `lm_head`; layer {m["layers"]} is the model's own output.
-Median rank is the lower edge of its power-of-two histogram bin (rank 0 = top-1).
+per language: words that are one token, shared words removed), read from its `summary.json`.
+Layer 0 is the embedding output read through the final norm and `lm_head`; layer {m["layers"]}
+is the model's own output. Median rank is the lower edge of its power-of-two histogram bin
+(rank 0 = top-1).
 
 {lens_curves_markdown(summary)}
 
@@ -688,8 +690,9 @@ The seeds' questions on this model:
 ## Limitations
 
 Trained on a few megabytes of system code for under two hours on a CPU: it knows the surface
-syntax and idioms of {", ".join(languages)} and little else. The split is by file, not by package, so
-near-duplicate files (the `encodings/cp*.py` code pages, generated headers) can sit on both sides.
+syntax and idioms of {", ".join(languages)} and little else. The split is by file, not by
+package, so near-duplicate files (the `encodings/cp*.py` code pages, generated headers) can
+sit on both sides.
 """
     path = model_dir / "MODEL_CARD.md"
     path.write_text(text)

@@ -76,9 +76,10 @@ def test_compare_with_default_runs_the_bundled_model_on_the_same_corpus(runs, tm
     theirs = pq.read_table(out / "default-run" / "docs.parquet").column("source").to_pylist()
     assert mine == theirs
     spec = json.loads((out / "default-run" / "job.json").read_text())["spec"]
-    assert spec["lens"]["k"] == 1 and spec["tokens"] == json.loads(
-        (a / "job.json").read_text()
-    )["spec"]["tokens"]
+    assert (
+        spec["lens"]["k"] == 1
+        and spec["tokens"] == json.loads((a / "job.json").read_text())["spec"]["tokens"]
+    )
     # A second call resumes the finished run instead of recomputing it.
     before = (out / "default-run" / "summary.json").stat().st_mtime_ns
     assert invoke("compare", a, "--out", out, "--with-default").exit_code == 0

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from codelens.engine.data.corpus import (
-    language_from_shebang,
     LANGUAGE_BY_EXTENSION,
     Document,
     expand_globs,
     language_from_path,
+    language_from_shebang,
     read_corpus,
 )
 from codelens.engine.errors import CorpusError

@@ -6,8 +6,8 @@ the bundled model's tokenizer) into a temporary directory, and then run through 
 ``run_job`` -> ``LocalExecutor`` -> ``LensWorker.load`` -> ``load_model`` (with its self-check),
 over real source files (the running interpreter's standard library), with a production-like job:
 window 1024 (overlap 128), k 10, look-ahead [2, 3], two token sets, ``lens.impl: auto`` (the
-Triton kernel on a GPU; ``--impl``), every layer. The model's vocabulary (151,936 / 152,064 rows) is far
-larger than the tokenizer's 4,096 tokens: the lens treats the rows beyond the tokenizer as padded
+Triton kernel on a GPU; ``--impl``), every layer. The model's vocabulary (151,936 / 152,064
+rows) is far larger than the tokenizer's 4,096 tokens: the lens treats the rows beyond the tokenizer as padded
 rows of the softmax, as it does for Qwen2.5-Coder's own 151,665-token tokenizer, so the cost per
 row is the real model's.
 
@@ -94,18 +94,15 @@ versions are those of ``constraints.txt``; ``/.whl/`` is in ``.gitignore``)::
 
 (2.8 MB; typing_extensions because pydantic 2.14 needs >= 4.16.) Everything else the package
 imports is on that machine already (typer, rich, pygments, pyyaml, numpy, safetensors, tokenizers,
-matplotlib; nvidia-ml-py gives pynvml). The package is not installed there: the command below
+matplotlib; nvidia-ml-py gives pynvml). The package is not installed there: ``gpu_check.sh``
 maps ``codelens.engine`` / ``.kernels`` / ``.workers`` onto the copied working tree with three
-links (``codelens`` is a namespace package), so it runs the code as it is in the tree. Triton
-needs nothing special (no ``TRITON_INTERPRET`` there: the kernel compiles for sm_90). Then one
-device call, ``carry: [".whl"]``, ``timeout_s: 480``::
-
-    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; mkdir -p /tmp/site/codelens && for p in engine kernels workers; do ln -sfn $PWD/$p /tmp/site/codelens/$p; done; nvidia-smi; PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu_pipeline.py --budget-s 420 --out $OUT 2>&1 | tee $OUT/log.txt
-
-It costs about 1-2 minutes of machine start plus at most ~7.5 minutes of command, leaving room in
-a 15-minute lease for one shorter rerun (e.g. ``--shape qwen2.5-coder-7b --budget-s 240``). Copy
+links (``codelens`` is a namespace package) and installs ``.whl/`` beside them, so it runs the
+code as it is in the tree. Triton needs nothing special (no ``TRITON_INTERPRET`` there: the
+kernel compiles for sm_90). This benchmark is the third stage of that one command (one device
+call, ``carry: [".whl"]``, ``timeout_s: 590``: README, "The one GPU check"); alone, in such a
+call: ``bash benchmarks/gpu_check.sh --stages pipeline --budget-s 420``. Copy
 ``gpu_pipeline.json`` and ``.md`` from the fetched files into ``benchmarks/results/``.
-"""  # noqa: E501 (the device command above is one line, to be pasted as it is)
+"""
 
 from __future__ import annotations
 

@@ -44,7 +44,11 @@ MODELS = {
     "qwen1.5b": ("Qwen2.5-Coder-1.5B", 1536, 151936, 29),
     "codellama7b": ("CodeLlama-7B", 4096, 32016, 33),
     "qwen7b": ("Qwen2.5-Coder-7B", 3584, 152064, 29),
+    # The CPU smoke run's shape (``--device cpu``: the kernels in Triton's interpreter).
+    "tiny": ("tiny (CPU smoke run)", 64, 1000, 3),
 }
+GPU_MODELS = ("gpt2", "qwen1.5b", "codellama7b", "qwen7b")
+MAIN_STRATEGIES = ("triton-fused", "triton-chunked")
 DEFAULT_ROWS = (8192, 16384, 32768, 65536)
 RESULTS = Path(__file__).resolve().parent / "results"
 K, LOOKAHEAD = 10, 2
@@ -94,7 +98,8 @@ def forward_problem(d: int, V: int, n_layers: int, n_tokens: int, device: str, s
         vocab_size=V,
         max_position_embeddings=max(4096, n_tokens),
     )
-    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+    with torch.device(device):  # built where it runs: a 152k x 3584 init is slow on a CPU
+        model = LlamaForCausalLM(config).to(dtype=torch.bfloat16).eval()
     ids = torch.randint(0, V, (1, n_tokens), device=device)
     with torch.no_grad():
         states = model(ids, output_hidden_states=True).hidden_states  # 3 x [1, T, d]
@@ -161,7 +166,8 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check(model: str, n_tokens: int, config, device: str, strategy: str = "triton-fused") -> dict:
-    """Kernel vs ``lens_stats_torch`` at a production shape; raises AssertionError on a mismatch.
+    """Kernel vs ``lens_stats_torch`` at a production shape: a report with ``passed`` and, when
+    it did not, ``failures`` (what differs, one line each).
 
     Two comparisons: ``precision="fp32"`` against the torch path on the raw rows (same accuracy
     class: tight), and the default bf16 path against the torch path fed the kernel's own rounded
@@ -228,87 +234,203 @@ def check(model: str, n_tokens: int, config, device: str, strategy: str = "trito
         )
         if a is not None
     )
-    print(json.dumps(report, indent=2))
-    assert report["deterministic"], "two runs differ"
-    assert max(report["fp32_vs_torch"].values()) < 2e-3, "fp32 kernel differs from the torch path"
-    assert max(report["bf16_vs_staged_torch"].values()) < 2e-3, "bf16 kernel arithmetic is off"
-    assert report["rank_mismatch_outside_band"] == 0, "ranks differ beyond rounding ties"
-    assert report["topk_value_gap_at_mismatch"] <= band, "top-k ids differ beyond rounding ties"
+    failures = [
+        message
+        for failed, message in (
+            (not report["deterministic"], "two runs differ"),
+            (max(report["fp32_vs_torch"].values()) >= 2e-3, "fp32 kernel differs from torch"),
+            (max(report["bf16_vs_staged_torch"].values()) >= 2e-3, "bf16 arithmetic is off"),
+            (report["rank_mismatch_outside_band"] > 0, "ranks differ beyond rounding ties"),
+            (report["topk_value_gap_at_mismatch"] > band, "top-k ids differ beyond ties"),
+        )
+        if failed
+    ]
+    report["passed"] = not failures
+    if failures:
+        report["failures"] = failures
+    print(json.dumps(report, indent=2), flush=True)
     return report
 
 
-def bench_shape(
-    model: str,
-    rows_target: int,
-    config,
-    warmup: int,
-    rep: int,
-    device: str,
-    strategies: tuple[str, ...] = ("triton-fused",),
-    source: str = "synthetic",
-) -> list[dict]:
-    """Time each strategy and the bf16 matmul bound at one (model, rows) shape: one result per
-    strategy, each with the bound's figures beside it."""
-    from triton.testing import do_bench
+def wall_clock_timer(fn, warmup: int = 0, rep: int = 0, quantiles=None) -> list[float]:
+    """``do_bench``'s answer (median, 20th and 80th percentile, ms) from the host clock: the CPU
+    smoke run's timer (no CUDA events; ``warmup``/``rep`` are ignored: one warm-up, three runs)."""
+    fn()  # the interpreter parses each kernel on its first call
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return [times[1], times[0], times[2]]
 
-    name, d, V, n_layers = MODELS[model]
-    n_tokens = max(1, round(rows_target / n_layers))
-    rows = n_layers * n_tokens
-    flop = 2.0 * rows * d * V
-    hidden, head, targets, request = PROBLEMS[source](d, V, n_layers, n_tokens, device)
-    final = hidden[-1]
-    shape = {"model": name, "d": d, "V": V, "layers": n_layers, "tokens": n_tokens, "rows": rows}
-    results = []
-    for strategy in strategies:
-        run = strategy_fn(strategy, config)
-        result = {**shape, "strategy": strategy, "rows_source": source}
-        torch.cuda.reset_peak_memory_stats()
-        ms = do_bench(
-            lambda run=run: run(hidden, head, targets, request, final),
-            warmup=warmup,
-            rep=rep,
-            quantiles=[0.5, 0.2, 0.8],
-        )
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+class ShapeBench:
+    """One (model, rows) shape's inputs and its cuBLAS bf16 matmul bound, built on first use and
+    kept for the strategies timed after it."""
+
+    def __init__(self, model: str, rows_target: int, device: str, source: str, timer, timing):
+        name, d, V, n_layers = MODELS[model]
+        n_tokens = max(1, round(rows_target / n_layers))
+        rows = n_layers * n_tokens
+        self.device, self.timer, self.timing = device, timer, timing
+        self.flop = 2.0 * rows * d * V
+        self.problem = PROBLEMS[source](d, V, n_layers, n_tokens, device)
+        self.info = {"model": name, "d": d, "V": V, "layers": n_layers, "tokens": n_tokens}
+        self.info |= {"rows": rows, "rows_source": source}
+        self.bound = self._matmul_bound()
+
+    def _matmul_bound(self) -> dict:
+        """``torch.matmul`` of the rows by ``W_U^T`` into bf16 ``[rows, V]`` logits."""
+        hidden, head, _, _ = self.problem
+        x = hidden.reshape(-1, hidden.shape[-1])
+        w_t = head.unembed.T  # [d, V] view: cuBLAS handles the transposed operand
+        try:
+            logits = torch.empty(x.shape[0], head.unembed.shape[0], dtype=x.dtype, device=x.device)
+            ms = self.timer(lambda: torch.matmul(x, w_t, out=logits), **self.timing)
+        except torch.OutOfMemoryError:
+            return {"matmul_ms": None, "matmul_tflops": None}
+        finally:
+            logits = None  # the [rows, V] logits are not kept for the strategies
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+        return {"matmul_ms": ms[0], "matmul_tflops": self.flop / (ms[0] * 1e-3) / 1e12}
+
+    def time(self, strategy: str, config) -> dict:
+        """One strategy's timing (an ``error`` instead when it raised)."""
+        hidden, head, targets, request = self.problem
+        result = {**self.info, "strategy": strategy, **self.bound}
+        try:
+            run = strategy_fn(strategy, config)
+            if self.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ms = self.timer(
+                lambda: run(hidden, head, targets, request, hidden[-1]),
+                **self.timing,
+                quantiles=[0.5, 0.2, 0.8],
+            )
+        except Exception as exc:  # noqa: BLE001 (recorded; the other strategies still run)
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+            return {**result, "error": _error(exc)}
         result["kernel_ms"], result["kernel_ms_p20"], result["kernel_ms_p80"] = ms
-        result["kernel_tflops"] = flop / (ms[0] * 1e-3) / 1e12
-        result["kernel_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        results.append(result)
+        result["kernel_tflops"] = self.flop / (ms[0] * 1e-3) / 1e12
+        result["kernel_peak_mem_gb"] = (
+            torch.cuda.max_memory_allocated() / 1e9 if self.device == "cuda" else None
+        )
+        mm = result["matmul_tflops"]
+        result["fraction_of_matmul"] = None if mm is None else result["kernel_tflops"] / mm
+        return result
 
-    x = hidden.reshape(rows, d)
-    w_t = head.unembed.T  # [d, V] view: cuBLAS handles the transposed operand
-    try:
-        logits = torch.empty(rows, V, dtype=torch.bfloat16, device=device)
 
-        def matmul() -> None:
-            torch.matmul(x, w_t, out=logits)
+def strategy_groups(strategies) -> list[list[str]]:
+    """The order things are checked and timed in: the two strategies the default is chosen
+    between, shape by shape together, then each candidate configuration on its own, so that a
+    budget that runs out leaves the choice that matters measured."""
+    main = [s for s in MAIN_STRATEGIES if s in strategies]
+    rest = [[s] for s in strategies if s not in MAIN_STRATEGIES]
+    return ([main] if main else []) + rest
 
-        mm_ms = do_bench(matmul, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-        logits = None  # free the [rows, V] logits before the next shape
-        for result in results:
-            result["matmul_ms"] = mm_ms[0]
-            result["matmul_tflops"] = flop / (mm_ms[0] * 1e-3) / 1e12
-            result["fraction_of_matmul"] = result["kernel_tflops"] / result["matmul_tflops"]
-    except torch.OutOfMemoryError:
-        for result in results:
-            result["matmul_ms"] = result["matmul_tflops"] = result["fraction_of_matmul"] = None
-    torch.cuda.empty_cache()
-    return results
+
+def run_all(
+    models,
+    rows_targets,
+    strategies,
+    config,
+    device: str,
+    source: str,
+    timer,
+    timing: dict,
+    check_model: str | None,
+    check_tokens: int,
+    deadline: float,
+    on_update,
+) -> dict:
+    """Check (when ``check_model``) and time every strategy at every shape, in
+    ``strategy_groups`` order, until ``deadline`` (``time.monotonic()``).
+
+    A strategy that fails its check, or raises there, is not timed; one that raises while timed
+    has an ``error`` in its result; nothing stops the others. ``on_update(record)`` is called
+    after every check and timing with ``{"checks", "results", "skipped"}`` so far (the caller
+    writes it: a run stopped from outside keeps what it measured).
+    """
+    record: dict = {"checks": [], "results": [], "skipped": []}
+    shapes: dict[tuple[str, int], ShapeBench] = {}
+    for group in strategy_groups(strategies):
+        live = []
+        for strategy in group:
+            if check_model is None:
+                live.append(strategy)
+                continue
+            if time.monotonic() > deadline:
+                record["skipped"].append({"strategy": strategy, "what": "check", "why": "budget"})
+                continue
+            try:
+                report = check(check_model, check_tokens, config, device, strategy)
+            except Exception as exc:  # noqa: BLE001 (recorded; the other strategies still run)
+                report = {"strategy": strategy, "passed": False, "failures": [_error(exc)]}
+            record["checks"].append(report)
+            if report["passed"]:
+                live.append(strategy)
+            on_update(record)
+        for model in models:
+            for rows in rows_targets:
+                for strategy in live:
+                    if time.monotonic() > deadline:
+                        record["skipped"].append(
+                            {"strategy": strategy, "model": model, "rows": rows, "why": "budget"}
+                        )
+                        continue
+                    if (model, rows) not in shapes:
+                        shapes[model, rows] = ShapeBench(model, rows, device, source, timer, timing)
+                    result = shapes[model, rows].time(strategy, config)
+                    record["results"].append(result)
+                    _print_result(result)
+                    on_update(record)
+    return record
+
+
+def _print_result(r: dict) -> None:
+    head = f"{r['model']:>20s} {r['strategy']:>22s} rows={r['rows']:>6d}:"
+    if "error" in r:
+        print(f"{head} {r['error']}", flush=True)
+        return
+    frac = r["fraction_of_matmul"]
+    print(
+        f"{head} {r['kernel_ms']:8.2f} ms {r['kernel_tflops']:6.0f} TFLOP/s | matmul "
+        f"{r['matmul_tflops'] or float('nan'):6.0f} TFLOP/s | "
+        f"{'n/a' if frac is None else f'{100 * frac:.1f} %'}",
+        flush=True,
+    )
 
 
 def choose_defaults(results: list[dict]) -> list[dict]:
-    """Per model width: the strategy with the smallest mean time over its shapes (what
-    ``kernels/dispatch.py``'s ``STRATEGY_BY_WIDTH`` should say). A ``FUSED_VARIANTS`` or
-    ``CHUNKED_VARIANTS`` winner is reported as its strategy with the config fields it changes."""
-    by_width: dict[int, dict[str, list[float]]] = {}
+    """Per model width: the strategy with the smallest mean time over the width's shapes (what
+    ``kernels/dispatch.py``'s ``STRATEGY_BY_WIDTH`` should say), among the strategies timed
+    without error at every one of them. A ``FUSED_VARIANTS`` or ``CHUNKED_VARIANTS`` winner is
+    reported as its strategy with the config fields it changes."""
+    by_width: dict[int, dict[str, dict[int, float]]] = {}
+    shapes: dict[int, set[int]] = {}
     for r in results:
-        by_width.setdefault(r["d"], {}).setdefault(r["strategy"], []).append(r["kernel_ms"])
+        shapes.setdefault(r["d"], set()).add(r["rows"])
+        if "error" not in r:
+            timed = by_width.setdefault(r["d"], {}).setdefault(r["strategy"], {})
+            timed[r["rows"]] = r["kernel_ms"]
     variants = {name: ("triton-fused", fields) for name, fields in FUSED_VARIANTS.items()}
     variants |= {name: ("triton-chunked", fields) for name, fields in CHUNKED_VARIANTS.items()}
     chosen = []
     for d, times in sorted(by_width.items()):
-        best = min(times, key=lambda s: sum(times[s]) / len(times[s]))
+        complete = {s: t for s, t in times.items() if set(t) == shapes[d]}
+        if not complete:
+            continue
+        best = min(complete, key=lambda s: sum(complete[s].values()) / len(complete[s]))
         strategy, fields = variants.get(best, (best, {}))
-        chosen.append({"d": d, "strategy": strategy, "config": fields, "ms": times})
+        ms = {s: list(t.values()) for s, t in complete.items()}
+        chosen.append({"d": d, "strategy": strategy, "config": fields, "ms": ms})
     return chosen
 
 
@@ -692,41 +814,54 @@ def sweep(out_dir: Path) -> Path:
     return path
 
 
-def _markdown(meta: dict, results: list[dict], checks: list[dict]) -> str:
+def _markdown(meta: dict, record: dict) -> str:
+    results, checks = record["results"], record["checks"]
     lines = [
-        f"# Fused lens kernel vs bf16 matmul on {meta['device']}",
+        f"# Lens kernels vs the bf16 matmul on {meta['device']}",
         "",
         f"- command: `{meta['command']}`",
-        f"- time (UTC): {meta['timestamp']}",
+        f"- time (UTC): {meta['timestamp']}"
+        + ("" if meta.get("finished") else " (not finished: the figures so far)"),
         f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
         f"python {meta['python']}",
         f"- statistics: k={K}, {LOOKAHEAD} look-ahead columns, kl_final, entropy, one token set",
-        f"- kernel config: `{meta['config']}`",
+        f"- residual rows: {meta['rows_source']}",
+        f"- fused kernel config: `{meta['config']}`",
         "",
         "| model | strategy | d | V | rows (layers x tokens) | kernel ms | kernel TFLOP/s "
         "| matmul ms | matmul TFLOP/s | kernel / matmul | peak GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def num(value, spec: str, missing: str = "n/a") -> str:
+        return missing if value is None else format(value, spec)
+
     for r in results:
+        shape = f"| {r['model']} | {r['strategy']} | {r['d']} | {r['V']} "
+        shape += f"| {r['rows']} ({r['layers']} x {r['tokens']}) "
+        if "error" in r:
+            lines.append(f"{shape}| failed: {r['error']} | | | | | |")
+            continue
         frac = r["fraction_of_matmul"]
-        frac = "n/a" if frac is None else f"{100 * frac:.1f} %"
-        mm_ms = "OOM" if r["matmul_ms"] is None else f"{r['matmul_ms']:.2f}"
-        mm_tf = "OOM" if r["matmul_tflops"] is None else f"{r['matmul_tflops']:.0f}"
         lines.append(
-            f"| {r['model']} | {r['strategy']} | {r['d']} | {r['V']} "
-            f"| {r['rows']} ({r['layers']} x {r['tokens']}) "
-            f"| {r['kernel_ms']:.2f} | {r['kernel_tflops']:.0f} | {mm_ms} | {mm_tf} | {frac} "
-            f"| {r['kernel_peak_mem_gb']:.1f} |"
+            f"{shape}| {r['kernel_ms']:.2f} | {r['kernel_tflops']:.0f} "
+            f"| {num(r['matmul_ms'], '.2f', 'OOM')} | {num(r['matmul_tflops'], '.0f', 'OOM')} "
+            f"| {'n/a' if frac is None else f'{100 * frac:.1f} %'} "
+            f"| {num(r['kernel_peak_mem_gb'], '.1f')} |"
         )
     for choice in choose_defaults(results):
         config = f" with {choice['config']}" if choice["config"] else ""
         lines.append(
             f"\nDefault for d = {choice['d']}: {choice['strategy']}{config} ({choice['ms']} ms)"
         )
+    for skipped in record["skipped"]:
+        lines.append(f"\nNot run (time budget): {skipped}")
     for c in checks:
+        verdict = "passed" if c["passed"] else "FAILED: " + "; ".join(c["failures"])
         lines += [
             "",
-            f"Check at {c['model']}, {c['rows']} rows: passed",
+            f"Check of {c['strategy']} at {c.get('model', '?')}, {c.get('rows', '?')} rows: "
+            f"{verdict}",
             "```",
             json.dumps(c, indent=2),
             "```",
@@ -735,21 +870,34 @@ def _markdown(meta: dict, results: list[dict], checks: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Triton picks interpreter or compiler at import: a benchmark of the interpreter means nothing.
-    os.environ.pop("TRITON_INTERPRET", None)
+    # Triton picks interpreter or compiler at import (and the options below import the kernels):
+    # a GPU benchmark of the interpreter means nothing, and the CPU smoke run has nothing else.
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    if early.parse_known_args(argv)[0].device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
     try:
         import triton
     except ImportError:
         print("bench_kernel: triton is not installed (pip install 'code-llm-lens[triton]')")
         return 0
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: all four")
     parser.add_argument(
         "--rows",
         nargs="+",
         type=int,
-        default=list(DEFAULT_ROWS),
-        help="target rows (layers x tokens) per shape",
+        help=f"target rows (layers x tokens) per shape (default {list(DEFAULT_ROWS)})",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cpu: the smoke run (tiny shape, kernels in Triton's interpreter, figures into a "
+        "temporary folder unless --out-dir)",
     )
     parser.add_argument(
         "--check",
@@ -759,8 +907,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check-tokens",
         type=int,
-        default=96,
-        help="tokens of the --check shape (all layers of Qwen2.5-Coder-7B)",
+        default=None,
+        help="tokens of the --check shape (all layers of Qwen2.5-Coder-7B; default 96)",
     )
     parser.add_argument(
         "--compile-only",
@@ -775,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strategies",
         nargs="+",
-        choices=["triton-fused", "triton-chunked", *FUSED_VARIANTS, *CHUNKED_VARIANTS],
+        choices=[*MAIN_STRATEGIES, *FUSED_VARIANTS, *CHUNKED_VARIANTS],
         default=["triton-fused"],
         help="the lens strategies to check and time",
     )
@@ -785,12 +933,20 @@ def main(argv: list[str] | None = None) -> int:
         default="synthetic",
         help="residual rows: synthetic normals, or a random-weight model's real forward",
     )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting checks and timings after this many seconds (what is left is listed "
+        "as not run); the figures so far are written after every one",
+    )
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results")
     for field in dataclasses.fields(_config_type()):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=None)
     args = parser.parse_args(argv)
+    started = time.monotonic()
 
     config_type = _config_type()
     overrides = {
@@ -801,18 +957,37 @@ def main(argv: list[str] | None = None) -> int:
     config = dataclasses.replace(config_type(), **overrides)
 
     if args.compile_only and args.sweep:
-        print(f"wrote {sweep(args.out_dir)}")
+        print(f"wrote {sweep(args.out_dir or RESULTS)}")
         return 0
     if args.compile_only:
         print(json.dumps(compile_only(config), indent=2))
         return 0
-    if not torch.cuda.is_available():
-        print("bench_kernel: no CUDA device; nothing to time (try --compile-only)")
-        return 0
+    smoke = args.device == "cpu"
+    if smoke:
+        import tempfile
 
-    device = "cuda"
+        from codelens.kernels.lens_triton import default_config
+
+        models, rows_targets = args.models or ["tiny"], args.rows or [96]
+        config = dataclasses.replace(default_config(MODELS[models[0]][1], True), **overrides)
+        check_model, check_tokens = "tiny", args.check_tokens or 16
+        timer, timing = wall_clock_timer, {}
+        out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench_kernel-"))
+        device_name = "cpu (Triton interpreter)"
+    elif not torch.cuda.is_available():
+        print("bench_kernel: no CUDA device; nothing to time (try --compile-only, or --device cpu)")
+        return 0
+    else:
+        from triton.testing import do_bench
+
+        models, rows_targets = args.models or list(GPU_MODELS), args.rows or list(DEFAULT_ROWS)
+        check_model, check_tokens = "qwen7b", args.check_tokens or 96
+        timer, timing = do_bench, {"warmup": args.warmup, "rep": args.rep}
+        out_dir = args.out_dir or RESULTS
+        device_name = torch.cuda.get_device_name()
+
     meta = {
-        "device": torch.cuda.get_device_name(),
+        "device": device_name,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
@@ -820,40 +995,42 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([sys.executable, *sys.argv]),
         "timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "config": dataclasses.asdict(config),
+        "strategies": args.strategies,
+        "rows_source": args.source,
+        "finished": False,
     }
-    checks = (
-        [check("qwen7b", args.check_tokens, config, device, s) for s in args.strategies]
-        if args.check
-        else []
-    )
-    results = []
-    for model in args.models:
-        for rows in args.rows:
-            shape_results = bench_shape(
-                model, rows, config, args.warmup, args.rep, device, args.strategies, args.source
-            )
-            results += shape_results
-            for r in shape_results:
-                frac = r["fraction_of_matmul"]
-                print(
-                    f"{r['model']:>20s} {r['strategy']:>14s} rows={r['rows']:>6d}: "
-                    f"{r['kernel_ms']:8.2f} ms {r['kernel_tflops']:6.0f} TFLOP/s | matmul "
-                    f"{r['matmul_tflops'] or float('nan'):6.0f} TFLOP/s | "
-                    f"{'n/a' if frac is None else f'{100 * frac:.1f} %'}",
-                    flush=True,
-                )
-    meta["strategies"], meta["rows_source"] = args.strategies, args.source
-    meta["defaults"] = choose_defaults(results)
-
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
-    stem = args.out_dir / f"kernel-{slug}-{meta['timestamp'].replace(':', '')}"
-    stem.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "checks": checks, "results": results}, indent=2) + "\n"
+    stem = out_dir / f"kernel-{slug}-{meta['timestamp'].replace(':', '')}"
+
+    def write(record: dict) -> None:
+        meta["defaults"] = choose_defaults(record["results"])
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, **record}, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(_markdown(meta, record))
+
+    deadline = started + args.budget_s if args.budget_s is not None else float("inf")
+    record = run_all(
+        models,
+        rows_targets,
+        args.strategies,
+        config,
+        args.device,
+        args.source,
+        timer,
+        timing,
+        check_model if args.check else None,
+        check_tokens,
+        deadline,
+        write,
     )
-    stem.with_suffix(".md").write_text(_markdown(meta, results, checks))
+    meta["finished"] = True
+    write(record)
     print(f"wrote {stem}.json and {stem}.md")
-    return 0
+    failed = [c["strategy"] for c in record["checks"] if not c["passed"]]
+    failed += [r["strategy"] for r in record["results"] if "error" in r]
+    if failed:
+        print(f"bench_kernel: failed: {sorted(set(failed))} (see {stem}.md)")
+    return 1 if failed else 0
 
 
 def _config_type():

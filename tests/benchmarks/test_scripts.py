@@ -3,17 +3,18 @@
 Each script is started as ``python benchmarks/<script>.py ... --out <tmp>`` (never into
 ``benchmarks/results/``, which holds the recorded figures) and its JSON is read back: the checks
 are on what the figures must satisfy whatever the machine (row counts, sums, identical rows), not
-on speed. ``bench_gpu_pipeline.py`` is the one prepared for a GPU machine: its CPU smoke run here
-is what keeps the device time of that single run from going to a broken script. Left out:
-``bench_padding.py`` (minutes: it times real shards), ``bench_parquet.py`` (needs 200k rows),
-``bench_kernel.py`` (needs a device or the sm_90 compile, ``make test-triton36``),
-``bench_ray_scaling.py`` and ``bench_lens.py`` (tens of runs).
+on speed. ``gpu_check.sh`` (with ``bench_kernel.py`` and ``bench_gpu_pipeline.py`` in it) is
+the one command prepared for a GPU machine: its CPU smoke run here is what keeps the device time
+of that single call from going to a broken script. Left out: ``bench_padding.py`` (minutes: it
+times real shards), ``bench_parquet.py`` (needs 200k rows), ``bench_ray_scaling.py`` and
+``bench_lens.py`` (tens of runs); ``test_bench_kernel.py`` tests ``bench_kernel``'s driver.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,38 @@ def test_gpu_pipeline_cpu_smoke(tmp_path: Path) -> None:
     assert shape["compute_over_end_to_end"] > 0
     # The child removes the saved model and its work directory when it is done.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_pipeline.json", "gpu_pipeline.md"]
+
+
+def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
+    """The one prepared GPU command, through its shell wrapper, as its CPU smoke run: every stage
+    runs and passes, the summary holds each stage's figures, and what lands in the results folder
+    is what a lent machine's call can return (at most 8 files)."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu"]
+        + ["--budget-s", "280", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=360,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, f"gpu_check failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    summary = json.loads((tmp_path / "gpu_check-summary.json").read_text())
+    assert {name: s["status"] for name, s in summary["stages"].items()} == {
+        "tests": "passed",
+        "kernel": "passed",
+        "pipeline": "passed",
+    }
+    assert summary["stages"]["tests"]["counts"]["passed"] >= 2
+    assert "failed" not in summary["stages"]["tests"]["counts"]
+    kernel = summary["kernel"]
+    assert kernel["checks"] == {"triton-fused": True, "triton-chunked": True}
+    assert {r["strategy"] for r in kernel["fraction_of_matmul"]} == set(kernel["checks"])
+    assert [c["d"] for c in kernel["defaults"]] == [64]
+    [shape] = summary["pipeline"]["shapes"].values()
+    assert shape["state"] == "done" and shape["end_to_end_tokens_per_s"] > 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) <= 8 and all(p.is_file() for p in tmp_path.iterdir())
+    assert {"gpu_check.log", "gpu_check-summary.md", "gpu_pipeline.json"} <= set(names)
+    assert sum(n.startswith("kernel-") for n in names) == 2
+    assert "## Kernels" in (tmp_path / "gpu_check-summary.md").read_text()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from codelens.engine.errors import CodelensError
 from codelens.engine.model.loading import load_model
@@ -311,6 +312,8 @@ def _chosen_by_hf(loaded, family: str, inp: torch.Tensor) -> list[torch.Tensor |
     model = loaded.model
     with torch.no_grad():
         out = model(inp, use_cache=False, output_router_logits=True)
+    if getattr(out, "router_logits", None) is None:  # DeepSeek-V3 in transformers 5.17, e.g.
+        pytest.skip(f"transformers {transformers.__version__} gives no router logits for {family}")
     logits = [r for r in out.router_logits if r is not None]
     chosen: list[torch.Tensor | None] = []
     moe = iter(logits)

@@ -1,0 +1,142 @@
+"""``bench_kernel.py``'s check-and-time driver, at the CPU smoke shape (kernels in the interpreter).
+
+The GPU run of ``bench_kernel`` is a single call on a lent machine: these tests make sure that one
+failing strategy (a check that fails, a kernel that raises) or a time budget that runs out costs
+only what it touches, that the figures so far are written after every step, and that the default
+per width is chosen only among strategies that were checked and timed at every shape. Failures
+are injected here, by replacing the script's ``check`` and ``strategy_fn``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench_kernel():
+    path = ROOT / "benchmarks" / "bench_kernel.py"
+    spec = importlib.util.spec_from_file_location("bench_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernel"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["bench_kernel"]
+
+
+def one_call_timer(fn, quantiles=None, **_: Any) -> list[float]:
+    """A timer that runs ``fn`` once (the figures are not what is tested here)."""
+    start = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - start) * 1e3
+    return [ms, ms, ms]
+
+
+def run(bench_kernel, strategies, check_model=None, deadline=float("inf"), rows=(48,)):
+    from codelens.kernels.lens_triton import default_config
+
+    updates: list[dict] = []
+    record = bench_kernel.run_all(
+        ["tiny"],
+        list(rows),
+        strategies,
+        default_config(64, True),
+        "cpu",
+        "synthetic",
+        one_call_timer,
+        {},
+        check_model,
+        8,
+        deadline,
+        lambda r: updates.append(json.loads(json.dumps(r))),
+    )
+    return record, updates
+
+
+def test_a_strategy_that_raises_is_recorded_and_the_others_still_run(bench_kernel, monkeypatch):
+    real = bench_kernel.strategy_fn
+
+    def strategy_fn(strategy, config):
+        if strategy == "triton-chunked":
+            raise RuntimeError("injected: CUDA error: an illegal memory access was encountered")
+        return real(strategy, config)
+
+    monkeypatch.setattr(bench_kernel, "strategy_fn", strategy_fn)
+    record, updates = run(bench_kernel, ["triton-chunked", "triton-fused"], rows=(48, 96))
+    by = {(r["strategy"], r["rows"]): r for r in record["results"]}
+    assert set(by) == {(s, n) for s in ("triton-fused", "triton-chunked") for n in (48, 96)}
+    for n in (48, 96):
+        assert by["triton-chunked", n]["error"].startswith("RuntimeError: injected")
+        assert by["triton-fused", n]["kernel_ms"] > 0
+        assert by["triton-fused", n]["matmul_ms"] > 0
+    # One update per timing, each holding everything so far.
+    assert [len(u["results"]) for u in updates] == [1, 2, 3, 4]
+    [choice] = bench_kernel.choose_defaults(record["results"])
+    assert choice["strategy"] == "triton-fused" and set(choice["ms"]) == {"triton-fused"}
+
+
+def test_a_strategy_that_fails_its_check_is_not_timed(bench_kernel, monkeypatch):
+    real = bench_kernel.check
+
+    def check(model, n_tokens, config, device, strategy):
+        if strategy == "triton-fused":
+            raise AssertionError("injected mismatch")
+        return real(model, n_tokens, config, device, strategy)
+
+    monkeypatch.setattr(bench_kernel, "check", check)
+    record, _ = run(bench_kernel, ["triton-fused", "triton-chunked"], check_model="tiny")
+    checks = {c["strategy"]: c for c in record["checks"]}
+    assert checks["triton-fused"] == {
+        "strategy": "triton-fused",
+        "passed": False,
+        "failures": ["AssertionError: injected mismatch"],
+    }
+    assert checks["triton-chunked"]["passed"] is True  # the real check, at the tiny shape
+    assert checks["triton-chunked"]["fp32_vs_torch"]["lse"] < 1e-4
+    assert [r["strategy"] for r in record["results"]] == ["triton-chunked"]
+
+
+def test_the_two_strategies_come_first_then_each_candidate(bench_kernel):
+    groups = bench_kernel.strategy_groups(
+        ["triton-fused-n256", "triton-chunked", "triton-chunked-v2048", "triton-fused"]
+    )
+    assert groups == [
+        ["triton-fused", "triton-chunked"],
+        ["triton-fused-n256"],
+        ["triton-chunked-v2048"],
+    ]
+
+
+def test_a_spent_budget_runs_nothing_and_says_so(bench_kernel):
+    record, updates = run(
+        bench_kernel, ["triton-fused", "triton-chunked"], check_model="tiny", deadline=0.0
+    )
+    assert record["checks"] == record["results"] == [] and updates == []
+    strategies = ("triton-fused", "triton-chunked")
+    skipped = [{"strategy": s, "what": "check", "why": "budget"} for s in strategies]
+    assert record["skipped"] == skipped
+
+
+def test_defaults_need_every_shape_of_the_width(bench_kernel):
+    def timing(strategy, rows, ms=None, error=None):
+        r = {"d": 3584, "rows": rows, "strategy": strategy}
+        return r | ({"error": error} if error else {"kernel_ms": ms})
+
+    results = [
+        timing("triton-fused", 8192, 1.0),
+        timing("triton-fused", 16384, 2.0),
+        timing("triton-chunked", 8192, 0.5),  # faster, but failed at the other shape
+        timing("triton-chunked", 16384, error="OutOfMemoryError: injected"),
+        timing("triton-fused-n256", 8192, 0.4),  # faster, but the budget ran out before 16384
+    ]
+    [choice] = bench_kernel.choose_defaults(results)
+    assert (choice["d"], choice["strategy"], choice["config"]) == (3584, "triton-fused", {})
+    assert choice["ms"] == {"triton-fused": [1.0, 2.0]}

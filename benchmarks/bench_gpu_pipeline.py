@@ -7,9 +7,9 @@ the bundled model's tokenizer) into a temporary directory, and then run through 
 over real source files (the running interpreter's standard library), with a production-like job:
 window 1024 (overlap 128), k 10, look-ahead [2, 3], two token sets, ``lens.impl: auto`` (the
 Triton kernel on a GPU; ``--impl``), every layer. The model's vocabulary (151,936 / 152,064
-rows) is far larger than the tokenizer's 4,096 tokens: the lens treats the rows beyond the tokenizer as padded
-rows of the softmax, as it does for Qwen2.5-Coder's own 151,665-token tokenizer, so the cost per
-row is the real model's.
+rows) is far larger than the tokenizer's 4,096 tokens: the lens treats the rows beyond the
+tokenizer as padded rows of the softmax, as it does for Qwen2.5-Coder's own 151,665-token
+tokenizer, so the cost per row is the real model's.
 
 Measured per shape (each shape in a fresh process, so device memory, peak RSS and the Triton
 compile are its own):

@@ -6,7 +6,8 @@ to the ones after it), each writing its figures as it goes, so that a stage stop
 limit, or one that fails, keeps what it measured and the next stage still runs:
 
 1. **tests**: the kernel oracle tests (``tests/kernels/test_lens_triton.py``,
-   ``test_final_mixture.py``) compiled for the GPU instead of Triton's CPU interpreter; with
+   ``test_final_mixture.py``) compiled for the GPU instead of Triton's CPU interpreter, the TF32
+   test of fp32 heads, and ``test_lens_torch.py`` (with its CUDA-only test); with
    ``--confcutdir tests/kernels``, whose conftest moves their CPU-built inputs to the GPU (the
    suite's top-level conftest and its dependencies are not needed), spread over ``-n`` processes
    when pytest-xdist is there (the Triton compiles dominate);
@@ -69,7 +70,11 @@ and then still writes its figures). With the default budget the command takes at
 PIPELINE_TOKENS = 131_072
 """Tokens per shape of the pipeline stage on a GPU (4 shards of 32k: the first, and 3 of steady
 state); ``bench_gpu_pipeline.py`` alone defaults to twice that."""
-KERNEL_TESTS = ("tests/kernels/test_lens_triton.py", "tests/kernels/test_final_mixture.py")
+KERNEL_TESTS = (
+    "tests/kernels/test_lens_triton.py",
+    "tests/kernels/test_final_mixture.py",
+    "tests/kernels/test_lens_torch.py",  # its CUDA-only test: no host sync in the chunk loop
+)
 SMOKE_TESTS = "test_bitwise_deterministic or test_final_mixture_matches_float64"
 """The CPU smoke run's test selection: one test of each file (the interpreter is slow)."""
 

@@ -343,6 +343,28 @@ def test_top_k_with_fresh_candidates_in_every_tile(lens_kernel):
     torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="TF32 is a GPU's: the interpreter has IEEE"
+)
+def test_fp32_heads_take_tf32_on_a_gpu_within_its_rounding(lens_kernel):
+    """An fp32 checkpoint on a GPU (``precision="model"``): the staged rows and ``W_U`` each
+    rounded to TF32's 10 mantissa bits, so every logit is within ``2^-9 sum_i |x_i w_i|`` (times
+    the logit scale) of the exact one, and each statistic within a few times that."""
+    gen = torch.Generator().manual_seed(12)
+    head = make_head("granite_scale", 48, 301, torch.float32, gen)
+    hidden, targets = make_inputs(3, 9, 48, 301, 2, torch.float32, gen)
+    request = LensRequest(k=5, token_sets=token_sets(301))
+    got = lens_kernel(hidden, head, targets, request, hidden[-1], precision="model")
+    want = lens_stats_naive(hidden, head, targets, request, hidden[-1])
+    xs = normalized_rows(hidden.reshape(-1, 48), head, "fp32")
+    logit_bound = 2.0**-9 * (xs.abs() @ head.unembed.abs().T).max().item() * head.logit_scale
+    for name in FLOAT_FIELDS:
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None), name
+        err = 0.0 if a is None else max_err(a[got.finite], b[got.finite])
+        assert err <= 4 * logit_bound, f"{name}: {err:.3g} > 4 x {logit_bound:.3g}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_non_finite_rows_are_flagged(lens_kernel, dtype):
     gen = torch.Generator().manual_seed(2)
@@ -472,8 +494,10 @@ def test_bitwise_deterministic(lens_kernel):
 )
 def test_dispatch_runs_each_strategy_under_the_interpreter(impl, k, want):
     gen = torch.Generator().manual_seed(8)
-    head = make_head("granite_scale", 32, 200, torch.float32, gen)
-    hidden, targets = make_inputs(2, 5, 32, 200, 0, torch.float32, gen)
+    # bf16: the same arithmetic in the interpreter and on a GPU (fp32 takes TF32 on a GPU, which
+    # lens_stats, unlike the direct calls, has no precision argument to turn off).
+    head = make_head("granite_scale", 32, 200, torch.bfloat16, gen)
+    hidden, targets = make_inputs(2, 5, 32, 200, 0, torch.bfloat16, gen)
     request = LensRequest(k=k)
     got, chosen = lens_stats(hidden, head, targets, request, hidden[-1], impl=impl)
     assert chosen is want

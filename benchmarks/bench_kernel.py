@@ -434,6 +434,25 @@ def choose_defaults(results: list[dict]) -> list[dict]:
     return chosen
 
 
+def strategy_by_width(chosen: list[dict]) -> str:
+    """``choose_defaults``'s choices as the ``STRATEGY_BY_WIDTH`` literal of ``kernels/dispatch.py``
+    (``(largest d_model, strategy)`` rows, first match wins): each measured width up to the next
+    one takes its own choice, the widest row covers every larger model, and neighbouring rows with
+    the same strategy merge. A candidate configuration's choice names its strategy (its config
+    fields belong in ``LensTritonConfig`` / ``LensChunkedConfig``)."""
+    names = {"triton-fused": "TRITON_FUSED", "triton-chunked": "TRITON_CHUNKED"}
+    rows: list[list] = []
+    for c in sorted(chosen, key=lambda c: c["d"]):
+        if rows and rows[-1][1] == c["strategy"]:
+            rows[-1][0] = c["d"]
+        else:
+            rows.append([c["d"], c["strategy"]])
+    if not rows:
+        return "()"
+    rows[-1][0] = "1 << 30"
+    return "(" + " ".join(f"({d}, LensImpl.{names[s]})," for d, s in rows) + ")"
+
+
 def compile_only(config) -> dict:
     """Compile the main kernel for sm_90 (no GPU needed): shared memory, wgmma, spill counts.
 
@@ -849,11 +868,13 @@ def _markdown(meta: dict, record: dict) -> str:
             f"| {'n/a' if frac is None else f'{100 * frac:.1f} %'} "
             f"| {num(r['kernel_peak_mem_gb'], '.1f')} |"
         )
-    for choice in choose_defaults(results):
+    chosen = choose_defaults(results)
+    for choice in chosen:
         config = f" with {choice['config']}" if choice["config"] else ""
-        lines.append(
-            f"\nDefault for d = {choice['d']}: {choice['strategy']}{config} ({choice['ms']} ms)"
-        )
+        ms = {s: [round(t, 3) for t in times] for s, times in choice["ms"].items()}
+        lines.append(f"\nDefault for d = {choice['d']}: {choice['strategy']}{config} ({ms} ms)")
+    if chosen:
+        lines.append(f"\n`STRATEGY_BY_WIDTH = {strategy_by_width(chosen)}`")
     for skipped in record["skipped"]:
         lines.append(f"\nNot run (time budget): {skipped}")
     for c in checks:
@@ -1005,6 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write(record: dict) -> None:
         meta["defaults"] = choose_defaults(record["results"])
+        meta["strategy_by_width"] = strategy_by_width(meta["defaults"])
         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, **record}, indent=2) + "\n")
         stem.with_suffix(".md").write_text(_markdown(meta, record))
 

@@ -194,6 +194,7 @@ def kernel_summary(path: Path | None) -> dict[str, Any] | None:
             {"d": c["d"], "strategy": c["strategy"], "config": c["config"]}
             for c in record["meta"].get("defaults", [])
         ],
+        "strategy_by_width": record["meta"].get("strategy_by_width"),
         "not_run": record["skipped"],
     }
 
@@ -256,6 +257,10 @@ def _markdown(summary: dict[str, Any]) -> str:
         for c in kernel["defaults"]:
             config = f" with {c['config']}" if c["config"] else ""
             lines.append(f"\nDefault for d = {c['d']}: **{c['strategy']}**{config}")
+        if kernel["strategy_by_width"]:
+            lines.append(
+                f"\n`STRATEGY_BY_WIDTH = {kernel['strategy_by_width']}` (kernels/dispatch.py)"
+            )
         if kernel["not_run"]:
             lines.append(f"\nNot run (budget): {len(kernel['not_run'])} checks or timings")
     pipeline = summary.get("pipeline")

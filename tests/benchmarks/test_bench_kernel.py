@@ -140,3 +140,22 @@ def test_defaults_need_every_shape_of_the_width(bench_kernel):
     [choice] = bench_kernel.choose_defaults(results)
     assert (choice["d"], choice["strategy"], choice["config"]) == (3584, "triton-fused", {})
     assert choice["ms"] == {"triton-fused": [1.0, 2.0]}
+
+
+def test_the_dispatch_table_from_the_choices(bench_kernel):
+    def chose(d, strategy):
+        return {"d": d, "strategy": strategy, "config": {}, "ms": {}}
+
+    chosen = [
+        chose(3584, "triton-fused"),
+        chose(768, "triton-chunked"),
+        chose(1536, "triton-chunked"),
+        chose(4096, "triton-fused"),
+    ]
+    table = bench_kernel.strategy_by_width(chosen)
+    assert table == "((1536, LensImpl.TRITON_CHUNKED), (1 << 30, LensImpl.TRITON_FUSED),)"
+    from codelens.kernels import LensImpl
+
+    rows = eval(table, {"LensImpl": LensImpl})  # the literal is what dispatch.py would hold
+    assert rows == ((1536, LensImpl.TRITON_CHUNKED), (1 << 30, LensImpl.TRITON_FUSED))
+    assert bench_kernel.strategy_by_width([]) == "()"

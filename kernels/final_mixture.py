@@ -90,8 +90,9 @@ def final_mixture(
         head: the read-out path (no soft-cap); its bias and scale enter ``z``.
         w_u: ``W_U [V, d]`` as the lens reads it; widened to fp32 per chunk when ``x_final`` is.
         split: multiply ``e`` in ``W``'s 16-bit dtype as ``hi + lo`` (``split_operand``): set it
-            where the GEMM rounds its operands (a GPU); elsewhere 16-bit operands are widened
-            exactly and one fp32 GEMM suffices.
+            where the GEMM rounds its operands (a GPU: two bf16 GEMMs). Without it ``e`` meets
+            ``W`` widened to fp32 in one GEMM, exact on any device (on a CPU 16-bit operands are
+            widened anyway; on a GPU it forgoes the tensor cores).
         vocab_chunk: vocabulary entries per step.
     """
     if head.softcap is not None:
@@ -119,8 +120,10 @@ def final_mixture(
         e = torch.exp(z - m_new[:, None])
         s = s * alpha + e.sum(1)
         g *= alpha[:, None]
-        for part in split_operand(e, w.dtype) if split else (e,):
-            g += matmul_fp32(part, w.T, product)
+        # e is fp32: a 16-bit W would round it to W's dtype in the GEMM (matmul_fp32 on a GPU)
+        parts, w_e = (split_operand(e, w.dtype), w) if split else ((e,), w.float())
+        for part in parts:
+            g += matmul_fp32(part, w_e.T, product)
         m = m_new
     return m + torch.log(s), g / s[:, None]
 

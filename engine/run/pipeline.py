@@ -205,7 +205,7 @@ class LensPipeline:
             ids[b, :length] = torch.tensor(x.input_ids)
             mask[b, :length] = 1
             keep.append(torch.arange(b * seq + length - x.n_emit, b * seq + length))
-        ids, mask = ids.to(self.input_device), mask.to(self.input_device)
+        ids, mask = _to_device(ids, self.input_device), _to_device(mask, self.input_device)
         d = self.head.d_model
         recording = self.capture_hooks.recording(n, seq, d, self.dtype, self.device)
         with contextlib.ExitStack() as stack:
@@ -220,7 +220,7 @@ class LensPipeline:
             for slot in self.lens.decoded_slots:
                 view = buffer[slot].view(n, seq, d)
                 view.copy_(self.replay.replay(view))
-        rows = torch.cat(keep).to(self.device)
+        rows = _to_device(torch.cat(keep), self.device)
         return buffer[:, rows], None if routed is None else routed[:, rows]
 
     @torch.inference_mode()
@@ -233,7 +233,7 @@ class LensPipeline:
         stats, _ = lens_stats(
             hidden,
             self.head,
-            targets.to(self.device),
+            _to_device(targets, self.device),
             self.lens.request,
             hidden[self.lens.final_slot],
             impl=self.lens.impl if impl is None else impl,
@@ -323,6 +323,17 @@ class PendingBatch:
         if self.done is not None:
             self.done.synchronize()
         return self.batch
+
+
+def _to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """``t`` on ``device``. A host tensor goes to a GPU through pinned memory without blocking:
+    a copy from pageable memory would first wait for all the work the device has queued (the
+    previous batch), so the host could not queue the next batch behind it. The pinned copy is
+    kept by torch's host allocator until the copy has run."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _copy_to_host(

@@ -32,12 +32,13 @@ def bench_kernel():
     del sys.modules["bench_kernel"]
 
 
-def one_call_timer(fn, quantiles=None, **_: Any) -> list[float]:
-    """A timer that runs ``fn`` once (the figures are not what is tested here)."""
+def one_call_timer(fn, quantiles=None, **_: Any) -> float | list[float]:
+    """A timer that runs ``fn`` once (the figures are not what is tested here) and answers in
+    ``triton.testing.do_bench``'s form: a float without ``quantiles``, else one per quantile."""
     start = time.perf_counter()
     fn()
     ms = (time.perf_counter() - start) * 1e3
-    return [ms, ms, ms]
+    return ms if quantiles is None else [ms] * len(quantiles)
 
 
 def run(bench_kernel, strategies, check_model=None, deadline=float("inf"), rows=(48,)):
@@ -159,3 +160,12 @@ def test_the_dispatch_table_from_the_choices(bench_kernel):
     rows = eval(table, {"LensImpl": LensImpl})  # the literal is what dispatch.py would hold
     assert rows == ((1536, LensImpl.TRITON_CHUNKED), (1 << 30, LensImpl.TRITON_FUSED))
     assert bench_kernel.strategy_by_width([]) == "()"
+
+
+def test_the_smoke_timer_answers_like_do_bench(bench_kernel):
+    calls = []
+    assert isinstance(bench_kernel.wall_clock_timer(lambda: calls.append(1)), float)
+    median, low, high = bench_kernel.wall_clock_timer(lambda: None, quantiles=[0.5, 0.2, 0.8])
+    assert low <= median <= high
+    assert isinstance(bench_kernel.wall_clock_timer(lambda: None, quantiles=[0.5]), float)
+    assert len(calls) == 6  # one warm-up, five timed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import codelens.kernels.lens_torch as lens_torch
 from codelens.kernels import (
     FinalNorm,
     Head,
@@ -282,8 +283,9 @@ def test_the_working_memory_bound_follows_the_device():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_the_torch_path_never_waits_for_a_cuda_device_in_its_chunk_loop():
-    """With sync debugging set to error, any host read of a device value in the loop raises."""
+def test_the_torch_path_never_waits_for_a_cuda_device_in_its_chunk_loop(monkeypatch):
+    """With sync debugging set to error inside each token block's chunk loop (the input checks
+    and the token sets' chunking before it may read the device), any host read there raises."""
     gen = torch.Generator().manual_seed(0)
     head = make_head("rms", 64, 5000, gen=gen)
     head = Head(
@@ -296,9 +298,18 @@ def test_the_torch_path_never_waits_for_a_cuda_device_in_its_chunk_loop():
     targets = torch.randint(0, 5000, (33, 3), generator=gen).cuda()
     request = LensRequest(k=7, token_sets=(("s", torch.tensor([3, 4999]).cuda()),))
     lens_stats_torch(hidden, head, targets, request, hidden[-1], vocab_chunk=1024)  # warm-up
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        stats = lens_stats_torch(hidden, head, targets, request, hidden[-1], vocab_chunk=1024)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    blocks = []
+
+    def strict(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return token_block(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            blocks.append(1)
+
+    token_block = lens_torch._token_block
+    monkeypatch.setattr(lens_torch, "_token_block", strict)
+    stats = lens_stats_torch(hidden, head, targets, request, hidden[-1], vocab_chunk=1024)
+    assert blocks  # the chunk loop ran under the strict mode
     assert torch.isfinite(stats.lse).all()

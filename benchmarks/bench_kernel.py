@@ -141,6 +141,10 @@ CHUNKED_VARIANTS = {
     # The fold kernel in 2048-column steps: 0.54 instead of 0.61 SASS instructions per column and
     # warp (kernel_sm90.json), at 127 registers instead of 64 (half the resident CTAs per SM).
     "triton-chunked-v2048": {"fold_block_v": 2048},
+    # Taller GEMM blocks: a quarter of the launches per batch (2048 rows is 70 tokens of a
+    # 29-layer model, 38 cuBLAS calls and 38 fold launches per block at V = 152k, close to
+    # launch-bound at d = 1536), a 128 MiB buffer instead of 32.
+    "triton-chunked-r8192": {"rows_per_gemm": 8192},
 }
 """The same for the chunked strategy (``LensChunkedConfig`` fields)."""
 

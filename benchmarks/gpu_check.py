@@ -97,7 +97,7 @@ def stage_command(stage: str, device: str, budget_s: float, out: Path) -> list[s
         if device == "cpu":
             return [*cmd, "--device", "cpu", "--budget-s", f"{budget_s:.0f}", "--out-dir", str(out)]
         cmd += ["triton-fused-n256", "triton-fused-m64n256", "triton-fused-slot-kl"]
-        cmd += ["triton-chunked-v2048", "triton-fused-n64"]
+        cmd += ["triton-chunked-v2048", "triton-chunked-r8192", "triton-fused-n64"]
         cmd += ["--check-tokens", "64", "--rows", "16384", "--warmup", "10", "--rep", "25"]
         return [*cmd, "--budget-s", f"{budget_s:.0f}", "--out-dir", str(out)]
     if stage == "pipeline":

@@ -28,7 +28,7 @@ files, within the eight a lent machine's call returns.
 
 ``--device cpu`` is the smoke run of the same three stages on a machine without a GPU (a few
 tests in the interpreter, ``bench_kernel --device cpu``, ``bench_gpu_pipeline --device cpu``,
-about two minutes), written to a temporary folder unless ``--out``:
+about a minute), written to a temporary folder unless ``--out``:
 ``tests/benchmarks/test_scripts.py`` runs it, so the one GPU call does not meet a broken script.
 
 Usage: ``bash benchmarks/gpu_check.sh`` (sets up the package links and carried wheels, then runs
@@ -38,6 +38,7 @@ this), or ``python benchmarks/gpu_check.py --stages kernel --budget-s 200`` to r
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib.util
 import json
@@ -93,13 +94,13 @@ def stage_command(stage: str, device: str, budget_s: float, out: Path) -> list[s
         return cmd
     if stage == "kernel":
         cmd = [py, "benchmarks/bench_kernel.py", "--check", "--source", "forward"]
+        cmd += ["--budget-s", f"{budget_s:.0f}", "--out-dir", str(out)]
         cmd += ["--strategies", "triton-fused", "triton-chunked"]
         if device == "cpu":
-            return [*cmd, "--device", "cpu", "--budget-s", f"{budget_s:.0f}", "--out-dir", str(out)]
+            return [*cmd, "--device", "cpu"]
         cmd += ["triton-fused-n256", "triton-fused-m64n256", "triton-fused-slot-kl"]
         cmd += ["triton-chunked-v2048", "triton-chunked-r8192", "triton-fused-n64"]
-        cmd += ["--check-tokens", "64", "--rows", "16384", "--warmup", "10", "--rep", "25"]
-        return [*cmd, "--budget-s", f"{budget_s:.0f}", "--out-dir", str(out)]
+        return [*cmd, "--check-tokens", "64", "--rows", "16384", "--warmup", "10", "--rep", "25"]
     if stage == "pipeline":
         cmd = [py, "benchmarks/bench_gpu_pipeline.py", "--budget-s", f"{budget_s:.0f}"]
         if device == "cuda":
@@ -115,7 +116,7 @@ def run_stage(cmd: list[str], timeout_s: float, env: dict[str, str], log) -> dic
     log.flush()
     print(f"\n== {shlex.join(cmd)}", flush=True)
     started = time.monotonic()
-    lines: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=12)  # for the summary
     killed = threading.Event()
     with subprocess.Popen(
         cmd,
@@ -140,7 +141,7 @@ def run_stage(cmd: list[str], timeout_s: float, env: dict[str, str], log) -> dic
                 log.write(line)
                 log.flush()
                 sys.stdout.write(line)
-                lines.append(line)
+                tail.append(line)
             proc.wait()
         finally:
             watchdog.cancel()
@@ -151,7 +152,7 @@ def run_stage(cmd: list[str], timeout_s: float, env: dict[str, str], log) -> dic
         "returncode": proc.returncode,
         "timed_out": killed.is_set(),
         "seconds": round(time.monotonic() - started, 1),
-        "tail": "".join(lines[-12:]),
+        "tail": "".join(tail),
     }
 
 

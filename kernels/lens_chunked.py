@@ -64,6 +64,7 @@ from codelens.kernels.stats import (
     final_is_shared,
     masked_stats,
     target_logprob,
+    to_device_async,
 )
 
 
@@ -268,7 +269,9 @@ def lens_stats_chunked(
             under ``TRITON_INTERPRET=1``).
         head: the model's read-out path, on ``hidden``'s device; ``W_U [V, d]`` fp32/bf16/fp16.
         targets: ``[T, 1 + A]`` int; column 0 the next token, column j the token ``lookahead[j-1]``
-            positions ahead; -1 where there is none.
+            positions ahead; -1 where there is none. On the host or on ``hidden``'s device; on the
+            host (as the pipeline passes them) they are checked without waiting for the device
+            and copied without blocking.
         request: what to compute.
         final_hidden: ``[T, d]`` the final layer's rows, needed for ``kl_final``; when it is
             ``hidden[-1]`` (same storage) the last layer is the reference and its KL exactly 0.
@@ -280,6 +283,7 @@ def lens_stats_chunked(
         LensStats on ``hidden``'s device, non-finite rows flagged as in ``lens_stats_torch``.
     """
     check_inputs(hidden, targets, final_hidden, request, head.vocab_size, head.d_model)
+    targets = to_device_async(targets, hidden.device)
     w_u = check_kernel_inputs(hidden, head, targets, request, final_hidden, precision)
     interpret = interpreting()
     cfg = config or default_chunked_config(interpret)
@@ -349,7 +353,7 @@ def _run_blocks(
         h_off = (layers[:, None] * hidden.stride(0) + tok[None, :] * hidden.stride(1)).flatten()
         kind = torch.full((n_rows,), KIND_HIDDEN, dtype=torch.int8, device=device)
         slot_tgt = torch.full((n_rows, cp), -1, dtype=torch.int32, device=device)
-        slot_tgt[:n_out, :n_cols] = targets[t0 : t0 + nt].to(device).int().repeat(n_layers, 1)
+        slot_tgt[:n_out, :n_cols] = targets[t0 : t0 + nt].int().repeat(n_layers, 1)
         if separate_final:
             src_off = torch.cat([h_off, tok * final_hidden.stride(0)])
             kind[n_out:] = KIND_FINAL

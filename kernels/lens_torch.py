@@ -39,6 +39,7 @@ from codelens.kernels.stats import (
     empty_outputs,
     final_is_shared,
     masked_stats,
+    to_device_async,
 )
 
 _LOW31 = 0x7FFFFFFF
@@ -201,7 +202,9 @@ def lens_stats_torch(
         hidden: ``[L, T, d]`` residual rows, any float dtype, on any device.
         head: the model's read-out path (same device as ``hidden``).
         targets: ``[T, 1 + A]`` int; column 0 the next token, column j the token ``lookahead[j-1]``
-            positions ahead; -1 where there is none.
+            positions ahead; -1 where there is none. On the host or on ``hidden``'s device; on the
+            host (as the pipeline passes them) they are checked without waiting for the device
+            and copied without blocking.
         request: what to compute.
         final_hidden: ``[T, d]`` the final layer's rows, needed for ``kl_final``. When it is the
             same storage as ``hidden[-1]`` its logits are reused instead of recomputed.
@@ -213,6 +216,7 @@ def lens_stats_torch(
         LensStats on ``hidden``'s device.
     """
     check_inputs(hidden, targets, final_hidden, request, head.vocab_size, head.d_model)
+    targets = to_device_async(targets, hidden.device)
     n_layers, n_tokens, _ = hidden.shape
     n_vocab = head.vocab_size
     device = hidden.device
@@ -255,7 +259,7 @@ def _ids_by_chunk(
     host = [ids.detach().cpu() for _, ids in token_sets]
     for v0 in range(0, n_vocab, vocab_chunk):
         v1 = min(n_vocab, v0 + vocab_chunk)
-        chunks.append([(ids[(ids >= v0) & (ids < v1)] - v0).to(device) for ids in host])
+        chunks.append([to_device_async(ids[(ids >= v0) & (ids < v1)] - v0, device) for ids in host])
     return chunks
 
 

@@ -52,6 +52,7 @@ from codelens.kernels.stats import (
     final_is_shared,
     masked_stats,
     target_logprob,
+    to_device_async,
 )
 
 
@@ -405,7 +406,9 @@ def lens_stats_triton(
             under ``TRITON_INTERPRET=1``).
         head: the model's read-out path, on ``hidden``'s device; ``W_U [V, d]`` fp32/bf16/fp16.
         targets: ``[T, 1 + A]`` int; column 0 the next token, column j the token ``lookahead[j-1]``
-            positions ahead; -1 where there is none.
+            positions ahead; -1 where there is none. On the host or on ``hidden``'s device; on the
+            host (as the pipeline passes them) they are checked without waiting for the device
+            and copied without blocking.
         request: what to compute.
         final_hidden: ``[T, d]`` the final layer's rows, needed for ``kl_final``. When it is the
             same storage as ``hidden[-1]`` the last layer serves as the reference and its
@@ -418,6 +421,7 @@ def lens_stats_triton(
         statistics and -1 ranks and ids.
     """
     check_inputs(hidden, targets, final_hidden, request, head.vocab_size, head.d_model)
+    targets = to_device_async(targets, hidden.device)
     w_u = check_kernel_inputs(hidden, head, targets, request, final_hidden, precision)
     interpret = interpreting()
     cfg = config or default_config(head.d_model, interpret)
@@ -499,7 +503,7 @@ def _slot_maps(
     j, i = r // lb, r % lb
     local_tok = tblk * tb + j
     tok_ok = local_tok < n
-    nonfinal = torch.tensor(layout.nonfinal + (-1,), dtype=torch.long, device=device)
+    nonfinal = to_device_async(torch.tensor(layout.nonfinal + (-1,), dtype=torch.long), device)
     pos = g * per_group + i
     if layout.kl:
         is_final = i == lb - 1
@@ -572,9 +576,7 @@ def _launch(
     f_off = tok0 * f_src.stride(0)
     src_off = torch.where(kind == KIND_FINAL, f_off, h_off).to(torch.int64)
     slot_tgt = torch.full((r_pad, cp), -1, dtype=torch.int32, device=device)
-    slot_tgt[:, :n_cols] = torch.where(
-        (kind != KIND_PAD)[:, None], targets.to(device)[tok0].int(), -1
-    )
+    slot_tgt[:, :n_cols] = torch.where((kind != KIND_PAD)[:, None], targets[tok0].int(), -1)
 
     operand_dtype = stage_dtype(w_u, precision)
     x_stage, slot_finite, thr = stage_rows(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from codelens.kernels.head import Head
-from codelens.kernels.stats import LensRequest, LensStats, check_inputs
+from codelens.kernels.stats import LensRequest, LensStats, check_inputs, to_device_async
 
 
 def lens_stats_naive(
@@ -26,7 +26,9 @@ def lens_stats_naive(
         hidden: ``[L, T, d]`` residual rows.
         head: the model's read-out path.
         targets: ``[T, 1 + A]`` int; column 0 the next token, column j the token ``lookahead[j-1]``
-            positions ahead; -1 where there is none.
+            positions ahead; -1 where there is none. On the host or on ``hidden``'s device; on the
+            host (as the pipeline passes them) they are checked without waiting for the device
+            and copied without blocking.
         request: what to compute.
         final_hidden: ``[T, d]`` the final layer's rows (for ``kl_final``).
 
@@ -34,6 +36,7 @@ def lens_stats_naive(
         LensStats with fp32 / int32 tensors (computed in float64, rounded at the end).
     """
     check_inputs(hidden, targets, final_hidden, request, head.vocab_size, head.d_model)
+    targets = to_device_async(targets, hidden.device)
     f64 = torch.float64
     z = head.logits(hidden.to(f64), f64)  # [L, T, V]
     z_final = head.logits(final_hidden.to(f64), f64) if request.kl_final else None

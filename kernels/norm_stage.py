@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from codelens.kernels.head import Head, NormKind
+from codelens.kernels.stats import to_device_async
 
 # Sentinel for "no value": below every real logit, above -inf so that exp(NEG_BIG - m) = 0 and
 # 0 * (NEG_BIG - m) = 0 (no 0 * inf NaNs for padded vocabulary columns or empty state).
@@ -373,9 +374,16 @@ def set_multiplicities(request, n_vocab: int, device: torch.device) -> Tensor:
     membership: like the torch path and the oracle, an id listed twice counts twice (the engine
     passes de-duplicated sets)."""
     mask = torch.zeros(max(len(request.token_sets), 1), n_vocab, dtype=torch.float32, device=device)
-    for j, (_, ids) in enumerate(request.token_sets):
-        ids = ids.to(device=device, dtype=torch.long)
-        mask[j].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+    if request.token_sets:
+        # Flat indices set * V + id (host ids are copied without blocking), accumulated so that
+        # repeated ids count, in one scatter.
+        flat = torch.cat(
+            [
+                to_device_async(ids.long(), device) + j * n_vocab
+                for j, (_, ids) in enumerate(request.token_sets)
+            ]
+        )
+        mask.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
     return mask
 
 

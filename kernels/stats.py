@@ -134,10 +134,13 @@ def masked_stats(out: dict[str, Tensor], finite: Tensor, request: LensRequest) -
         request: what was computed (entropy and KL are None when not requested).
     """
     bad = ~finite
-    for name in ("lse", "entropy", "kl", "lp", "topk_lp", "sets"):
-        out[name][bad] = torch.nan
-    for name in ("rank", "topk_ids"):
-        out[name][bad] = -1
+    # masked_fill_ with the mask broadcast over trailing axes: no mask-to-index conversion (a
+    # boolean index would be turned into indices, a device read on a GPU).
+    fills = {"lse": torch.nan, "entropy": torch.nan, "kl": torch.nan, "lp": torch.nan}
+    fills |= {"topk_lp": torch.nan, "sets": torch.nan, "rank": -1, "topk_ids": -1}
+    for name, fill in fills.items():
+        buf = out[name]
+        buf.masked_fill_(bad.view(*bad.shape, *([1] * (buf.dim() - 2))), fill)
     return LensStats(
         lse=out["lse"],
         entropy=out["entropy"] if request.entropy else None,
@@ -161,7 +164,10 @@ def check_inputs(
     vocab_size: int,
     d_model: int,
 ) -> None:
-    """Validate the common arguments of every lens implementation (raises ValueError)."""
+    """Validate the common arguments of every lens implementation (raises ValueError).
+
+    ``targets`` and the token sets' ids may be on the host whatever ``hidden``'s device: their
+    values are then checked there, with nothing to wait for (on a GPU, one device read each)."""
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [L, T, d], got shape {tuple(hidden.shape)}")
     n_layers, n_tokens, d = hidden.shape
@@ -171,10 +177,10 @@ def check_inputs(
         raise ValueError(f"targets must be [T={n_tokens}, 1 + A], got {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
-    if targets.numel() and (targets.max() >= vocab_size or targets.min() < -1):
-        raise ValueError(
-            f"targets must be in [-1, {vocab_size}), got {targets.min()}..{targets.max()}"
-        )
+    if targets.numel():
+        low, high = value_range(targets)
+        if high >= vocab_size or low < -1:
+            raise ValueError(f"targets must be in [-1, {vocab_size}), got {low}..{high}")
     if request.k > vocab_size:
         raise ValueError(f"k={request.k} is larger than the vocabulary ({vocab_size} rows)")
     if request.kl_final:
@@ -187,5 +193,28 @@ def check_inputs(
     for name, ids in request.token_sets:
         if ids.dim() != 1:
             raise ValueError(f"token set {name!r} must be a 1-D id tensor")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise ValueError(f"token set {name!r} has ids outside [0, {vocab_size})")
+        if ids.numel():
+            low, high = value_range(ids)
+            if low < 0 or high >= vocab_size:
+                raise ValueError(f"token set {name!r} has ids outside [0, {vocab_size})")
+
+
+def value_range(t: Tensor) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty integer tensor. A host tensor is read through numpy, so no
+    torch op runs on it; a device tensor costs one read (a wait for the device's queued work)."""
+    if t.device.type == "cpu":
+        values = t.detach().numpy()
+        return int(values.min()), int(values.max())
+    low, high = torch.aminmax(t)
+    return tuple(torch.stack([low, high]).tolist())
+
+
+def to_device_async(t: Tensor, device: torch.device | str) -> Tensor:
+    """``t`` on ``device``. A host tensor goes to a GPU through pinned memory without blocking: a
+    copy from pageable memory would first wait for all the work the device has queued (the
+    previous batch), so the host could not queue the next work behind it. The pinned copy is
+    kept by torch's host allocator until the copy has run."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -17,12 +17,14 @@ oracle tests' tolerances are IEEE fp32's, so on a GPU the wrapper asks the strat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ENTRY_POINTS = (
     "lens_stats",
@@ -98,3 +100,59 @@ def _kernels_on_the_gpu(request, monkeypatch):
             monkeypatch.setattr(
                 module, name, on_device(getattr(module, name), torch.device("cuda"))
             )
+
+
+_HOST_READS = frozenset(
+    ("_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal")
+    + ("_unique2", "unique_consecutive", "unique_dim")
+)
+"""The torch ops whose result needs a tensor's values on the host (on a GPU: a wait for every
+queued kernel). A boolean-mask index is one too: the mask is turned into indices."""
+
+
+class _ForbidHostReads(TorchDispatchMode):
+    """Raises on any op of ``_HOST_READS`` and on indexing with a boolean mask."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        bool_index = name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        )
+        if name in _HOST_READS or bool_index:
+            raise AssertionError(f"{func} reads tensor values on the host")
+        return func(*args, **(kwargs or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceReads:
+    """Where the Triton strategies run in this session (``cuda``, or the CPU under the
+    interpreter), and a context under which the host may not read a tensor value back."""
+
+    device: torch.device
+
+    def on_device(self, value):
+        """``value`` (tensors, dataclasses such as a ``Head``, tuples) with its tensors moved."""
+        return _to(value, self.device, {})
+
+    @contextlib.contextmanager
+    def forbidden(self):
+        """On a GPU, CUDA sync debugging set to "error": any call that waits for the device
+        raises (a scalar read, a blocking or pageable copy). On the CPU, the same contract as far as
+        torch shows it: the ops that read values on the host raise (``_ForbidHostReads``)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        else:
+            with _ForbidHostReads():
+                yield
+
+
+@pytest.fixture
+def device_reads() -> DeviceReads:
+    """``DeviceReads`` for this session's kernel device."""
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    on_gpu = torch.cuda.is_available() and not interpret
+    return DeviceReads(torch.device("cuda" if on_gpu else "cpu"))

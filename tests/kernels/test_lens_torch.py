@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import codelens.kernels.lens_torch as lens_torch
 from codelens.kernels import (
     FinalNorm,
     Head,
@@ -283,33 +282,16 @@ def test_the_working_memory_bound_follows_the_device():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_the_torch_path_never_waits_for_a_cuda_device_in_its_chunk_loop(monkeypatch):
-    """With sync debugging set to error inside each token block's chunk loop (the input checks
-    and the token sets' chunking before it may read the device), any host read there raises."""
+def test_the_torch_path_never_waits_for_a_cuda_device(device_reads):
+    """With the targets and token sets on the host (as the pipeline passes them) and sync
+    debugging set to error for the whole call, any wait for the device raises: the input checks
+    read the host copies, the set ids go up without blocking, the chunk loop reads nothing back."""
     gen = torch.Generator().manual_seed(0)
-    head = make_head("rms", 64, 5000, gen=gen)
-    head = Head(
-        norm=FinalNorm(
-            head.norm.kind, head.norm.weight.cuda(), None, head.norm.eps, head.norm.weight_offset
-        ),
-        unembed=head.unembed.cuda(),
-    )
-    hidden = torch.randn(4, 33, 64, generator=gen).cuda()
-    targets = torch.randint(0, 5000, (33, 3), generator=gen).cuda()
-    request = LensRequest(k=7, token_sets=(("s", torch.tensor([3, 4999]).cuda()),))
+    head = device_reads.on_device(make_head("rms", 64, 5000, gen=gen))
+    hidden = device_reads.on_device(torch.randn(4, 33, 64, generator=gen))
+    targets = torch.randint(0, 5000, (33, 3), generator=gen)
+    request = LensRequest(k=7, token_sets=(("s", torch.tensor([3, 4999])),))
     lens_stats_torch(hidden, head, targets, request, hidden[-1], vocab_chunk=1024)  # warm-up
-    blocks = []
-
-    def strict(*args, **kwargs):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return token_block(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-            blocks.append(1)
-
-    token_block = lens_torch._token_block
-    monkeypatch.setattr(lens_torch, "_token_block", strict)
-    stats = lens_stats_torch(hidden, head, targets, request, hidden[-1], vocab_chunk=1024)
-    assert blocks  # the chunk loop ran under the strict mode
+    with device_reads.forbidden():
+        stats = lens_stats_torch(hidden, head, targets, request, hidden[-1], vocab_chunk=1024)
     assert torch.isfinite(stats.lse).all()

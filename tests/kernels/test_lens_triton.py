@@ -40,6 +40,8 @@ from codelens.kernels import (
     lens_stats_torch,
     triton_strategy,
 )
+from codelens.kernels import lens_chunked as lens_chunked_module
+from codelens.kernels import lens_triton as lens_triton_module
 from codelens.kernels.lens_chunked import LensChunkedConfig, lens_stats_chunked
 from codelens.kernels.lens_triton import (
     LensTritonConfig,
@@ -481,6 +483,26 @@ def test_bitwise_deterministic(lens_kernel):
     second = lens_kernel(hidden, head, targets, request, hidden[-1], small=True)
     for field in dataclasses.fields(first):
         assert same_bits(getattr(first, field.name), getattr(second, field.name)), field.name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+def test_the_host_never_waits_for_the_device(strategy, dtype, device_reads):
+    """With the targets and token sets on the host (as the pipeline passes them), a strategy's
+    host code reads no tensor value back, so the host can queue the next batch's work while the
+    device runs this one; and the result is the one with the targets on the device."""
+    module = lens_chunked_module if strategy == "chunked" else lens_triton_module
+    run = getattr(module, STRATEGIES[strategy][0])  # the raw entry point: inputs placed here
+    gen = torch.Generator().manual_seed(3)
+    head = device_reads.on_device(make_head("granite_scale", 32, 300, dtype, gen))
+    hidden, targets = make_inputs(3, 9, 32, 300, 2, dtype, gen)
+    hidden = device_reads.on_device(hidden)
+    request = LensRequest(k=5, token_sets=token_sets(300))
+    on_device = run(hidden, head, device_reads.on_device(targets), request, hidden[-1])
+    with device_reads.forbidden():
+        from_host = run(hidden, head, targets, request, hidden[-1])
+    for field in dataclasses.fields(from_host):
+        assert same_bits(getattr(from_host, field.name), getattr(on_device, field.name)), field.name
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ from codelens.engine.model.capture import BlockReplay, ResidualCapture, RouterCa
 from codelens.engine.model.loading import PROBE_LENGTHS, PROBE_TEXTS, LoadedModel
 from codelens.engine.run.request import ResolvedLens
 from codelens.kernels import LensImpl, LensStats, lens_stats
+from codelens.kernels.stats import to_device_async
 
 
 class LensInput(Protocol):
@@ -205,7 +206,8 @@ class LensPipeline:
             ids[b, :length] = torch.tensor(x.input_ids)
             mask[b, :length] = 1
             keep.append(torch.arange(b * seq + length - x.n_emit, b * seq + length))
-        ids, mask = _to_device(ids, self.input_device), _to_device(mask, self.input_device)
+        ids = to_device_async(ids, self.input_device)
+        mask = to_device_async(mask, self.input_device)
         d = self.head.d_model
         recording = self.capture_hooks.recording(n, seq, d, self.dtype, self.device)
         with contextlib.ExitStack() as stack:
@@ -220,7 +222,7 @@ class LensPipeline:
             for slot in self.lens.decoded_slots:
                 view = buffer[slot].view(n, seq, d)
                 view.copy_(self.replay.replay(view))
-        rows = _to_device(torch.cat(keep), self.device)
+        rows = to_device_async(torch.cat(keep), self.device)
         return buffer[:, rows], None if routed is None else routed[:, rows]
 
     @torch.inference_mode()
@@ -233,7 +235,7 @@ class LensPipeline:
         stats, _ = lens_stats(
             hidden,
             self.head,
-            _to_device(targets, self.device),
+            targets,  # on the host: validated there and copied without blocking
             self.lens.request,
             hidden[self.lens.final_slot],
             impl=self.lens.impl if impl is None else impl,
@@ -250,7 +252,8 @@ class LensPipeline:
             The largest difference in nats (0.0 when the job's implementation is the torch one).
 
         Raises:
-            SelfCheckError: it exceeds ``IMPL_CHECK_TOLERANCE_NATS`` for the model's dtype.
+            SelfCheckError: it exceeds ``IMPL_CHECK_TOLERANCE_NATS`` for the model's dtype, or
+                the implementation raised on the probe batch (the message gives its reason).
         """
         if self.lens.impl is LensImpl.TORCH:
             return 0.0
@@ -265,7 +268,19 @@ class LensPipeline:
         ]
         hidden, _ = self.capture(probe)
         targets = torch.from_numpy(np.concatenate([x.targets for x in probe])).long()
-        mine = self.statistics(hidden, targets)
+        try:
+            mine = self.statistics(hidden, targets)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the device is full, not the implementation broken: the caller's to handle
+        except Exception as error:
+            # A kernel that cannot build or run here (no C compiler for Triton's launcher, a GPU
+            # it does not support, a bad build): stop at load with its reason and the way out.
+            reason = (str(error).strip().splitlines() or [""])[0][:300]
+            raise SelfCheckError(
+                f"lens.impl {self.lens.impl.value!r} failed on a probe batch "
+                f"({type(error).__name__}: {reason}); set lens.impl: torch to run, and report "
+                "the model and device"
+            ) from error
         reference = self.statistics(hidden, targets, LensImpl.TORCH)
         err = 0.0
         for name in ("lse", "entropy", "kl_final", "target_logprob", "topk_logprobs"):
@@ -323,17 +338,6 @@ class PendingBatch:
         if self.done is not None:
             self.done.synchronize()
         return self.batch
-
-
-def _to_device(t: Tensor, device: torch.device | str) -> Tensor:
-    """``t`` on ``device``. A host tensor goes to a GPU through pinned memory without blocking:
-    a copy from pageable memory would first wait for all the work the device has queued (the
-    previous batch), so the host could not queue the next batch behind it. The pinned copy is
-    kept by torch's host allocator until the copy has run."""
-    device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _copy_to_host(

@@ -189,3 +189,36 @@ def test_an_implementation_that_disagrees_with_the_torch_path_is_refused(
     assert ran != "triton" and (ran == impl or impl == "triton")
     with pytest.raises(SelfCheckError, match=rf"lens.impl '{ran}' differs from the torch path by"):
         ShardRunner(spec, loaded, batch_tokens=256)
+
+
+def test_an_implementation_that_cannot_run_here_stops_the_job_at_load(
+    tiny_loaded_model, monkeypatch
+):
+    """A Triton strategy that raises on the probe batch (here: no C compiler for Triton's
+    launcher, as on a GPU machine without gcc) stops the job before any shard with its reason and
+    the fix, not a traceback from inside Triton."""
+    import pytest
+
+    from codelens.engine.errors import SelfCheckError
+    from codelens.engine.run import pipeline
+    from codelens.engine.run.runner import ShardRunner
+    from codelens.kernels import LensImpl
+
+    _triton_or_skip()
+    real = pipeline.lens_stats
+
+    def no_compiler(*args, impl, **kwargs):
+        if impl is not LensImpl.TORCH:
+            raise RuntimeError(
+                "Failed to find C compiler. Please specify via CC environment variable.\nmore"
+            )
+        return real(*args, impl=impl, **kwargs)
+
+    monkeypatch.setattr(pipeline, "lens_stats", no_compiler)
+    spec = LensSpec(k=3, lookahead=[2], impl="triton-chunked")
+    with pytest.raises(SelfCheckError) as caught:
+        ShardRunner(spec, tiny_loaded_model("llama"), batch_tokens=256)
+    message = str(caught.value)
+    assert "lens.impl 'triton-chunked' failed on a probe batch" in message
+    assert "RuntimeError: Failed to find C compiler. Please specify via CC" in message
+    assert "set lens.impl: torch" in message and "more" not in message

@@ -133,6 +133,11 @@ FUSED_VARIANTS = {
     # KL in the kernel's epilogue against a final-layer slot per row block (the layout before the
     # final layer's mixture): 10 to 21 % more MMA at these shapes, 1,048 more SASS per tile.
     "triton-fused-slot-kl": {"kl_by_mixture": False},
+    # Longer vocabulary chunks: the top-k state restarts empty in every chunk, so a 16384-column
+    # chunk runs 2.3 insertion rounds per tile on i.i.d. logits against 3.9 (topk_rounds.md);
+    # at V = 152k a group of row blocks still spans ~9 chunks (the same L2 reuse of A blocks),
+    # at V = 32k only 2 (A blocks of ~66 row blocks in flight: more than L2 holds).
+    "triton-fused-c16384": {"vocab_chunk": 16384},
 }
 """Candidate configurations timed beside the defaults: if one wins, ``LensTritonConfig``'s
 defaults should become it (the strategy names of ``lens.impl`` stay ``triton-fused`` etc.)."""
@@ -634,10 +639,15 @@ def loop_sizes(sass: str) -> dict:
         tile = max(loops, key=lambda lp: lp["instructions"], default=None)
     if tile is None:
         return {}
+    # Nested loops only: a loop that starts inside the tile loop but ends past it is the
+    # out-of-line path a warp takes when it diverges in a shuffle reduction (``BRA.DIV``), not a
+    # round.
     rounds = [
         lp
         for lp in loops
-        if not lp["hgmma"] and lp is not tile and tile["start"] <= lp["start"] <= tile["end"]
+        if not lp["hgmma"]
+        and lp is not tile
+        and tile["start"] <= lp["start"] <= lp["end"] <= tile["end"]
     ]
     sizes = {
         "tile_loop_instructions": tile["instructions"],
@@ -751,11 +761,18 @@ FOLD_SWEEP_CONFIGS = (
 
 FUSED_EPILOGUE = (
     "one reduction per target (log-prob from the pre-pass threshold); top-k gated at the exact "
-    "running k-th value; no KL (from the final layer's mixture, kernels/final_mixture.py)"
+    "running k-th value; no KL (from the final layer's mixture, kernels/final_mixture.py); "
+    "insertion rounds over a float-masked candidate tile (-inf off the candidates, no bit-packed "
+    "boolean tile), looping while a row's next arg-max is a candidate"
 )
 """What the fused kernel's epilogue is at this commit: a sweep keeps the entries of earlier
 epilogues in ``kernel_sm90.json`` under ``earlier_epilogues``, so the file shows before and
 after."""
+FUSED_EPILOGUE_SLOT_KL = FUSED_EPILOGUE.replace(
+    "no KL (from the final layer's mixture, kernels/final_mixture.py)",
+    "KL in the epilogue (a final-layer slot per token in every row block; kl_by_mixture False)",
+)
+"""The same epilogue with KL in the kernel (soft-capped or fp16 heads, or on request)."""
 
 
 def _earlier_entries(path: Path) -> list[dict]:
@@ -769,7 +786,8 @@ def _earlier_entries(path: Path) -> list[dict]:
     return [
         e
         for e in entries
-        if e.get("strategy") == "triton-fused" and e.get("epilogue") != FUSED_EPILOGUE
+        if e.get("strategy") == "triton-fused"
+        and e.get("epilogue") not in (FUSED_EPILOGUE, FUSED_EPILOGUE_SLOT_KL)
     ]
 
 
@@ -825,6 +843,11 @@ def sweep(out_dir: Path) -> Path:
             _entry(compile_only(config), "triton-fused", "_lens_main_kernel", FUSED_EPILOGUE)
         )
         print(json.dumps(entries[-1]), flush=True)
+    slot_kl = dataclasses.replace(base, kl_by_mixture=False)
+    entries.append(
+        _entry(compile_only(slot_kl), "triton-fused", "_lens_main_kernel", FUSED_EPILOGUE_SLOT_KL)
+    )
+    print(json.dumps(entries[-1]), flush=True)
     from codelens.kernels.lens_chunked import LensChunkedConfig
 
     for block_r, block_v, warps in FOLD_SWEEP_CONFIGS:

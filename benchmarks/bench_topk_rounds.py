@@ -39,7 +39,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernel import MODELS, PROBLEMS  # noqa: E402
+from bench_kernel import GPU_MODELS, MODELS, PROBLEMS  # noqa: E402
+
+# The shapes the predictions are for (not the CPU smoke run's).
+SHAPES = tuple(MODELS[key] for key in GPU_MODELS)
 
 from codelens.workers.bench import provenance, provenance_markdown  # noqa: E402
 
@@ -141,10 +144,12 @@ def sm90_loop_sizes(path: Path) -> dict[str, dict[str, int]] | None:
     record = json.loads(path.read_text())
     entries = record.get("entries", [])
     default = entries[0]["config"] if entries else {}
+    # Today's slot-KL entry (the sweep compiles one) before any earlier epilogue's.
     slot_kl = [
         e
-        for e in record.get("earlier_epilogues", [])
-        if "no KL" not in e.get("epilogue", "")
+        for e in record.get("earlier_epilogues", []) + entries
+        if e.get("strategy") == "triton-fused"
+        and "no KL" not in e.get("epilogue", "")
         and {k: v for k, v in e["config"].items() if k != "kl_by_mixture"}
         == {k: v for k, v in default.items() if k != "kl_by_mixture"}
         and e.get("topk_round_instructions")
@@ -201,7 +206,7 @@ def predicted_fractions(fused_rounds: float, fold_rounds: float, sizes: dict) ->
     slot_epi = instructions_per_logit(sizes["triton-fused-slot-kl"], fused_rounds) / issue
     fold = instructions_per_logit(sizes["triton-chunked"], fold_rounds) / issue
     out = {}
-    for name, d, _, rows in MODELS.values():
+    for name, d, _, rows in SHAPES:
         gemm = 2 * d / GEMM_FLOPS
         mma = 2 * d / (PEAK_FLOPS * FUSED_MMA_EFFICIENCY)
         fused = mma + fused_epi + MIXTURE_GEMMS * gemm / rows
@@ -262,8 +267,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="other BLOCK_MxBLOCK_N tiles to count rounds for (a round's cost scales with the "
         "tile's area and the tiles per logit inversely, so rounds per tile compare directly)",
     )
+    parser.add_argument(
+        "--chunks",
+        nargs="*",
+        type=int,
+        default=[16384, 65536],
+        help="other vocabulary chunk sizes to count the fused kernel's rounds for (a chunk's state "
+        "restarts empty: its first tiles take the most rounds)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    if any(c < BLOCK_N or c % BLOCK_N for c in args.chunks):
+        parser.error(f"--chunks {args.chunks}: each a multiple of the tile width {BLOCK_N}")
     tiles = []
     for tile in args.tiles:
         try:
@@ -283,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["sm90_instructions_per_warp"] = sizes
     results["mma_us_per_tile_at_peak"] = {
         name: round(2 * BLOCK_M * BLOCK_N * d / (PEAK_FLOPS / SMS) * 1e6, 2)
-        for name, d, _, _ in MODELS.values()
+        for name, d, _, _ in SHAPES
     }
     results["sources"] = {}
     for source in args.sources:
@@ -296,6 +311,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             counts = tile_rounds(logits[: logits.shape[0] // bm * bm], K, bm, bn)
             by_tile[tile] = round(counts["worst"].mean().item(), 3)
         summary["fused_rounds_per_tile_by_tile"] = by_tile
+        by_chunk = {VOCAB_CHUNK: summary["all_tiles"]["fused_rounds_per_tile"]}
+        for chunk in args.chunks:
+            by_chunk[chunk] = round(
+                tile_rounds(logits, K, vocab_chunk=chunk)["worst"].mean().item(), 3
+            )
+        summary["fused_rounds_per_tile_by_chunk"] = by_chunk
         # The fold kernel: one row per program, its state over the whole vocabulary.
         fold = tile_rounds(logits, K, 1, FOLD_COLUMNS, logits.shape[1])
         summary["fold_rounds_per_step"] = round(fold["worst"].mean().item(), 3)
@@ -350,6 +371,19 @@ def markdown(r: dict[str, Any]) -> str:
     for source in r["sources"].values():
         by_tile = source["fused_rounds_per_tile_by_tile"]
         lines.append(f"| {source['rows']} | " + " | ".join(str(by_tile[t]) for t in tiles) + " |")
+    chunks = list(next(iter(r["sources"].values()))["fused_rounds_per_tile_by_chunk"])
+    lines += [
+        "",
+        f"Fused rounds per {r['block_m']}x{r['block_n']} tile over all tiles, by vocabulary chunk "
+        "(`LensTritonConfig.vocab_chunk`: the state restarts empty in every chunk, so longer "
+        "chunks restart less often; the grid has V / chunk programs per row block):",
+        "",
+        "| rows | " + " | ".join(f"chunk {c}" for c in chunks) + " |",
+        "|---|" + "---|" * len(chunks),
+    ]
+    for source in r["sources"].values():
+        by_chunk = source["fused_rounds_per_tile_by_chunk"]
+        lines.append(f"| {source['rows']} | " + " | ".join(str(by_chunk[c]) for c in chunks) + " |")
     sizes = r["sm90_instructions_per_warp"]
     if sizes:
         fused, fold = sizes["triton-fused"], sizes["triton-chunked"]
@@ -374,7 +408,7 @@ def markdown(r: dict[str, Any]) -> str:
             "tile) over the slot layout's padded rows (a final-layer slot in every row block: "
             + ", ".join(
                 f"{n} rows -> {round(slot_padding(n) * n)} slots"
-                for n in sorted({rows for _, _, _, rows in MODELS.values()})
+                for n in sorted({rows for _, _, _, rows in SHAPES})
             )
             + "). The chunked strategy's cuBLAS GEMM (at "
             f"{GEMM_FLOPS / 1e12:.0f} TFLOP/s, as the bound) plus its fold kernel "

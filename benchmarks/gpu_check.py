@@ -98,7 +98,8 @@ def stage_command(stage: str, device: str, budget_s: float, out: Path) -> list[s
         cmd += ["--strategies", "triton-fused", "triton-chunked"]
         if device == "cpu":
             return [*cmd, "--device", "cpu"]
-        cmd += ["triton-fused-n256", "triton-fused-m64n256", "triton-fused-slot-kl"]
+        cmd += ["triton-fused-c16384", "triton-fused-n256", "triton-fused-m64n256"]
+        cmd += ["triton-fused-slot-kl"]
         cmd += ["triton-chunked-v2048", "triton-chunked-r8192", "triton-fused-n64"]
         return [*cmd, "--check-tokens", "64", "--rows", "16384", "--warmup", "10", "--rep", "25"]
     if stage == "pipeline":

@@ -40,6 +40,7 @@ from codelens.kernels.norm_stage import (
     normalized_rows,
     post_flags,
     postprocess,
+    row_argmax,
     set_multiplicities,
     stage_dtype,
     stage_rows,
@@ -170,11 +171,15 @@ def _fold_tile(
     # Gated top-k insertion: candidates must beat the local k-th value and reach the shared
     # lower bound; each round inserts every row's leftmost maximum in place of its minimum.
     tau_g = tl.load(tau_ptr + rows)
-    cand = (z > tau_loc[:, None]) & (z >= tau_g[:, None])
-    n_cand = tl.sum(cand.to(tl.int32))
-    while n_cand > 0:
-        tv, ti, tau_loc, cand = insert_round(z, cand, v0, tv, ti)
-        n_cand = tl.sum(cand.to(tl.int32))
+    # The loop test is the next round's arg-max (128 row values, not the tile): sm_90 compiles
+    # this form to 574 instructions a round and no spills, a count of the candidates to 708 and
+    # 34 spills (kernel_sm90.json).
+    zc = tl.where((z > tau_loc[:, None]) & (z >= tau_g[:, None]), z, float("-inf"))
+    mx, ix = row_argmax(zc)
+    while tl.max(mx) > NEG_BIG:
+        tv, ti, tau_loc, keep = insert_round(zc, mx, ix, v0, tv, ti)
+        zc = tl.where(keep, zc, float("-inf"))
+        mx, ix = row_argmax(zc)
     # A full local state's minimum is a lower bound of the row's global k-th value.
     tl.atomic_max(tau_ptr + rows, tau_loc, mask=tau_loc > tau_g)
 

@@ -121,27 +121,34 @@ def fold_logits(
 
 
 @triton.jit
-def insert_round(z, cand, base, tv, ti):
+def row_argmax(zc):
+    """Each row's largest value of ``zc [R, N]`` and its leftmost column (``-inf`` and some
+    column for a row of ``-inf``): the next insertion of ``insert_round``."""
+    return tl.max(zc, 1, return_indices=True, return_indices_tie_break_left=True)
+
+
+@triton.jit
+def insert_round(zc, mx, ix, base, tv, ti):
     """One round of the streaming top-k insertion both Triton strategies run.
 
-    ``z [R, N]``: logits of ids ``base + arange(N)``; ``cand [R, N]``: the columns still to
-    insert; ``tv, ti [R, KP]``: each row's top-k state (values, ids), whose minimum is the running
-    k-th value. Every row with a candidate puts its leftmost largest one in place of its minimum
-    with the largest id (ties go to the smaller id, and a later column never displaces an equal
-    earlier one). Returns the state, its new minimum ``tau [R]`` and the candidates left: not the
-    inserted column, and above the new minimum.
+    ``zc [R, N]``: the logits of ids ``base + arange(N)`` still to insert, ``-inf`` elsewhere (a
+    float mask: a boolean tile would be packed into bits, two or three bit operations per element
+    and round); ``mx, ix [R]``: its ``row_argmax``; ``tv, ti [R, KP]``: each row's top-k state
+    (values, ids), whose minimum is the running k-th value. Every row with a candidate puts its
+    leftmost largest one in place of its minimum with the largest id (ties go to the smaller id,
+    and a later column never displaces an equal earlier one). Returns the state, its new minimum
+    ``tau [R]`` and ``keep [R, N]``, the candidates left: not the inserted column, and above the
+    new minimum (the caller masks ``zc`` with it and takes its loop test from it or from the
+    next ``row_argmax``, whichever its kernel compiles to less).
     """
-    mx, ix = tl.max(
-        tl.where(cand, z, float("-inf")), 1, return_indices=True, return_indices_tie_break_left=True
-    )
     at_min = tv == tl.min(tv, 1)[:, None]
     evict = tl.max(tl.where(at_min, ti, -2147483647), 1)
     slot = at_min & (ti == evict[:, None]) & (mx > NEG_BIG)[:, None]
     tv = tl.where(slot, mx[:, None], tv)
     ti = tl.where(slot, (base + ix)[:, None], ti)
     tau = tl.min(tv, 1)
-    cand = cand & (tl.arange(0, z.shape[1])[None, :] != ix[:, None]) & (z > tau[:, None])
-    return tv, ti, tau, cand
+    keep = (tl.arange(0, zc.shape[1])[None, :] != ix[:, None]) & (zc > tau[:, None])
+    return tv, ti, tau, keep
 
 
 @triton.jit

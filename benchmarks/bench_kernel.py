@@ -121,23 +121,26 @@ PROBLEMS = {"synthetic": make_problem, "forward": forward_problem}
 
 
 FUSED_VARIANTS = {
-    # A benchmark name for the fused kernel at a candidate configuration: BLOCK_N 256 with the
-    # epilogue in two column slices (sm_90 offline: 166 spill stores, against 826 unsliced).
+    # A benchmark name for the fused kernel at a candidate configuration (sm_90 offline figures
+    # from kernel_sm90.json, predictions from topk_rounds.md). BLOCK_N 256 with the epilogue in
+    # two column slices: 99 spill stores (442 unsliced), twice the reuse of W per A block; the
+    # best single-CTA prediction if its MMA reaches the 0.85 of peak that 128x256 tiles allow.
     "triton-fused-n256": {"block_n": 256, "block_k": 32, "num_stages": 4, "epilogue_subtiles": 2},
-    # Narrower tiles: a quarter fewer top-k insertion rounds per logit (topk_rounds.md), 7 spills.
+    # 128x64 at 4 warps: two CTAs per SM (255 registers x 4 warps, 72 KiB of shared memory each),
+    # so one CTA's epilogue can run under the other's MMA; 4 spill stores, a quarter fewer
+    # insertion rounds per logit, two thirds of the 128x128 tile's reuse.
     "triton-fused-n64": {"block_n": 64, "num_warps": 4},
-    # The one configuration without spills (sm_90 offline: 0 stores, 2,787 epilogue SASS per tile),
-    # the 128x128 tile's area; predicted slower: 256-wide rows take 4.8 insertion rounds per tile
-    # against 3.9 on i.i.d. logits (topk_rounds.md), at 1,403 instructions a round.
-    "triton-fused-m64n256": {"block_m": 64, "block_n": 256},
-    # KL in the kernel's epilogue against a final-layer slot per row block (the layout before the
-    # final layer's mixture): 10 to 21 % more MMA at these shapes, 1,048 more SASS per tile.
-    "triton-fused-slot-kl": {"kl_by_mixture": False},
     # Longer vocabulary chunks: the top-k state restarts empty in every chunk, so a 16384-column
     # chunk runs 2.3 insertion rounds per tile on i.i.d. logits against 3.9 (topk_rounds.md);
     # at V = 152k a group of row blocks still spans ~9 chunks (the same L2 reuse of A blocks),
     # at V = 32k only 2 (A blocks of ~66 row blocks in flight: more than L2 holds).
     "triton-fused-c16384": {"vocab_chunk": 16384},
+    # KL in the kernel's epilogue against a final-layer slot per row block (the layout before the
+    # final layer's mixture): 10 to 21 % more MMA at these shapes, 1,045 more SASS per tile.
+    "triton-fused-slot-kl": {"kl_by_mixture": False},
+    # No spills at the 128x128 tile's area, one CTA per SM; predicted slower: 256-wide rows take
+    # 4.8 insertion rounds per tile against 3.9 on i.i.d. logits, at 663 instructions a round.
+    "triton-fused-m64n256": {"block_m": 64, "block_n": 256},
 }
 """Candidate configurations timed beside the defaults: if one wins, ``LensTritonConfig``'s
 defaults should become it (the strategy names of ``lens.impl`` stay ``triton-fused`` etc.)."""
@@ -713,6 +716,26 @@ def compile_fold(config) -> dict:
     )
 
 
+SM90_REGISTERS_PER_SM = 65_536
+SM90_REGISTER_UNIT = 256  # registers are allocated to a warp in units of 256
+SM90_WARPS_PER_SM = 64
+SM90_CTAS_PER_SM = 32
+SM90_SHARED_PER_SM = 233_472  # 228 KiB
+SM90_SHARED_RESERVED_PER_CTA = 1_024  # the system's share of every CTA's shared memory
+
+
+def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """How many CTAs of a kernel an H100/H200 SM holds at once: the least of what its registers
+    (``registers`` per thread, allocated per warp in units of 256: 255 registers take 8,192 per
+    warp, so 8 warps per SM), its warp slots and its shared memory (each CTA's own plus 1 KiB the
+    system keeps) allow. Two or more let one CTA's epilogue run while another's wgmma does."""
+    per_warp = -(-registers * 32 // SM90_REGISTER_UNIT) * SM90_REGISTER_UNIT
+    by_registers = SM90_REGISTERS_PER_SM // per_warp // num_warps
+    by_warps = SM90_WARPS_PER_SM // num_warps
+    by_shared = SM90_SHARED_PER_SM // (shared_bytes + SM90_SHARED_RESERVED_PER_CTA)
+    return min(by_registers, by_warps, by_shared, SM90_CTAS_PER_SM)
+
+
 def _registers(cubin: bytes) -> int | None:
     """Registers per thread of the cubin's kernel (``cuobjdump --dump-resource-usage``)."""
     import subprocess
@@ -746,6 +769,11 @@ SWEEP_CONFIGS = (
     (128, 256, 64, 8, 3, 2),
     (128, 256, 32, 8, 4, 2),
     (64, 256, 64, 8, 3, 1),
+    # Narrow tiles at 8 warps (half the accumulator per thread: no spills, one CTA per SM at
+    # 210-255 registers) and 64x64 at 4 warps (no spills, two CTAs per SM, the least reuse).
+    (128, 64, 64, 8, 3, 1),
+    (64, 128, 64, 8, 3, 1),
+    (64, 64, 64, 4, 3, 1),
 )
 
 
@@ -805,6 +833,11 @@ def _entry(r: dict, strategy: str, kernel: str, epilogue: str | None = None) -> 
         "registers": r.get("registers"),
         "sass_instructions": r.get("sass_instructions"),
         "wgmma": r.get("hgmma"),
+        "ctas_per_sm": (
+            ctas_per_sm(r["registers"], r["config"]["num_warps"], r["shared_bytes"])
+            if r.get("registers")
+            else None
+        ),
         **{
             key: r[key]
             for key in (

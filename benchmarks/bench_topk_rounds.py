@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernel import GPU_MODELS, MODELS, PROBLEMS  # noqa: E402
+from bench_kernel import GPU_MODELS, MODELS, PROBLEMS, ctas_per_sm  # noqa: E402
 
 # The shapes the predictions are for (not the CPU smoke run's).
 SHAPES = tuple(MODELS[key] for key in GPU_MODELS)
@@ -52,6 +52,10 @@ SMS, PEAK_FLOPS, SCHEDULERS, CLOCK_HZ = 132, 989e12, 4, 1.755e9
 # What cuBLAS reaches on the lens GEMM shapes, and the fused kernel's MMA efficiency on L2-bound
 # 128x128 tiles (kernels/DESIGN.md, "Choosing the strategy"): assumptions until a device measures.
 GEMM_FLOPS, FUSED_MMA_EFFICIENCY = 700e12, 0.75
+# Other tiles' MMA efficiency is taken as L2-bound like the 128x128 tile's: in proportion to the
+# tile's reuse (products per loaded A/W element pair, BM BN / (BM + BN): 64 at 128x128, 42.7 at
+# 128x64), and at most this.
+MAX_MMA_EFFICIENCY = 0.85
 FOLD_COLUMNS = 1024  # the fold kernel's column step (LensChunkedConfig.fold_block_v)
 # The final layer's mixture (kernels/final_mixture.py) per token: the final row's logits, then
 # e @ W_U as bf16 hi + lo: three passes of 2 d FLOP per vocabulary entry.
@@ -173,6 +177,87 @@ def sm90_loop_sizes(path: Path) -> dict[str, dict[str, int]] | None:
     return sizes
 
 
+def sm90_fused_candidates(path: Path) -> list[dict[str, Any]]:
+    """The fused kernel's entries of ``kernel_sm90.json`` with today's epilogue without KL at the
+    default vocabulary chunk, each as ``{tile, subtiles, warps, ctas_per_sm, spill_stores, round,
+    epilogue}`` (SASS per warp; ``ctas_per_sm`` from its registers, warps and shared memory),
+    or ``[]`` when the file or the loop sizes are missing."""
+    if not path.exists():
+        return []
+    out = []
+    for e in json.loads(path.read_text()).get("entries", []):
+        c = e["config"]
+        if (
+            e.get("strategy") != "triton-fused"
+            or not c.get("kl_by_mixture")
+            or c.get("vocab_chunk") != VOCAB_CHUNK
+            or not e.get("topk_round_instructions")
+            or not e.get("registers")
+        ):
+            continue
+        out.append(
+            {
+                "tile": f"{c['block_m']}x{c['block_n']}",
+                "block_k": c["block_k"],
+                "subtiles": c.get("epilogue_subtiles", 1),
+                "warps": c["num_warps"],
+                "stages": c["num_stages"],
+                "ctas_per_sm": ctas_per_sm(e["registers"], c["num_warps"], e["shared_mem_bytes"]),
+                "spill_stores": e["spill_stores"],
+                "round": max(e["topk_round_instructions"]),
+                "epilogue": e["epilogue_per_tile"],
+            }
+        )
+    return out
+
+
+def mma_efficiency(block_m: int, block_n: int) -> float:
+    """The MMA's assumed fraction of dense peak on a ``block_m x block_n`` tile: L2-bound, in
+    proportion to the tile's reuse against the 128x128 tile's ``FUSED_MMA_EFFICIENCY``."""
+    reuse = block_m * block_n / (block_m + block_n)
+    return min(MAX_MMA_EFFICIENCY, FUSED_MMA_EFFICIENCY * reuse / (BLOCK_M * BLOCK_N / 256))
+
+
+def predicted_candidates(by_tile: dict[str, float], candidates: list[dict]) -> list[dict]:
+    """Predicted fraction of the cuBLAS bf16 matmul per model shape for each fused candidate
+    whose tile's rounds were counted (``by_tile``: rounds per tile of each ``BMxBN``; a tile of
+    ``s`` epilogue sub-tiles runs the rounds of its ``BMx(BN/s)`` slices one after the other).
+
+    ``serial``: MMA (at ``mma_efficiency`` of the tile) plus epilogue, as with one CTA per SM;
+    ``overlapped``: with two or more CTAs per SM one CTA's epilogue can run under another's MMA,
+    so a tile costs at best the larger of the two (the bound a device can approach, not reach).
+    Both add the final layer's mixture passes, as ``predicted_fractions`` does.
+    """
+    issue = SMS * SCHEDULERS * CLOCK_HZ
+    out = []
+    for c in candidates:
+        bm, bn = (int(x) for x in c["tile"].split("x"))
+        slice_tile = f"{bm}x{bn // c['subtiles']}"
+        if slice_tile not in by_tile:
+            continue
+        rounds = c["subtiles"] * by_tile[slice_tile]
+        epi = (c["epilogue"] + rounds * c["round"]) * c["warps"] / (bm * bn) / issue
+        efficiency = mma_efficiency(bm, bn)
+        fractions = {}
+        for name, d, _, rows in SHAPES:
+            gemm = 2 * d / GEMM_FLOPS
+            mma = 2 * d / (PEAK_FLOPS * efficiency)
+            mixture = MIXTURE_GEMMS * gemm / rows
+            fractions[name] = {"serial": round(gemm / (mma + epi + mixture), 2)}
+            if c["ctas_per_sm"] >= 2:
+                fractions[name]["overlapped"] = round(gemm / (max(mma, epi) + mixture), 2)
+        out.append(
+            {
+                **c,
+                "rounds_per_tile": round(rounds, 3),
+                "epilogue_ps_per_logit": round(epi * 1e12, 2),
+                "mma_efficiency": round(efficiency, 3),
+                "fraction_of_cublas": fractions,
+            }
+        )
+    return out
+
+
 def slot_padding(rows_per_token: int) -> float:
     """Slots per lens row of the fused kernel's KL layout (a final-layer slot in every row block,
     ``lens_triton._plan_layout``; the last layer is the reference): 29 rows -> 32 slots."""
@@ -263,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--tiles",
         nargs="*",
-        default=["64x128", "128x64", "64x256", "128x256"],
+        default=["64x128", "128x64", "64x64", "64x256", "128x256"],
         help="other BLOCK_MxBLOCK_N tiles to count rounds for (a round's cost scales with the "
         "tile's area and the tiles per logit inversely, so rounds per tile compare directly)",
     )
@@ -325,6 +410,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 summary["all_tiles"]["fused_rounds_per_tile"],
                 summary["fold_rounds_per_step"],
                 sizes,
+            )
+            summary["prediction"]["fused_candidates"] = predicted_candidates(
+                by_tile, sm90_fused_candidates(args.sm90)
             )
         results["sources"][source] = {"rows": what, **summary}
         print(source, json.dumps(summary), flush=True)
@@ -440,7 +528,48 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{source['fold_rounds_per_step']} | {p['fused_epilogue_ps_per_logit']} | "
                 f"{p['fold_ps_per_logit']} | " + " | ".join(cells) + " |"
             )
+        lines += candidates_markdown(r, models)
     return "\n".join([*lines, "", *provenance_markdown(r), ""])
+
+
+def candidates_markdown(r: dict[str, Any], models: list[str]) -> list[str]:
+    """The fused candidates' predictions, one table per source of rows."""
+    lines = [
+        "",
+        "## Fused candidates: CTAs per SM and the predicted fraction of cuBLAS",
+        "",
+        "Every fused configuration of `kernel_sm90.json` without KL in its epilogue, at its tile's "
+        "counted rounds. *CTAs / SM*: what its registers (allocated per warp in units of 256), "
+        "warps and shared memory let an H100/H200 SM hold at once; with two, one CTA's epilogue "
+        "can run under the other's MMA. MMA efficiency: L2-bound, in proportion to the tile's "
+        f"reuse (BM BN / (BM + BN)), {FUSED_MMA_EFFICIENCY} at 128x128, at most "
+        f"{MAX_MMA_EFFICIENCY}. Each shape: *serial* (MMA + epilogue), and with two CTAs per SM "
+        "*serial - overlapped* (the larger of the two: a bound a device can approach). Spills "
+        "count as issued instructions only (their trips to local memory are not priced), so a "
+        "spilling candidate is predicted too well.",
+    ]
+    for source in r["sources"].values():
+        candidates = source.get("prediction", {}).get("fused_candidates")
+        if not candidates:
+            continue
+        lines += [
+            "",
+            f"{source['rows']}:",
+            "",
+            "| tile x BK, warps, stages, sub-tiles | CTAs / SM | spill stores | rounds / tile | "
+            "epilogue ps / logit | MMA efficiency | " + " | ".join(models) + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(models),
+        ]
+        for c in candidates:
+            cells = [
+                " - ".join(str(v) for v in c["fraction_of_cublas"][m].values()) for m in models
+            ]
+            lines.append(
+                f"| {c['tile']}x{c['block_k']}, {c['warps']}, {c['stages']}, {c['subtiles']} | "
+                f"{c['ctas_per_sm']} | {c['spill_stores']} | {c['rounds_per_tile']} | "
+                f"{c['epilogue_ps_per_logit']} | {c['mma_efficiency']} | " + " | ".join(cells) + " |"
+            )
+    return lines
 
 
 if __name__ == "__main__":

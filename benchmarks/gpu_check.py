@@ -98,9 +98,10 @@ def stage_command(stage: str, device: str, budget_s: float, out: Path) -> list[s
         cmd += ["--strategies", "triton-fused", "triton-chunked"]
         if device == "cpu":
             return [*cmd, "--device", "cpu"]
-        cmd += ["triton-fused-c16384", "triton-fused-n256", "triton-fused-m64n256"]
-        cmd += ["triton-fused-slot-kl"]
-        cmd += ["triton-chunked-v2048", "triton-chunked-r8192", "triton-fused-n64"]
+        # Most promising first (topk_rounds.md's predictions): the budget may end the list.
+        cmd += ["triton-fused-n256", "triton-fused-n64", "triton-fused-c16384"]
+        cmd += ["triton-chunked-r8192", "triton-fused-slot-kl", "triton-chunked-v2048"]
+        cmd += ["triton-fused-m64n256"]
         return [*cmd, "--check-tokens", "64", "--rows", "16384", "--warmup", "10", "--rep", "25"]
     if stage == "pipeline":
         cmd = [py, "benchmarks/bench_gpu_pipeline.py", "--budget-s", f"{budget_s:.0f}"]

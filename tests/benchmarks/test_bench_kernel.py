@@ -169,3 +169,20 @@ def test_the_smoke_timer_answers_like_do_bench(bench_kernel):
     assert low <= median <= high
     assert isinstance(bench_kernel.wall_clock_timer(lambda: None, quantiles=[0.5]), float)
     assert len(calls) == 6  # one warm-up, five timed
+
+
+@pytest.mark.parametrize(
+    "registers, warps, shared, ctas",
+    [
+        (255, 8, 98_304, 1),  # the fused default: 8 warps of 8,192 registers fill the SM
+        (255, 4, 73_728, 2),  # 4 warps of 255: two CTAs by registers and by shared memory
+        (255, 4, 131_072, 1),  # the same warps, but two CTAs' shared memory would not fit
+        (210, 8, 73_728, 1),  # 210 x 32 = 6,720 -> 6,912 per warp: 9 warps, one 8-warp CTA
+        (128, 8, 98_304, 2),  # 4,096 per warp: 16 warps
+        (64, 4, 2_048, 8),  # the fold kernel: registers allow 8 CTAs of 4 warps
+        (32, 1, 0, 32),  # the CTA limit
+        (32, 4, 0, 16),  # the warp limit: 64 per SM
+    ],
+)
+def test_ctas_per_sm(bench_kernel, registers, warps, shared, ctas):
+    assert bench_kernel.ctas_per_sm(registers, warps, shared) == ctas

@@ -90,6 +90,18 @@ def test_topk_rounds(tmp_path: Path) -> None:
     for fractions in source["prediction"]["fraction_of_cublas"].values():
         assert set(fractions) == {"fused", "fused_slot_kl", "chunked"}
         assert all(0 < v < 1 for v in fractions.values())
+    # Every fused configuration of kernel_sm90.json whose tile was counted is predicted: the
+    # default's serial figures are the table's, and two CTAs per SM can only overlap better.
+    candidates = source["prediction"]["fused_candidates"]
+    default = candidates[0]
+    assert (default["tile"], default["warps"], default["ctas_per_sm"]) == ("128x128", 8, 1)
+    for shape, fractions in default["fraction_of_cublas"].items():
+        assert fractions == {"serial": source["prediction"]["fraction_of_cublas"][shape]["fused"]}
+    two_ctas = [c for c in candidates if c["ctas_per_sm"] >= 2]
+    assert two_ctas and {c["tile"] for c in candidates} >= {"128x64", "64x64", "128x256"}
+    for c in two_ctas:
+        for fractions in c["fraction_of_cublas"].values():
+            assert 0 < fractions["serial"] <= fractions["overlapped"] < 1
 
 
 @pytest.mark.parametrize(

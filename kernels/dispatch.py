@@ -50,9 +50,10 @@ goes to the chunked strategy, whose top-k for such k runs in torch on each chunk
 STRATEGY_BY_WIDTH: tuple[tuple[int, LensImpl], ...] = ((1 << 30, LensImpl.TRITON_CHUNKED),)
 """``(largest d_model, strategy)`` rows, first match wins: what ``triton`` means for k <=
 ``FUSED_MAX_K``. Predicted, not yet measured on a GPU (kernels/DESIGN.md, "Choosing the
-strategy"): the chunked strategy's GEMM runs at cuBLAS speed and its fold costs ~8 bytes of
-traffic per logit, against a fused epilogue that does not overlap its MMA at one CTA per SM, so it
-is predicted ahead at every width. ``benchmarks/gpu_check.sh`` measures both per shape class and
+strategy"): on i.i.d. logits, the worst case for the top-k, the two are within 0.01 of each other
+at every width (the fused epilogue does not overlap its MMA at one CTA per SM; the chunked fold is
+issue-bound), and the fused one is ahead on real code logits. Until a device decides, ``triton``
+keeps the strategy whose GEMM is cuBLAS's. ``benchmarks/gpu_check.sh`` measures both per shape class and
 prints the table to put here."""
 
 

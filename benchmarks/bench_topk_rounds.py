@@ -567,7 +567,9 @@ def candidates_markdown(r: dict[str, Any], models: list[str]) -> list[str]:
             lines.append(
                 f"| {c['tile']}x{c['block_k']}, {c['warps']}, {c['stages']}, {c['subtiles']} | "
                 f"{c['ctas_per_sm']} | {c['spill_stores']} | {c['rounds_per_tile']} | "
-                f"{c['epilogue_ps_per_logit']} | {c['mma_efficiency']} | " + " | ".join(cells) + " |"
+                f"{c['epilogue_ps_per_logit']} | {c['mma_efficiency']} | "
+                + " | ".join(cells)
+                + " |"
             )
     return lines
 

@@ -53,8 +53,8 @@ STRATEGY_BY_WIDTH: tuple[tuple[int, LensImpl], ...] = ((1 << 30, LensImpl.TRITON
 strategy"): on i.i.d. logits, the worst case for the top-k, the two are within 0.01 of each other
 at every width (the fused epilogue does not overlap its MMA at one CTA per SM; the chunked fold is
 issue-bound), and the fused one is ahead on real code logits. Until a device decides, ``triton``
-keeps the strategy whose GEMM is cuBLAS's. ``benchmarks/gpu_check.sh`` measures both per shape class and
-prints the table to put here."""
+keeps the strategy whose GEMM is cuBLAS's. ``benchmarks/gpu_check.sh`` measures both per shape
+class and prints the table to put here."""
 
 
 def triton_strategy(d_model: int | None, k: int | None) -> LensImpl:

@@ -147,6 +147,18 @@ class LensBatch:
         )
 
 
+CHECKED_STATISTICS = (
+    "lse",
+    "entropy",
+    "kl_final",
+    "target_logprob",
+    "ahead_logprob",
+    "set_logmass",
+    "topk_logprobs",
+)
+"""The ``LensStats`` fields ``LensPipeline.check_impl`` compares: every continuous statistic
+(ranks and top-k ids may differ between near-equal logits)."""
+
 IMPL_CHECK_TOLERANCE_NATS = {True: 1e-3, False: 1e-1}
 """Allowed difference from the torch path at load (``LensPipeline.check_impl``), in nats: True for
 fp32 operands multiplied in fp32 (an fp32 model off the GPU), False for tensor-core operands
@@ -283,7 +295,7 @@ class LensPipeline:
             ) from error
         reference = self.statistics(hidden, targets, LensImpl.TORCH)
         err = 0.0
-        for name in ("lse", "entropy", "kl_final", "target_logprob", "topk_logprobs"):
+        for name in CHECKED_STATISTICS:
             a, b = getattr(mine, name), getattr(reference, name)
             if a is None:
                 continue

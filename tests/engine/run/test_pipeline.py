@@ -150,19 +150,29 @@ def test_the_lens_implementation_is_proven_against_the_torch_path_at_load(tiny_l
 
     _triton_or_skip()
     loaded = tiny_loaded_model("llama")
-    spec = LensSpec(k=3, lookahead=[2], impl=impl)
+    spec = LensSpec(k=3, lookahead=[2], token_sets={"low_ids": [1, 2, 3, 4]}, impl=impl)
     runner = ShardRunner(spec, loaded, batch_tokens=256)
     assert 0.0 <= runner.impl_check_max_abs_err < 1e-3
     torch_runner = ShardRunner(LensSpec(k=3, lookahead=[2], impl="torch"), loaded, batch_tokens=256)
     assert torch_runner.impl_check_max_abs_err == 0.0  # nothing to prove against itself
 
 
-@pytest.mark.parametrize("impl", ["triton", "triton-fused", "triton-chunked"])
+@pytest.mark.parametrize(
+    "impl, statistic",
+    [
+        ("triton", "lse"),
+        ("triton-fused", "lse"),
+        ("triton-chunked", "lse"),
+        ("triton-fused", "ahead_logprob"),
+        ("triton-chunked", "set_logmass"),
+    ],
+)
 def test_an_implementation_that_disagrees_with_the_torch_path_is_refused(
-    tiny_loaded_model, monkeypatch, impl
+    tiny_loaded_model, monkeypatch, impl, statistic
 ):
-    """A kernel whose log-sum-exp is off by 0.01 nats (as a broken build would be) never runs a
-    shard: the job stops at load with the difference and the fix."""
+    """A kernel whose statistic is off by 0.01 nats (as a broken build would be: its log-sum-exp,
+    a look-ahead threshold, a token set's sum) never runs a shard: the job stops at load with the
+    difference and the fix."""
     import dataclasses
 
     import pytest
@@ -178,11 +188,11 @@ def test_an_implementation_that_disagrees_with_the_torch_path_is_refused(
     def off_by_a_little(*args, impl, **kwargs):
         stats, chosen = real(*args, impl=impl, **kwargs)
         if impl is not LensImpl.TORCH:
-            stats = dataclasses.replace(stats, lse=stats.lse + 0.01)
+            stats = dataclasses.replace(stats, **{statistic: getattr(stats, statistic) + 0.01})
         return stats, chosen
 
     monkeypatch.setattr(pipeline, "lens_stats", off_by_a_little)
-    spec = LensSpec(k=3, lookahead=[2], impl=impl)
+    spec = LensSpec(k=3, lookahead=[2], token_sets={"low_ids": [1, 2, 3, 4]}, impl=impl)
     loaded = tiny_loaded_model("llama")
     # 'triton' is named as the strategy it resolved to.
     ran = resolve_lens(spec, loaded).impl.value

@@ -186,3 +186,79 @@ def test_the_smoke_timer_answers_like_do_bench(bench_kernel):
 )
 def test_ctas_per_sm(bench_kernel, registers, warps, shared, ctas):
     assert bench_kernel.ctas_per_sm(registers, warps, shared) == ctas
+
+
+def sass_listing(lines: list[str]) -> str:
+    """A ``get_sass``-style listing: ``label:`` lines and one ``CTRL<tab>INSTRUCTION`` line per
+    instruction."""
+    return "\n".join(line if line.endswith(":") else f"  /*ctrl*/\t{line}" for line in lines)
+
+
+def test_loop_sizes_are_read_off_the_sass(bench_kernel):
+    """The K loop (the smallest loop with HGMMA), the tile loop (the largest), an insertion
+    round nested in it, and the rest of the tile's epilogue; a shuffle's out-of-line path
+    (``BRA.DIV`` to a label inside the tile loop from past its end) is not a round."""
+    k_loop = ["K:", *["HGMMA.64x128x16.F32.BF16 R0, gdesc[UR4], R0"] * 4, *["NOP"] * 6, "BRA K"]
+    round_ = ["ROUND:", *["FMNMX R1, R1, R2, !PT"] * 11, "BRA ROUND"]
+    listing = [
+        "TILE:",
+        *["NOP"] * 3,
+        *k_loop,
+        "SHFL:",
+        *["FADD R3, R3, R4"] * 20,
+        *round_,
+        *["FMUL R5, R5, R6"] * 30,
+        "BRA TILE",
+        *["SHFL.BFLY PT, R7, R7, 0x1, 0x1f"] * 9,
+        "BRA.DIV SHFL",
+        "EXIT",
+    ]
+    sizes = bench_kernel.loop_sizes(sass_listing(listing))
+    tile = 3 + 11 + 20 + 12 + 30 + 1  # the instructions from TILE: to its branch back
+    assert sizes == {
+        "tile_loop_instructions": tile,
+        "topk_round_instructions": [12],
+        "k_loop_instructions": 11,
+        "epilogue_per_tile": tile - 11 - 12,
+    }
+
+
+def test_a_cut_sass_listing_gives_no_loop_sizes(bench_kernel):
+    listing = ["TILE:", *["HGMMA.64x128x16.F32.BF16 R0, gdesc[UR4], R0"] * 9, "BRA LBB0_7"]
+    assert bench_kernel.loop_sizes(sass_listing(listing)) == {"sass_listing_truncated": True}
+
+
+COMPILE_BOTH = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+import bench_kernel
+from codelens.kernels.lens_chunked import LensChunkedConfig
+
+fused = bench_kernel.compile_only(bench_kernel._config_type()())
+fold = bench_kernel.compile_fold(LensChunkedConfig())
+print(json.dumps([bench_kernel._entry(fused, "triton-fused", "main"),
+                  bench_kernel._entry(fold, "triton-chunked", "fold")]))
+"""
+
+
+def test_compile_only_reports_both_kernels_for_sm90():
+    """What ``--compile-only --sweep`` writes per entry, for the fused default and the fold
+    kernel, compiled for sm_90 here without a GPU (``triton.compile``; in a process of its own,
+    since the suite runs Triton's interpreter, which cannot compile)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_BOTH], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fused, fold = json.loads(proc.stdout.strip().splitlines()[-1])
+    for entry in (fused, fold):
+        assert 0 < entry["registers"] <= 255
+        assert entry["spill_stores"] >= 0 and entry["sass_instructions"] > 0
+        assert entry["ctas_per_sm"] >= 1
+        assert entry["topk_round_instructions"] and entry["epilogue_per_tile"] > 0
+    assert fused["wgmma"] > 0 and fused["k_loop_instructions"] > 0  # tensor cores, pipelined
+    assert fold["wgmma"] == 0  # its GEMM is cuBLAS's

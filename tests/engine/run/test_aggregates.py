@@ -387,3 +387,43 @@ def test_copy_columns_and_breakdowns_agree_with_a_recomputation_from_the_rows(ru
                 continue
             got = summary["convergence"][f"by_{kind}"][name]
             assert got["histogram"] == np.bincount(mine, minlength=n_layers).tolist(), (kind, name)
+
+
+def test_each_group_sums_its_rows_in_token_order():
+    """The float sums of the partials are each group's rows added one by one in token order,
+    layer by layer, from 0.0, in float64: so a shard's partials are the same numbers whatever
+    the memory order the aggregation runs in, on every machine (summary.json is bit for bit
+    reproducible, locally and under Ray)."""
+    rng = np.random.default_rng(0)
+    n, t = 3, 500
+    logprob = (-rng.random((n, t)) * 9).astype(np.float32)
+    target_id = rng.integers(-1, 50, t).astype(np.int32)
+    finite = rng.random((n, t)) > 0.05
+    set_mass = np.log(rng.random((n, t, 1))).astype(np.float32)
+    rows = RowValues(
+        target_logprob=logprob,
+        target_rank=rng.integers(0, 3000, (n, t)).astype(np.int32),
+        top1=rng.integers(0, 50, (n, t)).astype(np.int32),
+        finite=finite,
+        entropy=None,
+        kl_final=None,
+        ahead_logprob=np.zeros((n, t, 0), np.float32),
+        ahead_rank=np.zeros((n, t, 0), np.int32),
+        set_logmass=set_mass,
+        final_top1=rng.integers(0, 50, t).astype(np.int32),
+        target_id=target_id,
+    )
+    category = rng.integers(-1, 4, t)  # long runs of few groups: the order matters most
+    out = layer_partials(rows, [0, 1, 2], ["s"], {"category": (category, ["a", "b", "c", "d"])})
+    mass = np.exp(set_mass[..., 0].astype(np.float64))  # numpy's exp, as the partials take it
+    for layer in range(n):
+        for c, name in enumerate("abcd"):
+            lp_sum = mass_sum = 0.0
+            for i in range(t):
+                if category[i] == c and finite[layer, i]:
+                    mass_sum += float(mass[layer, i])
+                    if target_id[i] >= 0:
+                        lp_sum += float(logprob[layer, i])
+            part = out[str(layer)]["by_category"][name]
+            assert part["sum_logprob"] == lp_sum  # exactly: the same additions in the same order
+            assert part["set_sum_mass"]["s"] == mass_sum

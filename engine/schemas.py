@@ -158,6 +158,12 @@ class LensSpec(_Strict):
     the default strategy for the model's width and k; 'triton-fused' (one kernel: GEMM tiles with
     the statistics in their epilogue, k <= 64) or 'triton-chunked' (cuBLAS GEMM per row block and
     vocabulary chunk, then a fold kernel; any k) pick one. job.json records the one that ran."""
+    precision: Literal["model", "fp32"] = "model"
+    """How rows are multiplied by the unembedding. 'model': in the model's dtype where a GPU has
+    tensor cores for it, as the model's own head does (bf16/fp16 models: rows rounded to it,
+    ~1e-2 nats from float64; fp32 models on a GPU: TF32, 10 mantissa bits). 'fp32': IEEE fp32
+    products of unrounded rows everywhere (~1e-5 nats; slower on a GPU). Off the GPU both are
+    fp32. job.json records it with the rest of the spec."""
     sites: list[Literal["block", "attn"]] = ["block"]
     """Where in the residual stream to read: 'block' = the output of each block (layer 0 = the
     embeddings); 'attn' = inside block l right after its attention sublayer (h_{l-1} + attn_l, with
@@ -291,6 +297,8 @@ class JobSpec(_Strict):
             # Unset means main: the same job either way, and a spec written before model.revision
             # existed keeps its fingerprint (and so resumes its run directory).
             relevant["model"].pop("revision")
+        if relevant["lens"].get("precision") == "model":
+            relevant["lens"].pop("precision")  # the default: a spec from before it keeps its hash
         relevant["output"] = {"shard_tokens": self.output.shard_tokens}
         text = json.dumps(relevant, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

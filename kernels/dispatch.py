@@ -169,8 +169,13 @@ def lens_stats(
     *,
     impl: LensImpl | str = LensImpl.AUTO,
     budget_bytes: int | None = None,
+    precision: str = "model",
 ) -> tuple[LensStats, LensImpl]:
     """Lens statistics of ``hidden [L, T, d]`` through ``head``; see ``lens_stats_torch`` for args.
+
+    ``precision`` (``stats.PRECISIONS``): ``"model"``, the head's dtype where the device has tensor
+    cores for it (fp32 heads take TF32 in the Triton strategies on a GPU), or ``"fp32"``, IEEE
+    fp32 products of unrounded rows in every implementation.
 
     Returns:
         The statistics and the implementation that computed them.
@@ -187,6 +192,9 @@ def lens_stats(
         # last GPU of a model split over several), so make theirs current for the launch.
         on_device = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
         with on_device:
-            return run(hidden, head, targets, request, final_hidden), chosen
+            return run(hidden, head, targets, request, final_hidden, precision=precision), chosen
     extra = {} if budget_bytes is None else {"budget_bytes": budget_bytes}
-    return lens_stats_torch(hidden, head, targets, request, final_hidden, **extra), chosen
+    stats = lens_stats_torch(
+        hidden, head, targets, request, final_hidden, precision=precision, **extra
+    )
+    return stats, chosen

@@ -36,6 +36,7 @@ from codelens.kernels.stats import (
     LensRequest,
     LensStats,
     check_inputs,
+    check_precision,
     empty_outputs,
     final_is_shared,
     masked_stats,
@@ -195,6 +196,7 @@ def lens_stats_torch(
     *,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     budget_bytes: int | None = None,
+    precision: str = "model",
 ) -> LensStats:
     """Lens statistics with working memory bounded by ``budget_bytes``.
 
@@ -211,10 +213,14 @@ def lens_stats_torch(
         vocab_chunk: vocabulary entries per step.
         budget_bytes: bound on the step temporaries; sets the token block size (default:
             ``default_budget_bytes`` of the device).
+        precision: ``"model"`` (on a GPU a 16-bit head multiplies rows rounded to its dtype, as
+            the model's head does) or ``"fp32"`` (unrounded rows, the head widened to fp32).
+            Off the GPU, and for fp32 heads, both are IEEE fp32.
 
     Returns:
         LensStats on ``hidden``'s device.
     """
+    check_precision(precision)
     check_inputs(hidden, targets, final_hidden, request, head.vocab_size, head.d_model)
     targets = to_device_async(targets, hidden.device)
     n_layers, n_tokens, _ = hidden.shape
@@ -246,6 +252,7 @@ def lens_stats_torch(
             vocab_chunk,
             set_chunks,
             {name: tensor[:, block] for name, tensor in out.items()},
+            precision,
         )
 
     return masked_stats(out, finite, request)
@@ -274,6 +281,7 @@ def _token_block(
     vocab_chunk: int,
     set_chunks: list[list[Tensor]],
     out: dict[str, Tensor],
+    precision: str,
 ) -> None:
     """All statistics for one block of tokens (all layers), written into the ``out`` views.
 
@@ -286,8 +294,8 @@ def _token_block(
     # of the results by the caller.
     x = torch.where(finite[..., None], head.norm.apply(hidden), 0.0)  # [L, Tb, d]
     # On a GPU a 16-bit head multiplies in its own dtype (tensor cores, fp32 accumulation and
-    # output), as the model's head does; elsewhere, and for fp32 heads, in fp32.
-    operand = head.unembed.dtype if x.is_cuda else fp32
+    # output), as the model's head does; elsewhere, for fp32 heads and in "fp32", in fp32.
+    operand = head.unembed.dtype if x.is_cuda and precision == "model" else fp32
     if operand != fp32:
         x = x.to(operand).to(fp32)  # the rounded rows, so thresholds and logits agree
     xq = None

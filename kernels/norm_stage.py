@@ -23,13 +23,12 @@ import triton.language as tl
 from torch import Tensor
 
 from codelens.kernels.head import Head, NormKind
-from codelens.kernels.stats import to_device_async
+from codelens.kernels.stats import PRECISIONS, check_precision, to_device_async
 
 # Sentinel for "no value": below every real logit, above -inf so that exp(NEG_BIG - m) = 0 and
 # 0 * (NEG_BIG - m) = 0 (no 0 * inf NaNs for padded vocabulary columns or empty state).
 NEG_BIG = tl.constexpr(-1.0e30)
 KIND_PAD, KIND_HIDDEN, KIND_FINAL = 0, 1, 2
-PRECISIONS = ("model", "fp32")
 
 
 def interpreting() -> bool:
@@ -409,8 +408,7 @@ def check_kernel_inputs(
         ValueError: a bad precision, dtype or device mismatch; RuntimeError: no CUDA device and
             no interpreter.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)
     interpret = interpreting()
     check_mode(interpret)
     device = hidden.device

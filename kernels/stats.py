@@ -156,6 +156,19 @@ def masked_stats(out: dict[str, Tensor], finite: Tensor, request: LensRequest) -
     )
 
 
+PRECISIONS = ("model", "fp32")
+"""How the lens multiplies rows by ``W_U``: ``"model"``, in the head's dtype where a GPU has
+tensor cores for it (16-bit heads: rows rounded to it, as the model's own head rounds them; fp32
+heads: TF32 in the Triton strategies), or ``"fp32"``, IEEE fp32 products of unrounded rows
+(slower on a GPU; the torch path's fp32 heads always take it)."""
+
+
+def check_precision(precision: str) -> None:
+    """Raise ``ValueError`` naming the choices when ``precision`` is not one of ``PRECISIONS``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 def check_inputs(
     hidden: Tensor,
     targets: Tensor,

@@ -161,7 +161,8 @@ CHECKED_STATISTICS = (
 
 IMPL_CHECK_TOLERANCE_NATS = {True: 1e-3, False: 1e-1}
 """Allowed difference from the torch path at load (``LensPipeline.check_impl``), in nats: True for
-fp32 operands multiplied in fp32 (an fp32 model off the GPU), False for tensor-core operands
+fp32 operands multiplied in fp32 (an fp32 model off the GPU, or lens.precision fp32), False for
+tensor-core operands
 (bf16/fp16 models, whose rows the kernels round to the model's dtype as its own head does, and
 fp32 models on a GPU, which take TF32: 10 mantissa bits; kernels/DESIGN.md)."""
 
@@ -251,6 +252,7 @@ class LensPipeline:
             self.lens.request,
             hidden[self.lens.final_slot],
             impl=self.lens.impl if impl is None else impl,
+            precision=self.lens.spec.precision,
         )
         return stats
 
@@ -304,8 +306,11 @@ class LensPipeline:
                 err = math.inf
             elif both.any():
                 err = max(err, (a[both].double() - b[both].double()).abs().max().item())
-        # fp32 operands multiply as fp32 only off the GPU: there the Triton kernels take TF32.
-        exact = self.dtype == torch.float32 and hidden.device.type != "cuda"
+        # IEEE fp32 products on both sides: lens.precision fp32, or an fp32 model off the GPU (on
+        # it the Triton kernels take TF32 for fp32 operands in "model" precision).
+        exact = self.lens.spec.precision == "fp32" or (
+            self.dtype == torch.float32 and hidden.device.type != "cuda"
+        )
         bound = IMPL_CHECK_TOLERANCE_NATS[exact]
         if not err <= bound:
             raise SelfCheckError(

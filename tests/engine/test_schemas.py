@@ -36,6 +36,7 @@ def test_spec_is_frozen():
         ({"lens": {"k": 0}}, ["lens.k:", "greater than or equal to 1", "got 0"]),
         ({"lens": {"layers": [3, 3]}}, ["lens.layers", "must not repeat"]),
         ({"lens": {"lookahead": [1]}}, ["lens.lookahead.0", "greater than or equal to 2"]),
+        ({"lens": {"precision": "tf32"}}, ["lens.precision:", "'model' or 'fp32'", "got 'tf32'"]),
         ({"tokens": {"window": 16, "overlap": 15}}, ["tokens:", "overlap (15) must be smaller"]),
         ({"lens": {"token_sets": {"a-b": ["x"]}}}, ["lens.token_sets", "identifier"]),
         ({"lens": {"token_sets": {"js": {}}}}, ["lens.token_sets.js", "keywords: LANG"]),
@@ -108,3 +109,13 @@ def test_json_schema_documents_every_field():
         for field, prop in section["properties"].items():
             assert prop.get("description"), f"{name}.{field} has no description"
     assert JobSpec.model_json_schema()["properties"]["schema_version"]["const"] == 1
+
+
+def test_fingerprint_of_the_lens_precision():
+    """fp32 products give other rows, so another job; the default is left out of the hash, as if
+    the field were absent (a spec written before lens.precision existed keeps its fingerprint,
+    and its run directory still resumes)."""
+    default = validate_spec(MINIMAL)
+    named = validate_spec({**MINIMAL, "lens": {"precision": "model"}})
+    fp32 = validate_spec({**MINIMAL, "lens": {"precision": "fp32"}})
+    assert default.fingerprint() == named.fingerprint() != fp32.fingerprint()

@@ -516,8 +516,8 @@ def test_the_host_never_waits_for_the_device(strategy, dtype, device_reads):
 )
 def test_dispatch_runs_each_strategy_under_the_interpreter(impl, k, want):
     gen = torch.Generator().manual_seed(8)
-    # bf16: the same arithmetic in the interpreter and on a GPU (fp32 takes TF32 on a GPU, which
-    # lens_stats, unlike the direct calls, has no precision argument to turn off).
+    # bf16: the same arithmetic in the interpreter and on a GPU (an fp32 head would take TF32
+    # on a GPU in lens_stats' default precision, "model").
     head = make_head("granite_scale", 32, 200, torch.bfloat16, gen)
     hidden, targets = make_inputs(2, 5, 32, 200, 0, torch.bfloat16, gen)
     request = LensRequest(k=k)
@@ -583,6 +583,30 @@ def test_slot_layout_covers_every_row_once(n_layers, shared, slots_per_token):
         assert (kind[final_slot] == want_kind).all()
         if shared:
             assert (layer[final_slot] == n_layers - 1).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton-fused", "triton-chunked"])
+def test_dispatch_passes_the_precision(impl):
+    """``lens_stats(precision=...)`` (the job's ``lens.precision``) reaches each implementation:
+    with a bf16 head, "fp32" keeps the rows unrounded in the Triton strategies (other logits than
+    "model"); the torch path off the GPU multiplies in fp32 either way. A bad value is refused
+    by each, naming the choices."""
+    gen = torch.Generator().manual_seed(8)
+    head = make_head("granite_scale", 32, 200, torch.bfloat16, gen)
+    hidden, targets = make_inputs(2, 5, 32, 200, 0, torch.bfloat16, gen)
+    request = LensRequest(k=2)
+    fp32, _ = lens_stats(hidden, head, targets, request, hidden[-1], impl=impl, precision="fp32")
+    model, _ = lens_stats(hidden, head, targets, request, hidden[-1], impl=impl)
+    direct = {
+        "torch": lens_stats_torch,
+        "triton-fused": lens_stats_triton,
+        "triton-chunked": lens_stats_chunked,
+    }[impl]
+    ref = direct(hidden, head, targets, request, hidden[-1], precision="fp32")
+    assert torch.equal(fp32.lse, ref.lse) and torch.equal(fp32.topk_ids, ref.topk_ids)
+    assert torch.equal(fp32.lse, model.lse) == (impl == "torch")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        lens_stats(hidden, head, targets, request, hidden[-1], impl=impl, precision="tf32")
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))

@@ -95,6 +95,18 @@ def test_texts_with_nothing_to_run_are_refused(tiny_loaded_model):
         lens.grid(SOURCE, metric="loss")
 
 
+def test_text_precision_reaches_the_kernels(tiny_loaded_model):
+    """``precision`` is ``lens.precision``: on a bf16 model the Triton strategies' rows then stay
+    unrounded (other log-sum-exps); a bad value is refused, naming the field."""
+    pytest.importorskip("triton")
+    lens = Lens(tiny_loaded_model("llama", "bfloat16"))
+    model = lens.text(SOURCE, impl="triton-chunked")
+    fp32 = lens.text(SOURCE, impl="triton-chunked", precision="fp32")
+    assert model.column("lse").to_pylist() != fp32.column("lse").to_pylist()
+    with pytest.raises(SpecError, match="lens.precision"):
+        lens.text(SOURCE, precision="tf32")
+
+
 def test_text_options_reach_the_rows(tiny_loaded_model):
     lens = Lens(tiny_loaded_model("llama"))
     rows = lens.text(

@@ -157,6 +157,27 @@ def test_the_lens_implementation_is_proven_against_the_torch_path_at_load(tiny_l
     assert torch_runner.impl_check_max_abs_err == 0.0  # nothing to prove against itself
 
 
+def test_lens_precision_fp32_is_proven_within_the_fp32_bound(tiny_loaded_model):
+    """lens.precision fp32 on a bf16 model: the kernels keep the rows unrounded, as the torch
+    path does, so the load-time check holds them to the fp32 bound; in "model" precision the
+    kernels round the rows to bf16 (as the model's head does) and differ by far more."""
+    from codelens.engine.run.pipeline import IMPL_CHECK_TOLERANCE_NATS
+    from codelens.engine.run.runner import ShardRunner
+
+    _triton_or_skip()
+    loaded = tiny_loaded_model("llama", "bfloat16")
+    fp32 = ShardRunner(
+        LensSpec(k=3, lookahead=[2], precision="fp32", impl="triton-chunked"),
+        loaded,
+        batch_tokens=256,
+    )
+    assert fp32.impl_check_max_abs_err <= IMPL_CHECK_TOLERANCE_NATS[True]
+    model = ShardRunner(
+        LensSpec(k=3, lookahead=[2], impl="triton-chunked"), loaded, batch_tokens=256
+    )
+    assert model.impl_check_max_abs_err > 10 * fp32.impl_check_max_abs_err
+
+
 @pytest.mark.parametrize(
     "impl, statistic",
     [

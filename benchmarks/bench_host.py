@@ -5,7 +5,9 @@ The host path of one shard, stage by stage, on synthetic statistics at a product
 sets), with real windows: real source files tokenized and lexed by the planner, so the span and
 category columns and the groupings of the partials are what a run sees.
 
-Stages (``codelens.engine.run``): ``rows`` (``rows.lens_table``: the Arrow table), ``partials``
+Stages (``codelens.engine.run``): ``assemble`` (``LensBatch.assemble``: the batches the device
+returned, longest windows first at 8192 tokens, put in window order), ``rows``
+(``rows.lens_table``: the Arrow table), ``partials``
 (``aggregates.shard_partials``), ``commit`` (``RunDir.commit_shard``: Parquet encode, fsync,
 rename, manifest line); plus ``plan`` (tokenize, lex, window: ``data.plan.plan_windows``) per row.
 Beside them, what the Ray driver spends per shard now that workers write their parts
@@ -29,6 +31,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ from codelens.engine.run.pipeline import LensBatch
 from codelens.engine.run.request import BLOCK_SITE, ResolvedLens
 from codelens.engine.run.rows import lens_table
 from codelens.engine.run.rundir import RunDir, manifest_line, write_part
+from codelens.engine.run.runner import batches, by_length
 from codelens.engine.schemas import LensSpec, TokensSpec
 from codelens.engine.zoo.tiny_models import build_tiny_tokenizer
 from codelens.kernels import LensImpl, LensRequest, LensStats
@@ -125,6 +129,33 @@ def synthetic_batch(windows: list, n_rows: int, vocab: int, seed: int = 0) -> Le
     return LensBatch(tuple(windows), stats, token_ids, targets)
 
 
+BATCH_TOKENS = 8192  # execution.batch_tokens of the GPU benchmarks
+
+
+def as_batches(shard: LensBatch) -> tuple[list[LensBatch], tuple[int, ...]]:
+    """``shard`` as the device returns it: its windows batched longest first (``by_length``,
+    ``batches`` at ``BATCH_TOKENS``), and where each window went (``ShardStats.order``)."""
+    order = by_length(shard.inputs)
+    longest_first = LensBatch.assemble([shard], order)
+    out, first_input, first_token = [], 0, 0
+    for group in batches(longest_first.inputs, BATCH_TOKENS):
+        n = sum(x.n_emit for x in group)
+        stats = {}
+        for f in fields(LensStats):
+            value = getattr(longest_first.stats, f.name)
+            stats[f.name] = None if value is None else value.narrow(1, first_token, n)
+        out.append(
+            LensBatch(
+                longest_first.inputs[first_input : first_input + len(group)],
+                LensStats(**stats),
+                longest_first.token_ids.narrow(0, first_token, n),
+                longest_first.targets.narrow(0, first_token, n),
+            )
+        )
+        first_input, first_token = first_input + len(group), first_token + n
+    return out, tuple(sorted(range(len(order)), key=order.__getitem__))
+
+
 def median_seconds(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -183,8 +214,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_dir.lens_dir.mkdir()
         entry = {"n_tokens": n_tokens, "rows": n_rows, "partials": partials}
         shard = iter(range(1 << 30))
+        device_batches, order = as_batches(batch)
         stages = {
             "plan (tokenize, lex, window)": plan_s * n_tokens / plan_tokens,
+            "assemble (window order)": median_seconds(
+                lambda: LensBatch.assemble(device_batches, order), args.repeats
+            ),
             "rows (Arrow table)": median_seconds(lambda: lens_table(lens, batch), args.repeats),
             "partials (summary aggregates)": median_seconds(
                 lambda: shard_partials(lens, batch), args.repeats

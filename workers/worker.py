@@ -20,9 +20,8 @@ from codelens.engine.data.windows import Shard
 from codelens.engine.errors import CodelensError
 from codelens.engine.model.loading import LoadedModel, load_model
 from codelens.engine.model.placement import gpu_budgets
-from codelens.engine.run.pipeline import LensBatch
 from codelens.engine.run.rundir import manifest_line, write_part
-from codelens.engine.run.runner import ShardRunner
+from codelens.engine.run.runner import ShardRunner, ShardStats
 from codelens.engine.schemas import JobSpec
 
 STICKY_CUDA_ERRORS = (
@@ -81,7 +80,7 @@ class ComputedShard:
     """A shard after its device work: its statistics on the host, rows not yet built."""
 
     task: Shard
-    batch: LensBatch
+    stats: ShardStats
     seconds: float
 
 
@@ -154,13 +153,13 @@ class LensWorker:
     def compute(self, task: Shard) -> ComputedShard:
         """The device part of a shard (forward, capture, lens, copies to the host)."""
         start = time.perf_counter()
-        batch = self._runner().compute(task)
-        return ComputedShard(task, batch, time.perf_counter() - start)
+        stats = self._runner().compute(task)
+        return ComputedShard(task, stats, time.perf_counter() - start)
 
     def finish(self, computed: ComputedShard) -> ShardResult:
         """The host part of a shard: rows and partial aggregates (may run on another thread)."""
         start = time.perf_counter()
-        table, partials = self._runner().finish(computed.batch)
+        table, partials = self._runner().finish(computed.stats)
         task = computed.task
         seconds = computed.seconds + time.perf_counter() - start
         return ShardResult(task.index, table, partials, task.n_tokens, seconds, table.num_rows)

@@ -56,7 +56,7 @@ def test_host_path(tmp_path: Path) -> None:
     )
     assert r["rows"] == r["tokens"] * r["rows_per_token"] > 0
     stages = r["us_per_row"]
-    assert set(stages) == set(r["seconds"]) and len(stages) == 4
+    assert set(stages) == set(r["seconds"]) and len(stages) == 5
     assert all(v > 0 for v in stages.values())
     assert math.isclose(r["us_per_row_total"], sum(stages.values()), rel_tol=1e-9)
     assert r["part_bytes_per_row"] > 0

@@ -114,7 +114,7 @@ def test_windows_are_batched_by_length_and_come_back_in_window_order(
         return original(self, inputs)
 
     monkeypatch.setattr(LensPipeline, "launch", counting)
-    batch = runner.compute(Shard(0, windows, sum(lengths)))
+    batch = runner.compute(Shard(0, windows, sum(lengths))).assembled()
     in_window_order = sum(len(b) * max(len(w.input_ids) for w in b) for b in batches(windows, 84))
     assert sum(padded) < in_window_order, (padded, in_window_order)
 
@@ -253,3 +253,53 @@ def test_an_implementation_that_cannot_run_here_stops_the_job_at_load(
     assert "lens.impl 'triton-chunked' failed on a probe batch" in message
     assert "RuntimeError: Failed to find C compiler. Please specify via CC" in message
     assert "set lens.impl: torch" in message and "more" not in message
+
+
+def test_batches_are_assembled_in_window_order_one_run_at_a_time():
+    """``LensBatch.assemble``: the inputs of several batches put in any order, each input's token
+    run moved whole with every per-token tensor (statistics along dimension 1, token ids and
+    targets along 0, router choices along 1), as a concatenation then a gather by token would."""
+    import dataclasses
+
+    import torch
+
+    from codelens.engine.run.pipeline import LensBatch
+    from codelens.kernels import LensStats
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [[3, 1], [4], [2, 5, 1]]  # tokens of each input, batch by batch
+    batches = []
+    for sizes in lengths:
+        n = sum(sizes)
+        stats = {
+            f.name: torch.randn(4, n, 3, generator=gen) if f.name.startswith("topk") else None
+            for f in dataclasses.fields(LensStats)
+        }
+        stats |= {name: torch.randn(4, n, generator=gen) for name in ("lse", "target_logprob")}
+        inputs = tuple(TextInput(tuple(range(m)), m, np.zeros((m, 1), np.int32)) for m in sizes)
+        batches.append(
+            LensBatch(
+                inputs,
+                LensStats(**stats),
+                torch.randint(0, 99, (n,), generator=gen),
+                torch.randint(0, 99, (n, 2), generator=gen),
+                torch.randint(0, 9, (4, n, 2), generator=gen, dtype=torch.int16),
+            )
+        )
+    order = [4, 0, 5, 2, 1, 3]
+    got = LensBatch.assemble(batches, order)
+
+    flat = [x for b in batches for x in b.inputs]
+    starts = np.cumsum([0] + [x.n_emit for x in flat])
+    index = torch.from_numpy(np.concatenate([np.arange(starts[j], starts[j + 1]) for j in order]))
+    assert got.inputs == tuple(flat[j] for j in order)
+    for name in ("lse", "target_logprob", "topk_ids", "topk_logprobs"):
+        whole = torch.cat([getattr(b.stats, name) for b in batches], 1)
+        assert torch.equal(getattr(got.stats, name), whole.index_select(1, index)), name
+    assert got.stats.entropy is None
+    assert torch.equal(got.token_ids, torch.cat([b.token_ids for b in batches])[index])
+    assert torch.equal(got.targets, torch.cat([b.targets for b in batches])[index])
+    assert torch.equal(got.routed, torch.cat([b.routed for b in batches], 1).index_select(1, index))
+    assert LensBatch.assemble(batches[:1]) is batches[0]  # already in order: no copy
+    with pytest.raises(ValueError, match="at least one batch"):
+        LensBatch.assemble([])

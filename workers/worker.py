@@ -60,6 +60,9 @@ class ShardResult:
     n_tokens: int
     seconds: float
     rows: int
+    batch_tokens: int | None = None
+    """The most padded tokens in one of its forward passes: ``execution.batch_tokens``, or less
+    once a batch ran out of device memory (the worker then plans every later batch smaller)."""
     staged: Path | None = None
     """The part file the worker wrote (``RunDir.staging_path``), for the driver to commit."""
     manifest_line: bytes | None = None
@@ -71,6 +74,7 @@ class ShardResult:
             "n_tokens": self.n_tokens,
             "rows": self.rows,
             "seconds": round(self.seconds, 3),
+            "batch_tokens": self.batch_tokens,
             "partials": self.partials,
         }
 
@@ -82,6 +86,8 @@ class ComputedShard:
     task: Shard
     stats: ShardStats
     seconds: float
+    batch_tokens: int
+    """``ShardRunner.batch_tokens`` when the shard's device work ended (``ShardResult``'s)."""
 
 
 class LensWorker:
@@ -153,8 +159,9 @@ class LensWorker:
     def compute(self, task: Shard) -> ComputedShard:
         """The device part of a shard (forward, capture, lens, copies to the host)."""
         start = time.perf_counter()
-        stats = self._runner().compute(task)
-        return ComputedShard(task, stats, time.perf_counter() - start)
+        runner = self._runner()
+        stats = runner.compute(task)
+        return ComputedShard(task, stats, time.perf_counter() - start, runner.batch_tokens)
 
     def finish(self, computed: ComputedShard) -> ShardResult:
         """The host part of a shard: rows and partial aggregates (may run on another thread)."""
@@ -162,7 +169,15 @@ class LensWorker:
         table, partials = self._runner().finish(computed.stats)
         task = computed.task
         seconds = computed.seconds + time.perf_counter() - start
-        return ShardResult(task.index, table, partials, task.n_tokens, seconds, table.num_rows)
+        return ShardResult(
+            task.index,
+            table,
+            partials,
+            task.n_tokens,
+            seconds,
+            table.num_rows,
+            batch_tokens=computed.batch_tokens,
+        )
 
     def stage(self, result: ShardResult, path: Path) -> ShardResult:
         """Write ``result``'s rows as the part file ``path`` and return it without them.

@@ -26,9 +26,10 @@ def test_the_model_lm_head_never_runs(tiny_loaded_model, tiny_family):
 
 
 def test_an_out_of_memory_batch_is_split_and_retried(
-    tiny_model_dir, tmp_path, write_corpus, job_spec, read_rows, monkeypatch
+    tiny_model_dir, tmp_path, write_corpus, job_spec, read_rows, read_manifest, monkeypatch
 ):
-    """Injected CUDA OOM for batches above 160 padded tokens: same rows, smaller batches."""
+    """Injected CUDA OOM for batches above 160 padded tokens: same rows, smaller batches, and the
+    manifest records the batch size each shard ran at."""
     import torch
 
     from codelens.engine.run.pipeline import LensPipeline
@@ -62,6 +63,9 @@ def test_an_out_of_memory_batch_is_split_and_retried(
     for name in ("doc", "pos", "layer", "token_id", "target_rank"):
         np.testing.assert_array_equal(plain[name], split[name], err_msg=name)
     np.testing.assert_allclose(split["target_logprob"], plain["target_logprob"], atol=1e-5)
+    assert {e["batch_tokens"] for e in read_manifest(tmp_path / "plain")} == {512}
+    ran_at = [e["batch_tokens"] for e in read_manifest(tmp_path / "split")]
+    assert all(b <= 160 for b in ran_at), ran_at  # shrunk at the first shard, for every later one
 
 
 def test_one_window_that_does_not_fit_is_a_real_failure(tiny_loaded_model, monkeypatch):

@@ -483,3 +483,46 @@ def test_a_run_dir_the_workers_cannot_see_is_refused_before_any_work(
     assert "mount at the same path" in message and "execution.backend: local" in message
     assert not (out / "job.json").exists() and not list((out / "lens").glob("*"))
     assert not (out / "_staging").exists() or not list((out / "_staging").iterdir())
+
+
+def test_a_second_result_of_a_committed_shard_is_dropped_with_its_part(tmp_path, monkeypatch):
+    """Two actors can both finish one shard (a task resubmitted after a death that was not one):
+    the driver commits the first result and drops the second, deleting the part file that
+    actor staged, so the shard is in the manifest and in lens/ once."""
+    import ray
+
+    from codelens.engine.data.windows import Shard
+    from codelens.workers import ray_backend
+    from codelens.workers.worker import ShardResult
+
+    class Tracker:
+        def __init__(self) -> None:
+            self.done: list[int] = []
+
+        def shard_done(self, n_tokens: int) -> None:
+            self.done.append(n_tokens)
+
+    class Executor:
+        _slots: list = []
+
+    committed: list[int] = []
+    tracker = Tracker()
+    scheduler = ray_backend._Scheduler(Executor(), [], lambda r: committed.append(r.index), tracker)
+    slot = ray_backend._Slot(0, actor=None, info={"pid": 1, "hostname": "h"})
+    shard = Shard(3, (), 10)
+    results = {}
+    for ref in ("first", "second"):
+        staged = tmp_path / f"part-{ref}.parquet"
+        staged.write_bytes(b"rows")
+        results[ref] = ShardResult(3, None, None, 10, 1.0, 20, staged=staged)
+        task = ray_backend._Task(shard, slot, 1, staged, alone=False)
+        slot.inflight.append(task)
+        scheduler.tasks[ref] = task
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: results[ref])
+
+    for ref in ("first", "second"):
+        scheduler._on_task(scheduler.tasks.pop(ref), ref)
+
+    assert committed == [3] and tracker.done == [10] and slot.inflight == []
+    assert (tmp_path / "part-first.parquet").exists()  # the driver's commit would move it
+    assert not (tmp_path / "part-second.parquet").exists()

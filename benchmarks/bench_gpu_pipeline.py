@@ -658,7 +658,11 @@ def end_to_end_figures(executor: TimedExecutor, sampler: Sampler, spec: Any) -> 
 
 
 def compute_pass(executor: TimedExecutor, device: torch.device, deadline: float) -> dict[str, Any]:
-    """``LensWorker.compute`` alone over the shards the run committed (device synchronised)."""
+    """``LensWorker.compute`` alone over the shards the run committed (device synchronised).
+
+    Since the statistics are put in window order on the host thread (``ShardStats.assembled``,
+    2026-12-08), this stage no longer includes that copy: its figures are not comparable with
+    runs recorded before."""
     worker = executor.worker
     shards = executor.shards[: len(executor.commits)]
     per_shard: list[float] = []

@@ -159,11 +159,11 @@ class LensSpec(_Strict):
     the statistics in their epilogue, k <= 64) or 'triton-chunked' (cuBLAS GEMM per row block and
     vocabulary chunk, then a fold kernel; any k) pick one. job.json records the one that ran."""
     precision: Literal["model", "fp32"] = "model"
-    """How rows are multiplied by the unembedding. 'model': in the model's dtype where a GPU has
-    tensor cores for it, as the model's own head does (bf16/fp16 models: rows rounded to it,
-    ~1e-2 nats from float64; fp32 models on a GPU: TF32, 10 mantissa bits). 'fp32': IEEE fp32
-    products of unrounded rows everywhere (~1e-5 nats; slower on a GPU). Off the GPU both are
-    fp32. job.json records it with the rest of the spec."""
+    """How rows are multiplied by the unembedding. 'model': as the model's own head does, in the
+    model's dtype (bf16/fp16 models: rows rounded to it, ~1e-2 nats from float64; the torch path
+    rounds them on a GPU only) and, for fp32 models, through TF32 tensor cores in the Triton
+    strategies on a GPU. 'fp32': IEEE fp32 products of unrounded rows in every implementation
+    (~1e-5 nats; slower on a GPU). job.json records it with the rest of the spec."""
     sites: list[Literal["block", "attn"]] = ["block"]
     """Where in the residual stream to read: 'block' = the output of each block (layer 0 = the
     embeddings); 'attn' = inside block l right after its attention sublayer (h_{l-1} + attn_l, with

@@ -32,7 +32,6 @@ any ``k`` the schema allows runs in bounded memory.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +62,7 @@ from codelens.kernels.stats import (
     check_inputs,
     empty_outputs,
     final_is_shared,
+    float32_matmuls,
     masked_stats,
     target_logprob,
     to_device_async,
@@ -244,20 +244,6 @@ def _fold_chunk_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _tf32(enabled: bool):
-    """Let fp32 CUDA matmuls use TF32 tensor cores inside the block (restores the setting)."""
-    if not enabled:
-        yield
-        return
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
 def lens_stats_chunked(
     hidden: Tensor,
     head: Head,
@@ -304,7 +290,8 @@ def lens_stats_chunked(
         # error), switched on once for the whole call rather than around every chunk's GEMM.
         operand_dtype = stage_dtype(w_u, precision)
         tf32 = device.type == "cuda" and operand_dtype == torch.float32 and precision == "model"
-        with _tf32(tf32):
+        # "fp32" is IEEE even where the process asked torch for TF32 matmuls.
+        with float32_matmuls("high" if tf32 else "highest" if precision == "fp32" else None):
             _run_blocks(
                 hidden, final_hidden, head, w_u, targets, request, cfg, operand_dtype, out, finite
             )
@@ -326,7 +313,7 @@ def _run_blocks(
     """Every token block: stage, then GEMM + fold per vocabulary chunk, then finish its rows.
 
     ``operand_dtype`` is what the GEMM multiplies (``stage_dtype``); runs inside the caller's
-    matmul-precision setting (``_tf32``).
+    matmul-precision setting (``stats.float32_matmuls``).
     """
     device = hidden.device
     n_layers, n_tokens, _ = hidden.shape

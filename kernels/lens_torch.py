@@ -39,6 +39,7 @@ from codelens.kernels.stats import (
     check_precision,
     empty_outputs,
     final_is_shared,
+    float32_matmuls,
     masked_stats,
     to_device_async,
 )
@@ -239,22 +240,23 @@ def lens_stats_torch(
     finite = torch.isfinite(hidden).all(-1)  # [L, T]
     n_cols = targets.shape[1]
     out = empty_outputs(n_layers, n_tokens, request, n_cols, device)
-    for t0 in range(0, n_tokens, token_block):
-        block = slice(t0, min(n_tokens, t0 + token_block))
-        _token_block(
-            hidden[:, block],
-            finite[:, block],
-            final_hidden[block] if request.kl_final else None,
-            final_is_last,
-            targets[block].long(),
-            head,
-            request,
-            vocab_chunk,
-            set_chunks,
-            {name: tensor[:, block] for name, tensor in out.items()},
-            precision,
-        )
-
+    # "fp32" is IEEE even where the process asked torch for TF32 matmuls.
+    with float32_matmuls("highest" if precision == "fp32" else None):
+        for t0 in range(0, n_tokens, token_block):
+            block = slice(t0, min(n_tokens, t0 + token_block))
+            _token_block(
+                hidden[:, block],
+                finite[:, block],
+                final_hidden[block] if request.kl_final else None,
+                final_is_last,
+                targets[block].long(),
+                head,
+                request,
+                vocab_chunk,
+                set_chunks,
+                {name: tensor[:, block] for name, tensor in out.items()},
+                precision,
+            )
     return masked_stats(out, finite, request)
 
 

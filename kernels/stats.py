@@ -17,6 +17,7 @@ Per (layer l, token i) with ``p = softmax(z_l[i])``, ``q = softmax(z_final[i])``
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -161,6 +162,23 @@ PRECISIONS = ("model", "fp32")
 tensor cores for it (16-bit heads: rows rounded to it, as the model's own head rounds them; fp32
 heads: TF32 in the Triton strategies), or ``"fp32"``, IEEE fp32 products of unrounded rows
 (slower on a GPU; the torch path's fp32 heads always take it)."""
+
+
+@contextlib.contextmanager
+def float32_matmuls(mode: str | None):
+    """``torch.set_float32_matmul_precision(mode)`` inside the block, restored after: ``"high"``
+    lets fp32 CUDA matmuls take TF32 tensor cores, ``"highest"`` holds them to IEEE fp32 whatever
+    the process set before; None leaves the setting alone. (A process-wide setting: a lens call
+    runs its matmuls on one thread.)"""
+    if mode is None:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(mode)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def check_precision(precision: str) -> None:

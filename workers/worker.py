@@ -61,8 +61,9 @@ class ShardResult:
     seconds: float
     rows: int
     batch_tokens: int | None = None
-    """The most padded tokens in one of its forward passes: ``execution.batch_tokens``, or less
-    once a batch ran out of device memory (the worker then plans every later batch smaller)."""
+    """The worker's cap on padded tokens per forward pass when the shard's device work ended:
+    ``execution.batch_tokens``, or less once a batch ran out of device memory and was split (this
+    shard's later batches, and every later shard's, are planned under it)."""
     staged: Path | None = None
     """The part file the worker wrote (``RunDir.staging_path``), for the driver to commit."""
     manifest_line: bytes | None = None

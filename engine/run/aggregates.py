@@ -498,7 +498,8 @@ def shard_partials(lens: ResolvedLens, batch: LensBatch) -> dict[str, dict[str, 
 
     Args:
         lens: the resolved request (slot layout, token-set names).
-        batch: the shard's windows and their statistics (``LensBatch.concat`` of its batches).
+        batch: the shard's windows and their statistics, in window order
+            (``ShardStats.assembled``).
     """
     groups = token_groups(batch.inputs)
     target_id = batch.targets[:, 0]

@@ -115,6 +115,11 @@ class LensBatch:
                 runs.append((b, start, x.n_emit))
                 start += x.n_emit
         order = list(range(len(runs))) if order is None else list(order)
+        if sorted(order) != list(range(len(runs))):
+            raise ValueError(
+                f"LensBatch.assemble: order must name each of the {len(runs)} inputs once, "
+                f"got {order}"
+            )
         if len(batches) == 1 and order == list(range(len(runs))):
             return batches[0]
         n_tokens = sum(n for _, _, n in runs)

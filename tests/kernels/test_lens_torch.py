@@ -238,6 +238,39 @@ def test_dispatch_auto_is_torch_on_cpu_and_triton_refuses_without_gpu(monkeypatc
     assert impl is LensImpl.TORCH and stats.entropy is not None and stats.kl_final is None
 
 
+@pytest.mark.parametrize("precision,inside", [("fp32", "highest"), ("model", "high")])
+def test_fp32_precision_holds_matmuls_to_ieee_whatever_the_process_set(
+    monkeypatch, precision, inside
+):
+    """A process that let torch take TF32 for fp32 matmuls (``set_float32_matmul_precision``)
+    still gets IEEE fp32 products with ``precision="fp32"``; "model" leaves its choice alone; the
+    setting is restored after the call."""
+    from codelens.kernels import lens_torch
+
+    seen = []
+    real = lens_torch.matmul_fp32
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lens_torch, "matmul_fp32", spy)
+    gen = torch.Generator().manual_seed(7)
+    head = make_head("rms", 8, 20, gen=gen)
+    h = torch.randn(2, 3, 8, generator=gen)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        request = LensRequest(k=2)
+        lens_stats_torch(
+            h, head, torch.zeros(3, 1, dtype=torch.long), request, h[-1], precision=precision
+        )
+        assert seen and set(seen) == {inside}
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [

@@ -307,3 +307,13 @@ def test_batches_are_assembled_in_window_order_one_run_at_a_time():
     assert LensBatch.assemble(batches[:1]) is batches[0]  # already in order: no copy
     with pytest.raises(ValueError, match="at least one batch"):
         LensBatch.assemble([])
+    with pytest.raises(ValueError, match="each of the 6 inputs once"):
+        LensBatch.assemble(batches, [4, 0, 5, 2, 1, 1])
+
+    # A shard's batches are assembled once and let go (pinned host memory on a GPU).
+    from codelens.engine.run.runner import ShardStats
+
+    shard = ShardStats(tuple(batches), tuple(order))
+    first = shard.assembled()
+    assert shard.batches == () and shard.assembled() is first
+    assert torch.equal(first.stats.lse, got.stats.lse)

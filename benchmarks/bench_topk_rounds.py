@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernel import GPU_MODELS, MODELS, PROBLEMS, ctas_per_sm  # noqa: E402
+from bench_kernel import GPU_MODELS, MODELS, PROBLEMS  # noqa: E402
 
 # The shapes the predictions are for (not the CPU smoke run's).
 SHAPES = tuple(MODELS[key] for key in GPU_MODELS)
@@ -180,8 +180,8 @@ def sm90_loop_sizes(path: Path) -> dict[str, dict[str, int]] | None:
 def sm90_fused_candidates(path: Path) -> list[dict[str, Any]]:
     """The fused kernel's entries of ``kernel_sm90.json`` with today's epilogue without KL at the
     default vocabulary chunk, each as ``{tile, subtiles, warps, ctas_per_sm, spill_stores, round,
-    epilogue}`` (SASS per warp; ``ctas_per_sm`` from its registers, warps and shared memory),
-    or ``[]`` when the file or the loop sizes are missing."""
+    epilogue}`` (SASS per warp; ``ctas_per_sm`` as the sweep wrote it), or ``[]`` when the file
+    or the loop sizes are missing."""
     if not path.exists():
         return []
     out = []
@@ -192,7 +192,7 @@ def sm90_fused_candidates(path: Path) -> list[dict[str, Any]]:
             or not c.get("kl_by_mixture")
             or c.get("vocab_chunk") != VOCAB_CHUNK
             or not e.get("topk_round_instructions")
-            or not e.get("registers")
+            or not e.get("ctas_per_sm")
         ):
             continue
         out.append(
@@ -202,7 +202,7 @@ def sm90_fused_candidates(path: Path) -> list[dict[str, Any]]:
                 "subtiles": c.get("epilogue_subtiles", 1),
                 "warps": c["num_warps"],
                 "stages": c["num_stages"],
-                "ctas_per_sm": ctas_per_sm(e["registers"], c["num_warps"], e["shared_mem_bytes"]),
+                "ctas_per_sm": e["ctas_per_sm"],
                 "spill_stores": e["spill_stores"],
                 "round": max(e["topk_round_instructions"]),
                 "epilogue": e["epilogue_per_tile"],
@@ -214,8 +214,13 @@ def sm90_fused_candidates(path: Path) -> list[dict[str, Any]]:
 def mma_efficiency(block_m: int, block_n: int) -> float:
     """The MMA's assumed fraction of dense peak on a ``block_m x block_n`` tile: L2-bound, in
     proportion to the tile's reuse against the 128x128 tile's ``FUSED_MMA_EFFICIENCY``."""
-    reuse = block_m * block_n / (block_m + block_n)
-    return min(MAX_MMA_EFFICIENCY, FUSED_MMA_EFFICIENCY * reuse / (BLOCK_M * BLOCK_N / 256))
+
+    def reuse(m: int, n: int) -> float:
+        return m * n / (m + n)
+
+    return min(
+        MAX_MMA_EFFICIENCY, FUSED_MMA_EFFICIENCY * reuse(block_m, block_n) / reuse(BLOCK_M, BLOCK_N)
+    )
 
 
 def predicted_candidates(by_tile: dict[str, float], candidates: list[dict]) -> list[dict]:

@@ -161,7 +161,7 @@ PRECISIONS = ("model", "fp32")
 """How the lens multiplies rows by ``W_U``: ``"model"``, in the head's dtype where a GPU has
 tensor cores for it (16-bit heads: rows rounded to it, as the model's own head rounds them; fp32
 heads: TF32 in the Triton strategies), or ``"fp32"``, IEEE fp32 products of unrounded rows
-(slower on a GPU; the torch path's fp32 heads always take it)."""
+(slower on a GPU; the torch path's fp32 heads take it unless the process set TF32 matmuls)."""
 
 
 @contextlib.contextmanager

@@ -166,9 +166,8 @@ CHECKED_STATISTICS = (
 IMPL_CHECK_TOLERANCE_NATS = {True: 1e-3, False: 1e-1}
 """Allowed difference from the torch path at load (``LensPipeline.check_impl``), in nats: True for
 fp32 operands multiplied in fp32 (an fp32 model off the GPU, or lens.precision fp32), False for
-tensor-core operands
-(bf16/fp16 models, whose rows the kernels round to the model's dtype as its own head does, and
-fp32 models on a GPU, which take TF32: 10 mantissa bits; kernels/DESIGN.md)."""
+tensor-core operands (bf16/fp16 models, whose rows the kernels round to the model's dtype as its
+own head does, and fp32 models on a GPU, which take TF32: 10 mantissa bits; kernels/DESIGN.md)."""
 
 
 class LensPipeline:
